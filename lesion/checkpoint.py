@@ -1,0 +1,123 @@
+"""The checkpoint: one file, readable with ``torch.load(path, weights_only=True)``.
+
+It holds tensors and plain Python values only (never pickled objects) and everything needed
+to use the model without its run folder. Keys (format version 1):
+
+==================  =================================================================
+format              the string ``"lesion-checkpoint"``
+format_version      int; files of a newer version are refused
+arch, head          e.g. ``"resnet50"``, ``"linear"``
+class_names         ``["benign", "malignant"]``
+image_size          crop side the network sees
+resize_size         shorter side images are resized to before the centre crop
+mean, std           normalisation, lists of 3 floats
+state_dict          the model's tensors
+decision_threshold  threshold on calibrated P(malignant)
+temperature         calibration temperature (logits are divided by it)
+ood                 ``{"method": str, "detectors": {name: {"threshold": float, ...stats}}}``
+metrics             ``{"val": {...}, "test": {...}}`` plain floats and lists
+data                summary of the data and split (layout, counts per split and label, skipped)
+config              the training config as a dict
+epoch               epochs completed
+training            optional: optimizer / scheduler / scaler / RNG state for resume (last.pt)
+created             ISO time
+==================  =================================================================
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lesion.errors import InvalidCheckpoint
+
+FORMAT = "lesion-checkpoint"
+FORMAT_VERSION = 1
+REQUIRED_KEYS = (
+    "format",
+    "format_version",
+    "arch",
+    "head",
+    "class_names",
+    "image_size",
+    "resize_size",
+    "mean",
+    "std",
+    "state_dict",
+    "decision_threshold",
+    "temperature",
+    "ood",
+)
+
+
+def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> Path:
+    """Write atomically: a temporary file in the same folder, fsync, then rename.
+
+    If the write fails (disk full, killed process) the previous file at ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(checkpoint, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read and check a checkpoint; anything not ours, newer, truncated or pickled is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidCheckpoint(f"No checkpoint at {path}.")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        # weights_only refuses any object that is not a tensor or a plain value: this is what a
+        # checkpoint carrying code (or a full pickled model from another tool) looks like.
+        raise InvalidCheckpoint(
+            f"{path.name} contains Python objects that could run code, so it was not loaded. "
+            f"Only checkpoints written by lesion are accepted. ({str(error).splitlines()[0]})"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+        raise InvalidCheckpoint(f"{path.name} is not a readable checkpoint (truncated or damaged?): {error}") from None
+    return check_checkpoint(checkpoint, path.name)
+
+
+def check_checkpoint(checkpoint: Any, name: str = "checkpoint") -> dict[str, Any]:
+    """Validate the structure of a loaded checkpoint dict."""
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise InvalidCheckpoint(f"{name} is not a lesion checkpoint (no 'format: {FORMAT}' marker).")
+    version = checkpoint.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise InvalidCheckpoint(
+            f"{name} has format version {version}; this version of lesion reads up to {FORMAT_VERSION}. Upgrade lesion."
+        )
+    missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
+    if missing:
+        raise InvalidCheckpoint(f"{name} is incomplete: missing {', '.join(missing)}.")
+    return checkpoint
+
+
+def update_checkpoint(path: str | Path, **changes: Any) -> dict[str, Any]:
+    """Load, change top-level keys, and write back atomically (e.g. a new OOD threshold)."""
+    checkpoint = load_checkpoint(path)
+    checkpoint.update(changes)
+    save_checkpoint(checkpoint, path)
+    return checkpoint
+
+
+def without_training_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """A copy without optimizer and RNG state (what best.pt and exported models carry)."""
+    return {key: value for key, value in checkpoint.items() if key != "training"}

@@ -1,0 +1,204 @@
+"""Training configuration: a dataclass, recipe files, and ``--key=value`` overrides.
+
+A recipe is a TOML file of ``key = value`` lines (``train/recipes/<name>.toml``); overrides
+from the command line come after it. Unknown keys and values of the wrong type are refused
+with a message that names them, so a typo never trains for hours with a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from lesion.errors import ConfigError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "train" / "recipes"
+
+ARCHS = ("resnet50", "resnet34", "resnet18")
+HEADS = ("linear", "mlp")
+OPTIMIZERS = ("adamw", "adam")
+BALANCES = ("class_weights", "sampler", "none")
+AUGMENTS = ("dermoscopy", "notebook", "none")
+THRESHOLD_RULES = ("youden", "sensitivity")
+OOD_METHODS = ("mahalanobis", "knn", "energy", "msp")
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved in config.json and in every checkpoint."""
+
+    data: str = "assets/demo"  # dataset folder: HAM10000 or ISIC archive layout
+    metadata: str = ""  # metadata CSV; empty = detect inside `data`
+    out: str = ""  # run folder; empty = runs/<timestamp>
+    arch: str = "resnet50"  # resnet50, resnet34 or resnet18
+    weights: str = "imagenet"  # imagenet, none, or a path to a local .pth state dict
+    head: str = "linear"  # linear, or mlp (2048 -> 512 -> ReLU -> Dropout 0.5 -> 2)
+    image_size: int = 224  # side of the square crop the network sees
+    epochs: int = 20  # maximum number of epochs
+    batch_size: int = 32  # images per step on each process
+    lr: float = 3e-4  # peak learning rate
+    weight_decay: float = 1e-4  # decoupled (AdamW) or L2 (Adam) weight decay
+    optimizer: str = "adamw"  # adamw or adam
+    schedule: str = "cosine"  # cosine (after warmup) or constant
+    warmup_epochs: float = 1.0  # linear warmup length, in epochs
+    balance: str = "class_weights"  # class_weights, sampler (balanced sampling) or none
+    augment: str = "dermoscopy"  # dermoscopy, notebook or none
+    freeze_backbone_epochs: int = 0  # train only the head for this many first epochs
+    patience: int = 5  # early stopping on validation ROC-AUC; 0 = never stop early
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    channels_last: bool = True  # channels_last memory format on CUDA (ignored on CPU)
+    compile: bool = False  # torch.compile the model (CUDA only)
+    seed: int = 0  # seeds the split, the weights of new layers, sampling and augmentation
+    val_fraction: float = 0.15  # share of lesions in the validation split
+    test_fraction: float = 0.15  # share of lesions in the test split
+    threshold_rule: str = "youden"  # youden, or sensitivity (reach target_sensitivity on validation)
+    target_sensitivity: float = 0.90  # used when threshold_rule = sensitivity
+    ood_method: str = "mahalanobis"  # default OOD detector stored in the checkpoint
+    ood_keep: float = 0.95  # share of validation lesions the OOD threshold accepts
+    knn_k: int = 10  # k of the knn OOD detector
+    num_workers: int = 2  # data loader worker processes
+    cache_dir: str = ""  # decoded-image cache; empty = $LESION_CACHE_DIR or ~/.cache/lesion
+    skip_bad_images: bool = False  # skip missing or unreadable images instead of failing
+    max_images: int = 0  # use only this many images (stratified); 0 = all
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    resume: bool = True  # continue from last.pt when the run folder has one
+    log_every: int = 10  # steps between progress events
+    max_steps_per_epoch: int = 0  # cap on batches per epoch (smoke tests, benchmarks); 0 = all
+
+
+def field_types() -> dict[str, type]:
+    """Map each config key to its Python type."""
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in fields(TrainConfig)}
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "arch": ARCHS,
+    "head": HEADS,
+    "optimizer": OPTIMIZERS,
+    "balance": BALANCES,
+    "augment": AUGMENTS,
+    "threshold_rule": THRESHOLD_RULES,
+    "ood_method": OOD_METHODS,
+    "schedule": SCHEDULES,
+}
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    """Convert a recipe value or a command-line string to the field's type, or refuse it."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key} must be true or false, not {value!r}")
+    if kind is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be an integer, not {value!r}")
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be an integer, not {value!r}") from None
+        if not as_float.is_integer():
+            raise ConfigError(f"{key} must be an integer, not {value!r}")
+        return int(as_float)
+    if kind is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number, not {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be a number, not {value!r}") from None
+    return str(value)
+
+
+def validate(config: TrainConfig) -> TrainConfig:
+    """Check choices and ranges; raise ConfigError naming the first bad key."""
+    for key, allowed in CHOICES.items():
+        if getattr(config, key) not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {getattr(config, key)!r}")
+    positive = ("image_size", "epochs", "batch_size")
+    for key in positive:
+        if getattr(config, key) <= 0:
+            raise ConfigError(f"{key} must be positive; got {getattr(config, key)}")
+    if config.image_size < 32:
+        raise ConfigError(f"image_size must be at least 32; got {config.image_size}")
+    if not 0 < config.val_fraction < 1 or not 0 < config.test_fraction < 1:
+        raise ConfigError("val_fraction and test_fraction must lie between 0 and 1")
+    if config.val_fraction + config.test_fraction >= 0.9:
+        raise ConfigError("val_fraction + test_fraction leaves too little to train on")
+    if not 0.5 <= config.ood_keep < 1:
+        raise ConfigError(f"ood_keep must lie in [0.5, 1); got {config.ood_keep}")
+    if not 0 < config.target_sensitivity < 1:
+        raise ConfigError(f"target_sensitivity must lie in (0, 1); got {config.target_sensitivity}")
+    if config.lr <= 0:
+        raise ConfigError(f"lr must be positive; got {config.lr}")
+    return config
+
+
+def apply_overrides(config: TrainConfig, values: dict[str, Any], source: str) -> TrainConfig:
+    """Return a copy of ``config`` with ``values`` applied; unknown keys raise ConfigError."""
+    types = field_types()
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        raise ConfigError(f"unknown option(s) in {source}: {', '.join(unknown)} (see --help for the list)")
+    coerced = {key: _coerce(key, value, types[key]) for key, value in values.items()}
+    return dataclasses.replace(config, **coerced)
+
+
+def recipe_path(name_or_file: str) -> Path:
+    """Resolve a recipe name (``demo``) or a path to a TOML file."""
+    path = Path(name_or_file)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"recipe file not found: {path}")
+        return path
+    candidate = RECIPES_DIR / f"{name_or_file}.toml"
+    if not candidate.is_file():
+        known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.toml")))
+        raise ConfigError(f"unknown recipe {name_or_file!r}; known recipes: {known}")
+    return candidate
+
+
+def load_recipe(name_or_file: str) -> dict[str, Any]:
+    """Read a recipe's key/value pairs."""
+    path = recipe_path(name_or_file)
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"recipe {path} is not valid TOML: {error}") from None
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """Split ``--key=value`` (or ``key=value``) into its parts."""
+    body = text[2:] if text.startswith("--") else text
+    if "=" not in body:
+        raise ConfigError(f"expected --key=value, got {text!r}")
+    key, value = body.split("=", 1)
+    return key.replace("-", "_"), value
+
+
+def build_config(recipe: str | None, overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults, then the recipe, then the overrides; validated."""
+    config = TrainConfig()
+    if recipe:
+        config = apply_overrides(config, load_recipe(recipe), f"recipe {recipe}")
+    if overrides:
+        pairs = dict(parse_override(item) for item in overrides) if isinstance(overrides, list) else overrides
+        config = apply_overrides(config, pairs, "the command line")
+    return validate(config)
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """Rebuild a config saved in a checkpoint or config.json; keys we no longer know are ignored."""
+    known = {f.name for f in fields(TrainConfig)}
+    return apply_overrides(TrainConfig(), {k: v for k, v in values.items() if k in known}, "saved config")

@@ -1,0 +1,127 @@
+"""Reading images as users and datasets supply them.
+
+:func:`load_image` is the only way an image enters the model: it accepts a path, bytes, a
+file object or a PIL image; applies EXIF orientation; converts any mode to RGB; refuses
+non-images, truncated files, tiny images and decompression bombs with a message a presenter
+can read aloud; and, given ``short_side``, resizes so the shorter side has that length
+(decoding JPEGs in draft mode first, so a 50-megapixel photo costs milliseconds, not seconds).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import IO, Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from lesion.errors import InvalidImage
+
+ImageSource = Union[str, os.PathLike, bytes, bytearray, IO[bytes], Image.Image]
+
+MIN_SIDE = 32
+# Above this many pixels we refuse to decode at all (Pillow's own bomb guard is a warning at
+# ~89 MP and an error at twice that; we make the limit explicit and the message plain).
+MAX_PIXELS = 120_000_000
+MAX_BYTES = 50 * 1024 * 1024
+
+try:  # HEIC/HEIF from phones, where the optional plugin is installed.
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+except ImportError:  # pragma: no cover - optional dependency
+    pass
+
+
+def _describe(source: ImageSource) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return Path(source).name
+    return getattr(source, "name", None) or "the uploaded file"
+
+
+def _open(source: ImageSource) -> Image.Image:
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, (bytes, bytearray)):
+        if len(source) > MAX_BYTES:
+            raise InvalidImage(f"The file is {len(source) / 2**20:.0f} MB; the limit is {MAX_BYTES // 2**20} MB.")
+        stream: IO[bytes] = io.BytesIO(source)
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise InvalidImage(f"{path.name}: no such file.")
+        if path.stat().st_size > MAX_BYTES:
+            raise InvalidImage(f"{path.name} is {path.stat().st_size / 2**20:.0f} MB; the limit is {MAX_BYTES // 2**20} MB.")
+        stream = path.open("rb")
+    else:
+        stream = source
+    name = _describe(source)
+    try:
+        image = Image.open(stream)
+    except UnidentifiedImageError:
+        raise InvalidImage(f"{name} is not an image we can read (JPEG, PNG, WebP, BMP, TIFF or HEIC).") from None
+    except Image.DecompressionBombError:
+        raise InvalidImage(f"{name} claims to be too large to open safely.") from None
+    except OSError as error:
+        raise InvalidImage(f"{name} could not be read as an image ({error}).") from None
+    return image
+
+
+def load_image(source: ImageSource, short_side: int | None = None) -> Image.Image:
+    """Decode ``source`` to an RGB PIL image; with ``short_side``, resize the shorter side to it."""
+    name = _describe(source)
+    image = _open(source)
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise InvalidImage(
+            f"{name} is {width} x {height} pixels ({width * height / 1e6:.0f} megapixels); "
+            f"the limit is {MAX_PIXELS / 1e6:.0f} megapixels."
+        )
+    if min(width, height) < MIN_SIDE:
+        raise InvalidImage(f"{name} is only {width} x {height} pixels; a side must be at least {MIN_SIDE} pixels.")
+    try:
+        if short_side is not None and image.format == "JPEG":
+            # Draft mode lets libjpeg decode at 1/2, 1/4 or 1/8 scale directly, never below
+            # the requested size; EXIF may swap the sides, so ask for the short side on both.
+            scale = short_side / min(width, height)
+            image.draft("RGB", (max(1, int(width * scale)) + 1, max(1, int(height * scale)) + 1))
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        image = _to_rgb(image)
+    except InvalidImage:
+        raise
+    except Image.DecompressionBombError:
+        raise InvalidImage(f"{name} claims to be too large to open safely.") from None
+    except (OSError, ValueError, SyntaxError) as error:
+        raise InvalidImage(f"{name} is damaged or truncated and cannot be read ({error}).") from None
+    if short_side is not None:
+        image = resize_short_side(image, short_side)
+    return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; transparency is composited on white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: scale the full range to 8 bits instead of clipping at 255.
+        array = np.asarray(image, dtype=np.float64)
+        top = array.max() or 1.0
+        return Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def resize_short_side(image: Image.Image, short_side: int) -> Image.Image:
+    """Resize so the shorter side equals ``short_side``, keeping the aspect ratio."""
+    width, height = image.size
+    scale = short_side / min(width, height)
+    size = (max(short_side, round(width * scale)), max(short_side, round(height * scale)))
+    if size == image.size:
+        return image
+    return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=None)

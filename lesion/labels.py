@@ -1,0 +1,63 @@
+"""The label mapping: diagnosis (dx) to benign / malignant.
+
+Malignant: melanoma, basal cell carcinoma, actinic keratosis / intraepithelial carcinoma
+(akiec) and squamous cell carcinoma (scc, as the ISIC archive names it).
+Benign: nevus, benign keratosis, dermatofibroma, vascular lesion.
+"""
+
+from __future__ import annotations
+
+CLASS_NAMES: tuple[str, str] = ("benign", "malignant")
+MALIGNANT_INDEX = 1
+
+DX_TO_LABEL: dict[str, str] = {
+    "mel": "malignant",
+    "bcc": "malignant",
+    "akiec": "malignant",
+    "scc": "malignant",
+    "nv": "benign",
+    "bkl": "benign",
+    "df": "benign",
+    "vasc": "benign",
+}
+
+# The ISIC archive export spells diagnoses out (diagnosis_3 is the most specific level);
+# these are the names it uses for the eight HAM10000 classes and their close relatives.
+ISIC_NAME_TO_DX: dict[str, str] = {
+    "melanoma": "mel",
+    "melanoma invasive": "mel",
+    "melanoma in situ": "mel",
+    "melanoma, nos": "mel",
+    "melanoma metastasis": "mel",
+    "basal cell carcinoma": "bcc",
+    "actinic keratosis": "akiec",
+    "solar or actinic keratosis": "akiec",
+    "actinic keratosis/bowen's disease": "akiec",
+    "squamous cell carcinoma in situ": "scc",
+    "squamous cell carcinoma": "scc",
+    "squamous cell carcinoma, invasive": "scc",
+    "squamous cell carcinoma, nos": "scc",
+    "nevus": "nv",
+    "nevus, nos": "nv",
+    "seborrheic keratosis": "bkl",
+    "pigmented benign keratosis": "bkl",
+    "solar lentigo": "bkl",
+    "lichen planus like keratosis": "bkl",
+    "benign keratosis": "bkl",
+    "dermatofibroma": "df",
+    "vascular lesion": "vasc",
+    "hemangioma": "vasc",
+    "angioma": "vasc",
+    "angiokeratoma": "vasc",
+    "pyogenic granuloma": "vasc",
+}
+
+
+def label_of(dx: str) -> str:
+    """Return ``"benign"`` or ``"malignant"`` for a HAM10000-style dx code; KeyError if unknown."""
+    return DX_TO_LABEL[dx.strip().lower()]
+
+
+def label_index(label: str) -> int:
+    """Index of a label name in :data:`CLASS_NAMES`."""
+    return CLASS_NAMES.index(label)

@@ -1,0 +1,124 @@
+"""The network: a torchvision ResNet with a two-class head, and weight loading.
+
+:func:`forward_parts` runs the network once and returns the last convolutional activations
+(for Grad-CAM), the pooled penultimate features (for OOD) and the logits, so the predictor
+never needs a second pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models
+
+from lesion.errors import WeightsUnavailable
+
+ARCH_BUILDERS: dict[str, Callable[..., models.ResNet]] = {
+    "resnet50": models.resnet50,
+    "resnet34": models.resnet34,
+    "resnet18": models.resnet18,
+}
+
+ARCH_WEIGHTS: dict[str, str] = {
+    "resnet50": "ResNet50_Weights.IMAGENET1K_V2",
+    "resnet34": "ResNet34_Weights.IMAGENET1K_V1",
+    "resnet18": "ResNet18_Weights.IMAGENET1K_V1",
+}
+
+
+def _linear_head(in_features: int, num_classes: int) -> nn.Module:
+    return nn.Linear(in_features, num_classes)
+
+
+def _mlp_head(in_features: int, num_classes: int) -> nn.Module:
+    # The notebook's head: 2048 -> 512 -> ReLU -> Dropout 0.5 -> 2.
+    return nn.Sequential(nn.Linear(in_features, 512), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(512, num_classes))
+
+
+HEAD_BUILDERS: dict[str, Callable[[int, int], nn.Module]] = {"linear": _linear_head, "mlp": _mlp_head}
+
+
+def build_model(arch: str = "resnet50", head: str = "linear", num_classes: int = 2) -> models.ResNet:
+    """A randomly initialised ResNet with the chosen head (weights are loaded separately)."""
+    if arch not in ARCH_BUILDERS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCH_BUILDERS)}")
+    model = ARCH_BUILDERS[arch](weights=None)
+    model.fc = HEAD_BUILDERS[head](model.fc.in_features, num_classes)
+    return model
+
+
+def feature_dim(model: models.ResNet) -> int:
+    """Width of the pooled penultimate features."""
+    return model.layer4[-1].conv1.in_channels
+
+
+def imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
+    """ImageNet weights through torchvision's weights API (downloads into its cache once)."""
+    weights = models.get_weight(ARCH_WEIGHTS[arch])
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as error:  # URLError, socket errors, hash mismatch: all mean "not available"
+        raise WeightsUnavailable(
+            f"ImageNet weights for {arch} could not be downloaded ({type(error).__name__}: {error}). "
+            "On a machine without internet, either train from scratch with --weights=none, or copy "
+            f"torchvision's file ({Path(weights.url).name}) here and pass --weights=/path/to/that/file."
+        ) from None
+
+
+def local_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a local file (torchvision's cached file, or one saved by torch.save)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsUnavailable(
+            f"weights file not found: {path}. Use --weights=imagenet to download, or --weights=none to start from scratch."
+        )
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise WeightsUnavailable(f"{path} is not a readable weights file: {error}") from None
+    if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict):
+        raise WeightsUnavailable(f"{path} does not hold a state dict")
+    return loaded
+
+
+def load_backbone_weights(model: models.ResNet, source: str, arch: str) -> str:
+    """Load ``imagenet``, ``none`` or a file into everything but the head; return a description."""
+    if source == "none":
+        return "random initialisation"
+    state = imagenet_state_dict(arch) if source == "imagenet" else local_state_dict(source)
+    # The classifier head is new (2 classes); everything else must match exactly.
+    backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = model.load_state_dict(backbone, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise WeightsUnavailable(
+            f"weights from {source} do not fit {arch}: {len(missing)} missing and {len(unexpected)} unexpected "
+            f"tensors (first: {(missing + unexpected)[:3]})"
+        )
+    return "ImageNet (torchvision)" if source == "imagenet" else f"local file {source}"
+
+
+def backbone_parameters(model: models.ResNet) -> list[nn.Parameter]:
+    """Every parameter outside the classifier head."""
+    head = {id(p) for p in model.fc.parameters()}
+    return [p for p in model.parameters() if id(p) not in head]
+
+
+def forward_parts(model: models.ResNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pass: (layer4 activations, pooled features, logits)."""
+    x = model.conv1(x)
+    x = model.bn1(x)
+    x = model.relu(x)
+    x = model.maxpool(x)
+    x = model.layer1(x)
+    x = model.layer2(x)
+    x = model.layer3(x)
+    activations = model.layer4(x)
+    features = torch.flatten(model.avgpool(activations), 1)
+    logits = model.fc(features)
+    return activations, features, logits

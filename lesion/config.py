@@ -8,6 +8,8 @@ with a message that names them, so a typo never trains for hours with a default.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, fields
@@ -76,6 +78,12 @@ def field_types() -> dict[str, type]:
     """Map each config key to its Python type."""
     hints = typing.get_type_hints(TrainConfig)
     return {f.name: hints[f.name] for f in fields(TrainConfig)}
+
+
+def field_help() -> dict[str, str]:
+    """Each key's one-line comment from the dataclass source: the help text of ``--key``."""
+    source = inspect.getsource(TrainConfig)
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+): [\w|]+ = .*?#\s*(.+)$", source, re.M)}
 
 
 CHOICES: dict[str, tuple[str, ...]] = {

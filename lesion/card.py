@@ -1,0 +1,138 @@
+"""The model card: what the model is, what it was trained and measured on, and what it is not for.
+
+Built from the checkpoint alone, so it can be rewritten whenever a threshold is saved.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lesion.checkpoint import load_checkpoint
+
+MODEL_FILE = "model.pt"
+CARD_FILE = "model_card.md"
+
+INTENDED_USE = """\
+**Intended use.** A demonstration and research tool: it shows how a convolutional network, a
+Grad-CAM heatmap and an out-of-distribution check behave on dermoscopic images. It is **not a
+medical device and does not give a diagnosis**. Nobody should act on its output; a skin lesion
+that worries anyone belongs in front of a dermatologist.
+
+**Limits.** Trained on dermoscopic images only (close-up, polarised, usually centred lesions from
+the ISIC archive / HAM10000, mostly fair skin); photos from a phone without a dermatoscope, other
+skin types, and lesion classes outside the eight HAM10000 ones are outside what it has seen. The
+OOD check rejects photos that look unlike the training lesions, but it is a statistical screen,
+not a guarantee. The figures below were measured once, on the held-out split named beside them;
+small splits give wide uncertainty.
+"""
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def _metrics_table(metrics: dict[str, Any]) -> list[str]:
+    keys = (
+        "roc_auc",
+        "pr_auc",
+        "balanced_accuracy",
+        "accuracy",
+        "sensitivity",
+        "specificity",
+        "precision",
+        "f1",
+        "sens_at_90_spec",
+        "spec_at_90_sens",
+        "ece_before_scaling",
+        "ece_after_scaling",
+        "n",
+        "n_malignant",
+    )
+    lines = ["| metric | validation | test |", "| --- | --- | --- |"]
+    val, test = metrics.get("val", {}), metrics.get("test", {})
+    for key in keys:
+        if key in val or key in test:
+            lines.append(f"| {key} | {_fmt(val.get(key))} | {_fmt(test.get(key))} |")
+    return lines
+
+
+def _split_table(split: dict[str, dict[str, int]]) -> list[str]:
+    lines = ["| split | benign | malignant |", "| --- | --- | --- |"]
+    for fold, counts in split.items():
+        lines.append(f"| {fold} | {counts.get('benign', 0)} | {counts.get('malignant', 0)} |")
+    return lines
+
+
+def render_model_card(checkpoint: dict[str, Any], name: str = "model") -> str:
+    """Markdown text of the card."""
+    config, data, metrics = checkpoint.get("config", {}), checkpoint.get("data", {}), checkpoint.get("metrics", {})
+    ood = checkpoint["ood"]
+    skipped = data.get("skipped", {}) or {}
+    n_skipped = sum(len(v) for v in skipped.values() if isinstance(v, list))
+    lines = [
+        f"# Model card: {name}",
+        "",
+        "> Demonstration only — not a diagnosis.",
+        "",
+        "## Model",
+        f"- Architecture: {checkpoint['arch']} with a {checkpoint['head']} head; classes {', '.join(checkpoint['class_names'])}",
+        f"- Input: {checkpoint['image_size']} px centre crop of the image resized to {checkpoint['resize_size']} px (shorter side)",
+        f"- Initial weights: {data.get('weights', config.get('weights', 'unknown'))}",
+        f"- Trained: {checkpoint.get('created', 'unknown')}, best epoch {checkpoint.get('epoch')} of {metrics.get('epochs_run', '?')}"
+        + (" (stopped by the user)" if metrics.get("stopped_by_user") else ""),
+        f"- Recipe settings: optimizer {config.get('optimizer')}, lr {config.get('lr')}, batch {config.get('batch_size')}, "
+        f"augmentation {config.get('augment')}, balance {config.get('balance')}, seed {config.get('seed')}",
+        "",
+        "## Data and split",
+        f"- Source: {data.get('layout', 'unknown')} metadata `{data.get('metadata', '?')}`; {data.get('n_images', '?')} images "
+        f"of {data.get('n_lesions', '?')} lesions",
+        "- Split by lesion (no lesion on two sides), stratified by label, seeded; saved as split.csv",
+        f"- Images skipped as missing, unreadable or of unknown diagnosis: {n_skipped}",
+        f"- ISIC rows dropped as Indeterminate: {data.get('dropped_indeterminate', 0)}",
+        "",
+        *_split_table(data.get("split", {})),
+        "",
+        "## Thresholds",
+        f"- Decision threshold on calibrated P(malignant): {checkpoint['decision_threshold']:.3f} "
+        f"(rule: {config.get('threshold_rule')}, fitted on the validation split)",
+        f"- Calibration temperature: {checkpoint['temperature']:.3f} (fitted on the validation split)",
+        f"- Out-of-distribution detector in use: **{ood.get('method')}**",
+    ]
+    for method, stats in ood.get("detectors", {}).items():
+        accepted = metrics.get("ood_test_lesions_accepted", {}).get(method)
+        note = f"; accepts {accepted:.1%} of test lesions" if accepted is not None else ""
+        lines.append(f"  - {method}: threshold {float(stats['threshold']):.4f}{note}")
+    for change in checkpoint.get("threshold_history", []):
+        lines.append(f"  - changed {change}")
+    lines += [
+        "",
+        "## Measured performance",
+        f"Headline figures come from the **{metrics.get('headline_split', 'test')}** split, measured once after training.",
+        "",
+        *_metrics_table(metrics),
+        "",
+    ]
+    per_dx = metrics.get("test", {}).get("recall_per_dx") or {}
+    if per_dx:
+        lines += ["Share of each diagnosis classified correctly (test split):", ""]
+        lines += [f"- {dx}: {_fmt(value)}" for dx, value in sorted(per_dx.items())]
+        lines.append("")
+    lines += ["## Intended use and limits", "", INTENDED_USE]
+    return "\n".join(lines)
+
+
+def write_model_card(target: str | Path) -> Path:
+    """Write model_card.md beside a checkpoint (``target`` is the run folder or the checkpoint)."""
+    target = Path(target)
+    checkpoint_path = target / MODEL_FILE if target.is_dir() else target
+    checkpoint = load_checkpoint(checkpoint_path)
+    card = checkpoint_path.parent / CARD_FILE
+    temporary = card.with_suffix(".md.tmp")
+    temporary.write_text(render_model_card(checkpoint, checkpoint_path.parent.name))
+    temporary.replace(card)
+    return card

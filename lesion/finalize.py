@@ -1,0 +1,136 @@
+"""After the last epoch: calibrate, choose the decision threshold, fit OOD, test, write the run's reports.
+
+Order matters for honesty: temperature, decision threshold and OOD thresholds are fitted on the
+validation split only; the test split is touched once, at the end, to measure.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from lesion import data as lesion_data
+from lesion import ood
+from lesion.checkpoint import save_checkpoint
+from lesion.config import TrainConfig
+from lesion.distributed import DistInfo
+from lesion.metrics import binary_metrics, choose_threshold, expected_calibration_error, fit_temperature
+
+HEADLINE = ("roc_auc", "balanced_accuracy", "sensitivity", "specificity", "accuracy", "precision", "f1", "pr_auc")
+
+
+def _outputs(model, frame, cache, config, device, features: bool) -> dict[str, torch.Tensor]:
+    from lesion.training import collect_outputs, make_loader
+
+    loader = make_loader(config, frame, cache, DistInfo(), train=False, device=device)
+    return collect_outputs(model, loader, device, config, features=features)
+
+
+def _probabilities(logits: torch.Tensor, temperature: float = 1.0) -> np.ndarray:
+    return torch.softmax(logits / temperature, dim=1)[:, 1].numpy()
+
+
+def _split_metrics(out: dict[str, torch.Tensor], frame: pd.DataFrame, temperature: float, threshold: float) -> dict:
+    labels = out["labels"].numpy()
+    metrics = binary_metrics(labels, _probabilities(out["logits"], temperature), threshold, frame["dx"].tolist())
+    metrics["ece_before_scaling"] = expected_calibration_error(labels, _probabilities(out["logits"]))
+    metrics["ece_after_scaling"] = expected_calibration_error(labels, _probabilities(out["logits"], temperature))
+    return metrics
+
+
+def finalize(
+    config: TrainConfig,
+    model: nn.Module,
+    df: pd.DataFrame,
+    cache: lesion_data.ImageCache,
+    device: torch.device,
+    run_dir: Path,
+    summary: dict[str, Any],
+    history: list[dict[str, Any]],
+    stopped: bool = False,
+) -> dict[str, Any]:
+    """Write model.pt, metrics.json, plots/ and model_card.md; return paths and headline metrics."""
+    from lesion.training import make_checkpoint
+
+    frames = {fold: df[df["fold"] == fold].reset_index(drop=True) for fold in ("train", "val", "test")}
+    outs = {fold: _outputs(model, frame, cache, config, device, features=fold != "test") for fold, frame in frames.items()}
+    val, test = outs["val"], outs["test"]
+
+    temperature = fit_temperature(val["logits"], val["labels"])
+    threshold = choose_threshold(
+        val["labels"].numpy(), _probabilities(val["logits"], temperature), config.threshold_rule, config.target_sensitivity
+    )
+    detectors = ood.fit_detectors(
+        outs["train"]["features"],
+        outs["train"]["labels"],
+        outs["train"]["logits"],
+        val["features"],
+        val["logits"],
+        keep=config.ood_keep,
+        k=config.knn_k,
+    )
+    metrics = {
+        "val": _split_metrics(val, frames["val"], temperature, threshold),
+        "test": _split_metrics(test, frames["test"], temperature, threshold),
+    }
+    test_features = _outputs(model, frames["test"], cache, config, device, features=True)["features"]
+    metrics["ood_test_lesions_accepted"] = {
+        name: float((ood.score(name, stats, test_features, test["logits"]) <= stats["threshold"]).float().mean())
+        for name, stats in detectors.items()
+    }
+    best_epoch = max(history, key=lambda r: r["val_roc_auc"] if r["val_roc_auc"] is not None else -1)["epoch"]
+    report = {
+        "headline_split": "test",
+        "headline": {key: metrics["test"].get(key) for key in HEADLINE},
+        "decision_threshold": threshold,
+        "threshold_rule": config.threshold_rule,
+        "temperature": temperature,
+        "ood_method": config.ood_method,
+        "ood_thresholds": {name: float(stats["threshold"]) for name, stats in detectors.items()},
+        "best_epoch": best_epoch,
+        "epochs_run": len(history),
+        "stopped_by_user": stopped,
+        "split_sizes": summary["split"],
+        **metrics,
+    }
+    checkpoint = make_checkpoint(
+        config,
+        model,
+        summary,
+        best_epoch,
+        decision_threshold=float(threshold),
+        temperature=float(temperature),
+        ood={"method": config.ood_method, "detectors": detectors, "keep": config.ood_keep},
+        metrics=json.loads(json.dumps(report)),
+        history=history,
+    )
+    path = save_checkpoint(checkpoint, run_dir / "model.pt")
+    (run_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    _plots(run_dir, test, temperature, threshold, report["test"]["confusion"], history)
+    from lesion.card import write_model_card
+
+    write_model_card(run_dir)
+    return {"path": path, "metrics_summary": {"split": "test", **report["headline"]}}
+
+
+def _plots(
+    run_dir: Path, test: dict[str, torch.Tensor], temperature: float, threshold: float, confusion: dict, history: list
+) -> None:
+    from lesion.plots import save_all_plots
+
+    save_all_plots(
+        run_dir,
+        test["labels"].numpy(),
+        _probabilities(test["logits"]),
+        _probabilities(test["logits"], temperature),
+        threshold,
+        confusion,
+        [{"event": "epoch", **record} for record in history],
+        split="test",
+    )

@@ -1,0 +1,567 @@
+"""The training loop: one entry point for the CLI, the app's Train page (as a subprocess) and torchrun.
+
+``run_training(config)`` reads the data, splits it by lesion, trains with early stopping on
+validation ROC-AUC, writes best.pt and last.pt every epoch (resumable), and then hands the best
+epoch to :mod:`lesion.finalize` (calibration, thresholds, OOD statistics, test metrics, model card).
+Progress goes to events.jsonl; rank 0 alone writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from lesion import data as lesion_data
+from lesion.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint, save_checkpoint, without_training_state
+from lesion.config import TrainConfig
+from lesion.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed, mean_across_ranks
+from lesion.errors import LesionError
+from lesion.events import EventWriter
+from lesion.labels import CLASS_NAMES
+from lesion.metrics import binary_metrics
+from lesion.model import backbone_parameters, build_model, load_backbone_weights
+from lesion.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, resize_size, train_transform
+
+EventCallback = Callable[[dict[str, Any]], None]
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGINT: finish the batch, keep the last checkpoint, finalize the best epoch.
+
+    A second signal restores the default handler, so pressing Ctrl-C twice still kills at once.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        signal.signal(signum, signal.SIG_DFL)
+
+
+@dataclass
+class TrainState:
+    """What resume needs besides the weights and optimizer."""
+
+    epoch: int = 0  # epochs completed
+    best_auc: float = -1.0
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def resolve_device(name: str, info: DistInfo) -> torch.device:
+    """``auto`` picks this rank's GPU when there is one, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", info.local_rank)
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def default_run_dir() -> Path:
+    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+# ---------------------------------------------------------------- data
+
+
+def prepare_data(
+    config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWriter
+) -> tuple[pd.DataFrame, dict[str, Any], lesion_data.ImageCache]:
+    """Read, subset, split (or reuse the saved split on resume) and warm the cache."""
+    split_path = run_dir / "split.csv"
+    df, summary = lesion_data.read_metadata(config.data, config.metadata or None, skip_bad=config.skip_bad_images)
+    if config.max_images:
+        df = lesion_data.select_subset(df, config.max_images, config.seed)
+    if split_path.is_file() and config.resume:
+        saved = lesion_data.read_split(split_path)[["image_id", "fold"]]
+        df = df.merge(saved, on="image_id", how="inner")
+    else:
+        df = lesion_data.split_by_lesion(df, config.val_fraction, config.test_fraction, config.seed)
+    cache = lesion_data.ImageCache(config.cache_dir or lesion_data.default_cache_dir(), resize_size(config.image_size))
+    if info.is_main:
+        df, unreadable = lesion_data.check_images(df, cache, config.skip_bad_images, workers=max(1, config.num_workers))
+        summary.setdefault("skipped", {})["unreadable"] = [str(u[0]) if isinstance(u, tuple) else str(u) for u in unreadable]
+        lesion_data.write_split(df, split_path)
+    barrier(info)
+    if not info.is_main:
+        df = df[df["image_id"].isin(set(lesion_data.read_split(split_path)["image_id"]))]
+    summary["split"] = {
+        fold: {name: int(((df["fold"] == fold) & (df["label"] == i)).sum()) for i, name in enumerate(CLASS_NAMES)}
+        for fold in ("train", "val", "test")
+    }
+    summary["n_images"] = int(len(df))
+    summary["n_lesions"] = int(df["lesion_id"].nunique())
+    return df.reset_index(drop=True), summary, cache
+
+
+class DistributedWeightedSampler(Sampler[int]):
+    """Balanced sampling with replacement, seeded per epoch and sharded across ranks."""
+
+    def __init__(self, weights: np.ndarray, num_samples: int, info: DistInfo, seed: int) -> None:
+        self.weights = torch.as_tensor(weights, dtype=torch.double)
+        self.per_rank = math.ceil(num_samples / info.world_size)
+        self.info = info
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        total = self.per_rank * self.info.world_size
+        indices = torch.multinomial(self.weights, total, replacement=True, generator=generator)
+        return iter(indices[self.info.rank :: self.info.world_size].tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
+class ShardSampler(Sampler[int]):
+    """A seeded permutation (or the identity) cut into contiguous-by-stride shards, one per rank."""
+
+    def __init__(self, size: int, info: DistInfo, seed: int, shuffle: bool) -> None:
+        self.size, self.info, self.seed, self.shuffle, self.epoch = size, info, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+        else:
+            order = torch.arange(self.size)
+        return iter(order[self.info.rank :: self.info.world_size].tolist())
+
+    def __len__(self) -> int:
+        return len(range(self.info.rank, self.size, self.info.world_size))
+
+
+def make_loader(
+    config: TrainConfig,
+    frame: pd.DataFrame,
+    cache: lesion_data.ImageCache,
+    info: DistInfo,
+    train: bool,
+    device: torch.device,
+) -> DataLoader:
+    """A loader over ``frame``: augmented and sampled for training, plain centre crops otherwise."""
+    transform = (
+        train_transform(config.image_size, config.augment) if train else eval_transform(config.image_size)
+    )
+    dataset = lesion_data.LesionDataset(
+        frame["path"].tolist(), frame["label"].tolist(), transform, cache, resize_size(config.image_size)
+    )
+    if train and config.balance == "sampler":
+        counts = np.bincount(frame["label"], minlength=2).astype(float)
+        weights = 1.0 / counts[frame["label"].to_numpy()]
+        sampler: Sampler[int] = DistributedWeightedSampler(weights, len(frame), info, config.seed)
+    else:
+        sampler = ShardSampler(len(frame), info, config.seed, shuffle=train)
+    return DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        sampler=sampler,
+        num_workers=config.num_workers,
+        pin_memory=device.type == "cuda",
+        drop_last=False,
+        persistent_workers=False,
+        worker_init_fn=_seed_worker,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+
+
+def _seed_worker(worker_id: int) -> None:
+    # Each worker's torch seed comes from the loader's generator; numpy and random follow it,
+    # so augmentation is reproducible for a given seed and epoch (and therefore after resume).
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+# ---------------------------------------------------------------- model and optimisation
+
+
+def _adamw(params: list, config: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _adam(params: list, config: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+OPTIMIZERS: dict[str, Callable[[list, TrainConfig], torch.optim.Optimizer]] = {"adamw": _adamw, "adam": _adam}
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Linear warmup, then cosine decay to zero (or constant)."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def class_weights(labels: np.ndarray) -> torch.Tensor:
+    """Inverse-frequency weights normalised to mean 1 (what the notebook's class weights did)."""
+    counts = np.bincount(labels, minlength=2).astype(float)
+    weights = counts.sum() / (2.0 * np.maximum(counts, 1.0))
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def autocast_for(device: torch.device, enabled: bool) -> torch.autocast:
+    """bfloat16 autocast on CUDA when asked (no GradScaler needed); a disabled context elsewhere."""
+    use = enabled and device.type == "cuda"
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use)
+
+
+def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
+    for parameter in backbone_parameters(model):
+        parameter.requires_grad_(trainable)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def make_checkpoint(
+    config: TrainConfig, model: nn.Module, summary: dict[str, Any], epoch: int, **extra: Any
+) -> dict[str, Any]:
+    """Everything DESIGN.md's checkpoint contract asks for; calibration and OOD are filled by finalize."""
+    state = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+    checkpoint = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "arch": config.arch,
+        "head": config.head,
+        "class_names": list(CLASS_NAMES),
+        "image_size": config.image_size,
+        "resize_size": resize_size(config.image_size),
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "state_dict": state,
+        "decision_threshold": 0.5,
+        "temperature": 1.0,
+        "ood": {"method": config.ood_method, "detectors": {}, "keep": config.ood_keep},
+        "metrics": {},
+        "data": summary,
+        "config": asdict(config),
+        "epoch": epoch,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "lesion_version": __import__("lesion").__version__,
+    }
+    checkpoint.update(extra)
+    return checkpoint
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP and torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def training_state(optimizer, scheduler, state: TrainState) -> dict[str, Any]:
+    return {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "state": {k: v for k, v in asdict(state).items() if k != "history"},
+        "history_json": json.dumps(state.history),
+        "torch_rng": torch.get_rng_state(),
+    }
+
+
+# ---------------------------------------------------------------- loops
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    criterion: nn.Module,
+    device: torch.device,
+    config: TrainConfig,
+    epoch: int,
+    events: EventWriter,
+    stop: StopFlag,
+) -> tuple[float, int, bool]:
+    """One pass over the training loader; returns (mean loss, images seen, stopped early)."""
+    model.train()
+    batches = len(loader)
+    if config.max_steps_per_epoch:
+        batches = min(batches, config.max_steps_per_epoch)
+    total_loss, seen, window_images, window_start = 0.0, 0, 0, time.perf_counter()
+    memory_format = torch.channels_last if config.channels_last and device.type == "cuda" else torch.contiguous_format
+    for batch_index, (images, labels) in enumerate(loader):
+        if batch_index >= batches or stop.requested:
+            break
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        labels = labels.to(device, non_blocking=True)
+        with autocast_for(device, config.amp):
+            loss = criterion(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total_loss += loss.item() * len(labels)
+        seen += len(labels)
+        window_images += len(labels)
+        if (batch_index + 1) % config.log_every == 0 or batch_index + 1 == batches:
+            elapsed = time.perf_counter() - window_start
+            events.emit(
+                "step",
+                epoch=epoch,
+                batch=batch_index + 1,
+                batches=batches,
+                loss=round(loss.item(), 5),
+                lr=scheduler.get_last_lr()[0],
+                images_per_s=round(window_images / max(elapsed, 1e-9), 2),
+            )
+            window_images, window_start = 0, time.perf_counter()
+    return total_loss / max(seen, 1), seen, stop.requested
+
+
+@torch.no_grad()
+def collect_outputs(
+    model: nn.Module, loader: DataLoader, device: torch.device, config: TrainConfig, features: bool = False
+) -> dict[str, torch.Tensor]:
+    """Logits (and pooled features) of every image in the loader's order, on the CPU."""
+    from lesion.model import forward_parts
+
+    model = unwrap(model).eval()
+    outputs: dict[str, list[torch.Tensor]] = {"logits": [], "labels": [], "features": []}
+    memory_format = torch.channels_last if config.channels_last and device.type == "cuda" else torch.contiguous_format
+    for images, labels in loader:
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        with autocast_for(device, config.amp):
+            _, pooled, logits = forward_parts(model, images)
+        outputs["logits"].append(logits.float().cpu())
+        outputs["labels"].append(labels)
+        if features:
+            outputs["features"].append(pooled.float().cpu())
+    return {k: torch.cat(v) if v else torch.empty(0) for k, v in outputs.items()}
+
+
+def validate(
+    model: nn.Module,
+    frame: pd.DataFrame,
+    cache: lesion_data.ImageCache,
+    config: TrainConfig,
+    info: DistInfo,
+    device: torch.device,
+    criterion: nn.Module,
+) -> dict[str, Any]:
+    """Validation metrics over the whole split, each rank scoring its shard; every rank gets the result."""
+    loader = make_loader(config, frame, cache, info, train=False, device=device)
+    out = collect_outputs(model, loader, device, config)
+    indices = list(loader.sampler)
+    gathered = all_gather_objects((indices, out["logits"], out["labels"]), info)
+    order = torch.tensor([i for part in gathered for i in part[0]])
+    logits = torch.cat([part[1] for part in gathered])[torch.argsort(order)]
+    labels = torch.cat([part[2] for part in gathered])[torch.argsort(order)]
+    loss = criterion(logits, labels).item() if len(labels) else float("nan")
+    probabilities = torch.softmax(logits, 1)[:, 1].numpy()
+    metrics = binary_metrics(labels.numpy(), probabilities, 0.5, frame["dx"].tolist())
+    return {"loss": loss, **metrics}
+
+
+def run_training(config: TrainConfig, on_event: EventCallback | None = None) -> Path:
+    """Train, finalize and return the path of model.pt. Raises LesionError with a plain message."""
+    info = init_distributed("cuda" if config.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    run_dir = Path(config.out) if config.out else default_run_dir()
+    events = _ListeningWriter(run_dir, info.is_main, on_event)
+    stop = StopFlag()
+    stop.install()
+    try:
+        return _train(config, run_dir, info, events, stop)
+    except (LesionError, OSError) as error:
+        events.emit("error", message=str(error), reason="failed", kind=type(error).__name__)
+        raise
+    except Exception as error:
+        events.emit("error", message=f"{type(error).__name__}: {error}", reason="failed", kind=type(error).__name__)
+        raise
+    finally:
+        cleanup(info)
+
+
+class _ListeningWriter(EventWriter):
+    """An EventWriter that also hands each event to a callback (the CLI's progress bar)."""
+
+    def __init__(self, run_dir: Path, enabled: bool, callback: EventCallback | None) -> None:
+        super().__init__(run_dir, enabled)
+        self.callback = callback if enabled else None
+
+    def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
+        event = super().emit(kind, **fields)
+        if self.callback:
+            self.callback(event)
+        return event
+
+
+def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWriter, stop: StopFlag) -> Path:
+    device = resolve_device(config.device, info)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.out = str(run_dir)
+    if info.is_main:
+        (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    seed_everything(config.seed)
+    df, summary, cache = prepare_data(config, run_dir, info, events)
+    train_df = df[df["fold"] == "train"].reset_index(drop=True)
+    val_df = df[df["fold"] == "val"].reset_index(drop=True)
+
+    model = build_model(config.arch, config.head)
+    weights_note = load_backbone_weights(model, config.weights, config.arch)
+    summary["weights"] = weights_note
+    model.to(device)
+    if config.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    train_model: nn.Module = model
+    if config.compile and device.type == "cuda":
+        train_model = torch.compile(model)
+    if info.enabled:
+        train_model = nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False
+        )
+
+    loader = make_loader(config, train_df, cache, info, train=True, device=device)
+    steps_per_epoch = min(len(loader), config.max_steps_per_epoch or len(loader))
+    total_steps = steps_per_epoch * config.epochs
+    optimizer = OPTIMIZERS[config.optimizer]([p for p in model.parameters()], config)
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, warmup, config.schedule)
+    )
+    weight = class_weights(train_df["label"].to_numpy()).to(device) if config.balance == "class_weights" else None
+    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
+    val_criterion = nn.CrossEntropyLoss(weight=weight.cpu() if weight is not None else None)
+
+    state = TrainState()
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    if config.resume and last_path.is_file():
+        state = _resume(last_path, model, optimizer, scheduler)
+    events.emit(
+        "start",
+        config=asdict(config),
+        sizes=summary["split"],
+        n_images=summary["n_images"],
+        weights=weights_note,
+        device=str(device),
+        world_size=info.world_size,
+        resumed_from_epoch=state.epoch,
+        pid=os.getpid(),
+        host=socket.gethostname(),
+    )
+
+    for epoch in range(state.epoch + 1, config.epochs + 1):
+        if stop.requested or (config.patience and state.bad_epochs >= config.patience):
+            break
+        epoch_start = time.perf_counter()
+        set_backbone_trainable(model, epoch > config.freeze_backbone_epochs)
+        loader.sampler.set_epoch(epoch)
+        loader.generator.manual_seed(config.seed * 1_000_003 + epoch)
+        torch.manual_seed(config.seed * 1_000_003 + epoch)
+        train_loss, seen, stopped = train_one_epoch(
+            train_model, loader, optimizer, scheduler, criterion, device, config, epoch, events, stop
+        )
+        if stopped:
+            break  # keep the last complete epoch's checkpoint: a partial epoch would break resume
+        train_loss = mean_across_ranks(train_loss, seen, info)
+        val = validate(model, val_df, cache, config, info, device, val_criterion)
+        auc = val["roc_auc"] if val["roc_auc"] is not None else -1.0
+        improved = auc > state.best_auc
+        state.epoch = epoch
+        if improved:
+            state.best_auc, state.best_epoch, state.bad_epochs = auc, epoch, 0
+        else:
+            state.bad_epochs += 1
+        record = {
+            "epoch": epoch,
+            "epochs": config.epochs,
+            "train_loss": train_loss,
+            "val_loss": val["loss"],
+            "val_roc_auc": val["roc_auc"],
+            "val_balanced_accuracy": val["balanced_accuracy"],
+            "val_sensitivity": val["sensitivity"],
+            "val_specificity": val["specificity"],
+            "lr": scheduler.get_last_lr()[0],
+            "seconds": time.perf_counter() - epoch_start,
+            "best_epoch": state.best_epoch,
+        }
+        state.history.append(record)
+        events.emit("epoch", **record)
+        if info.is_main:
+            if improved:
+                save_checkpoint(make_checkpoint(config, model, summary, epoch, history=state.history), best_path)
+                events.emit("checkpoint", path=str(best_path), kind="best", epoch=epoch)
+            last = make_checkpoint(config, model, summary, epoch, history=state.history)
+            last["training"] = training_state(optimizer, scheduler, state)
+            save_checkpoint(last, last_path)
+            events.emit("checkpoint", path=str(last_path), kind="last", epoch=epoch)
+        barrier(info)
+
+    if state.best_epoch == 0:
+        raise LesionError("Training stopped before the first epoch finished; no model was saved.")
+    from lesion.finalize import finalize
+
+    result = None
+    if info.is_main:
+        best = load_checkpoint(best_path)
+        model.load_state_dict(best["state_dict"])
+        result = finalize(config, model, df, cache, device, run_dir, summary, state.history, stopped=stop.requested)
+        events.emit(
+            "done",
+            metrics=result["metrics_summary"],
+            path=str(result["path"]),
+            stopped_by_user=stop.requested,
+            best_epoch=state.best_epoch,
+        )
+    barrier(info)
+    return run_dir / "model.pt"
+
+
+def _resume(path: Path, model: nn.Module, optimizer, scheduler) -> TrainState:
+    """Restore weights, optimizer, schedule, RNG and early-stopping state from last.pt."""
+    checkpoint = load_checkpoint(path)
+    training = checkpoint.get("training")
+    if not training:
+        raise LesionError(f"{path} has no training state to resume from.")
+    model.load_state_dict(checkpoint["state_dict"])
+    optimizer.load_state_dict(training["optimizer"])
+    scheduler.load_state_dict(training["scheduler"])
+    torch.set_rng_state(training["torch_rng"])
+    state = TrainState(**training["state"])
+    state.history = json.loads(training["history_json"])
+    return state
+
+
+def export_model(checkpoint: dict[str, Any], path: Path) -> Path:
+    """Write a final model file without optimizer state."""
+    return save_checkpoint(without_training_state(checkpoint), path)

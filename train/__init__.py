@@ -1,0 +1,1 @@
+"""Command-line entry points: ``python -m train`` (fine-tune) and ``python -m train.evaluate``."""

@@ -1,0 +1,119 @@
+"""``python -m train``: fine-tune on HAM10000, the ISIC archive or the bundled demo set.
+
+    python -m train --data DIR --out RUN_DIR [--recipe NAME_OR_FILE] [--key=value ...]
+    torchrun --nproc_per_node=N -m train ...      # DistributedDataParallel, same options
+
+Defaults come from lesion.config.TrainConfig, then the recipe, then the --key=value options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+from typing import Any
+
+from lesion.config import TrainConfig, build_config, field_help
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """The parser; a launcher can extend it before parsing."""
+    parser = argparse.ArgumentParser(
+        prog="python -m train",
+        description="Fine-tune a ResNet on dermoscopic images (benign vs malignant). A demonstration, not a diagnosis.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        add_help=add_help,
+        epilog="Recipes: demo, notebook, recommended (train/recipes/*.toml) or a path to a .toml file. "
+        "Options given on the command line override the recipe.",
+    )
+    parser.add_argument("--recipe", default=None, help="recipe name or .toml file applied before the options")
+    helps = field_help()
+    defaults = TrainConfig()
+    for item in fields(TrainConfig):
+        default = getattr(defaults, item.name)
+        parser.add_argument(
+            f"--{item.name}",
+            default=None,
+            metavar=type(default).__name__.upper(),
+            help=f"{helps.get(item.name, '')} (default: {default!r})",
+        )
+    parser.set_defaults()
+    return parser
+
+
+def _progress(total_epochs: int):
+    """A tqdm bar driven by the same events the app reads."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="batch", dynamic_ncols=True, file=sys.stderr)
+
+    def on_event(event: dict[str, Any]) -> None:
+        kind = event["event"]
+        if kind == "start":
+            bar.write(f"training on {event['device']} with {event['n_images']} images: {event['sizes']}")
+            if event.get("resumed_from_epoch"):
+                bar.write(f"resuming after epoch {event['resumed_from_epoch']}")
+        elif kind == "step":
+            if bar.total != event["batches"]:
+                bar.reset(total=event["batches"])
+            bar.set_description(f"epoch {event['epoch']}/{total_epochs}")
+            bar.n = event["batch"]
+            bar.set_postfix(loss=f"{event['loss']:.3f}", img_s=f"{event['images_per_s']:.0f}")
+            bar.refresh()
+        elif kind == "epoch":
+            auc = event["val_roc_auc"]
+            bar.write(
+                f"epoch {event['epoch']}: train loss {event['train_loss']:.4f}, val loss {event['val_loss']:.4f}, "
+                f"val ROC-AUC {auc:.4f}" if auc is not None else f"epoch {event['epoch']}: val ROC-AUC n/a"
+            )
+        elif kind in ("done", "error"):
+            bar.close()
+
+    return on_event
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    from lesion.errors import LesionError
+
+    overrides = {k: v for k, v in vars(args).items() if k != "recipe" and v is not None}
+    try:
+        config = build_config(args.recipe, overrides)
+    except LesionError as error:
+        parser.exit(2, f"error: {error}\n")
+    from lesion.training import run_training
+
+    try:
+        path = run_training(config, on_event=_progress(config.epochs))
+    except LesionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except OSError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        _print_summary(path)
+    return 0
+
+
+def _print_summary(path) -> None:
+    import json
+
+    report = json.loads((path.parent / "metrics.json").read_text())
+    head = report["headline"]
+    print(f"run folder: {path.parent}")
+    print(f"model: {path}")
+    print(
+        f"{report['headline_split']} split: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in head.items() if isinstance(v, float))
+    )
+    print(
+        f"decision threshold {report['decision_threshold']:.3f} (validation, {report['threshold_rule']}); "
+        f"OOD detector {report['ood_method']} threshold {report['ood_thresholds'][report['ood_method']]:.4f}"
+    )
+    if report.get("stopped_by_user"):
+        print("stopped by the user: the model is the best epoch reached before stopping")

@@ -1,0 +1,89 @@
+"""``python -m train.evaluate``: measure any checkpoint on any dataset (HAM10000 or ISIC layout).
+
+    python -m train.evaluate --checkpoint runs/demo/model.pt --data DIR [--split test] [--json]
+
+Images are preprocessed by the predictor's own path (lesion.images.load_image, then the evaluation
+transform), so the figures are those the app would give on the same files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lesion.errors import LesionError
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="a model.pt (or best.pt) written by lesion")
+    parser.add_argument("--data", required=True, help="dataset folder (HAM10000 or ISIC archive layout)")
+    parser.add_argument("--metadata", default=None, help="metadata CSV (default: detected inside --data)")
+    parser.add_argument(
+        "--split",
+        default=None,
+        help="evaluate only the images of this fold (train, val, test) of a split.csv given by --split-file",
+    )
+    parser.add_argument("--split-file", default=None, help="split.csv of a run (default: beside the checkpoint)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--skip-bad", action="store_true", help="skip missing or unreadable images (reported)")
+    parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    return parser
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """Metrics of the checkpoint on the dataset, at the checkpoint's own decision threshold."""
+    import numpy as np
+
+    from lesion import data as lesion_data
+    from lesion.metrics import binary_metrics
+    from lesion.predict import Predictor
+
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
+    df, summary = lesion_data.read_metadata(args.data, args.metadata, skip_bad=args.skip_bad)
+    if args.split:
+        split_file = Path(args.split_file) if args.split_file else Path(args.checkpoint).parent / "split.csv"
+        if not split_file.is_file():
+            raise LesionError(f"--split {args.split} needs a split.csv; none at {split_file}")
+        folds = lesion_data.read_split(split_file)[["image_id", "fold"]]
+        df = df.merge(folds, on="image_id", how="inner")
+        df = df[df["fold"] == args.split]
+        if df.empty:
+            raise LesionError(f"no images of {args.data} are in the {args.split} fold of {split_file}")
+    probabilities = np.asarray(predictor.probabilities(df["path"].tolist(), batch_size=args.batch_size))
+    threshold = predictor.decision_threshold
+    metrics = binary_metrics(df["label"].to_numpy(), probabilities, threshold, df["dx"].tolist())
+    metrics.update(
+        checkpoint=str(args.checkpoint),
+        data=str(args.data),
+        layout=summary.get("layout"),
+        split=args.split or "all images",
+        skipped=summary.get("skipped", {}),
+    )
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        metrics = evaluate(args)
+    except LesionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(metrics))
+        return 0
+    print(f"{metrics['n']} images ({metrics['n_malignant']} malignant) from {args.data}, {metrics['split']}")
+    for key in ("roc_auc", "pr_auc", "balanced_accuracy", "accuracy", "sensitivity", "specificity", "precision", "f1"):
+        value = metrics.get(key)
+        print(f"  {key:18s} {value:.4f}" if isinstance(value, float) else f"  {key:18s} n/a")
+    print(f"  threshold          {metrics['threshold']:.4f}")
+    print(f"  confusion          {metrics['confusion']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

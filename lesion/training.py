@@ -85,6 +85,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def locate_data(path: str) -> str:
+    """A relative data path is looked up from the working folder, then from the repository (assets/demo)."""
+    candidate = Path(path).expanduser()
+    if not candidate.exists() and not candidate.is_absolute() and (REPO_ROOT / candidate).exists():
+        return str(REPO_ROOT / candidate)
+    return str(candidate)
+
+
 def default_run_dir() -> Path:
     return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
 
@@ -97,7 +108,7 @@ def prepare_data(
 ) -> tuple[pd.DataFrame, dict[str, Any], lesion_data.ImageCache]:
     """Read, subset, split (or reuse the saved split on resume) and warm the cache."""
     split_path = run_dir / "split.csv"
-    df, summary = lesion_data.read_metadata(config.data, config.metadata or None, skip_bad=config.skip_bad_images)
+    df, summary = lesion_data.read_metadata(locate_data(config.data), config.metadata or None, skip_bad=config.skip_bad_images)
     if config.max_images:
         df = lesion_data.select_subset(df, config.max_images, config.seed)
     if split_path.is_file() and config.resume:
@@ -448,7 +459,10 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
         train_model = torch.compile(model)
     if info.enabled:
         train_model = nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False
+            train_model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            # A frozen backbone gives its parameters no gradient in the first epochs.
+            find_unused_parameters=config.freeze_backbone_epochs > 0,
         )
 
     loader = make_loader(config, train_df, cache, info, train=True, device=device)

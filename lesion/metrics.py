@@ -1,0 +1,207 @@
+"""Binary metrics on P(malignant), calibration, and the decision threshold.
+
+Numpy in, plain Python out: every value is a float, an int, a list, a dict or None, so a
+result goes straight into metrics.json, a checkpoint or an event. A metric that is undefined
+for the data (ROC-AUC with one class, precision with no positive prediction) is None, never
+NaN. An image is called malignant when ``p_malignant >= threshold``, the convention of
+scikit-learn's ``roc_curve`` and so of :func:`choose_threshold`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+FALLBACK_THRESHOLD = 0.5
+# Thresholds are kept strictly inside (0, 1) so "p >= threshold" always means something.
+_EPS = 1e-6
+
+
+def _arrays(y_true: Any, p_malignant: Any) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true).astype(int).ravel()
+    p = np.asarray(p_malignant, dtype=np.float64).ravel()
+    if y.shape != p.shape:
+        raise ValueError(f"{y.size} labels but {p.size} probabilities")
+    return y, p
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return float(numerator / denominator) if denominator else None
+
+
+def _both_classes(y: np.ndarray) -> bool:
+    return bool(y.size) and 0 < int(y.sum()) < y.size
+
+
+def _roc(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every ROC point (no points dropped), highest threshold first."""
+    return roc_curve(y, p, drop_intermediate=False)
+
+
+def sensitivity_at_specificity(y_true: Any, p_malignant: Any, specificity: float = 0.9) -> float | None:
+    """Best sensitivity among thresholds whose specificity is at least ``specificity``."""
+    y, p = _arrays(y_true, p_malignant)
+    if not _both_classes(y):
+        return None
+    fpr, tpr, _ = _roc(y, p)
+    ok = (1.0 - fpr) >= specificity - 1e-12
+    return float(tpr[ok].max()) if ok.any() else None
+
+
+def specificity_at_sensitivity(y_true: Any, p_malignant: Any, sensitivity: float = 0.9) -> float | None:
+    """Best specificity among thresholds whose sensitivity is at least ``sensitivity``."""
+    y, p = _arrays(y_true, p_malignant)
+    if not _both_classes(y):
+        return None
+    fpr, tpr, _ = _roc(y, p)
+    ok = tpr >= sensitivity - 1e-12
+    return float((1.0 - fpr[ok]).max()) if ok.any() else None
+
+
+def reliability_bins(y_true: Any, p_malignant: Any, bins: int = 15) -> dict[str, list]:
+    """Equal-width bins over P(malignant) in [0, 1]: per non-empty bin, mean P, observed rate, count."""
+    y, p = _arrays(y_true, p_malignant)
+    index = np.clip((p * bins).astype(int), 0, bins - 1)  # p == 1.0 belongs to the last bin
+    counts = np.bincount(index, minlength=bins)
+    sum_p = np.bincount(index, weights=p, minlength=bins)
+    sum_y = np.bincount(index, weights=y, minlength=bins)
+    used = counts > 0
+    return {
+        "mean_p": (sum_p[used] / counts[used]).tolist(),
+        "observed": (sum_y[used] / counts[used]).tolist(),
+        "count": counts[used].astype(int).tolist(),
+    }
+
+
+def expected_calibration_error(y_true: Any, p_malignant: Any, bins: int = 15) -> float:
+    """Binary ECE of P(malignant): sum over equal-width bins of (share of images) x |rate - mean P|.
+
+    This is the reliability of the malignant-class probability itself (what the app shows),
+    not the top-label confidence ECE of multi-class papers; the two differ for two classes
+    only in how images are binned. Empty input gives 0.0.
+    """
+    y, _ = _arrays(y_true, p_malignant)
+    if y.size == 0:
+        return 0.0
+    table = reliability_bins(y_true, p_malignant, bins)
+    gaps = np.abs(np.asarray(table["observed"]) - np.asarray(table["mean_p"]))
+    return float(np.sum(np.asarray(table["count"]) * gaps) / y.size)
+
+
+def _finite(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def binary_metrics(y_true: Any, p_malignant: Any, threshold: float, dx: Sequence[str] | None = None) -> dict[str, Any]:
+    """Threshold and ranking metrics for benign (0) vs malignant (1); JSON-ready, None where undefined.
+
+    ``recall_per_dx`` gives, per diagnosis, the share of its images given their correct label
+    (sensitivity for malignant diagnoses, specificity for benign ones); ``pr_auc`` is average precision.
+    """
+    y, p = _arrays(y_true, p_malignant)
+    predicted = (p >= threshold).astype(int)
+    tp = int(np.sum((predicted == 1) & (y == 1)))
+    tn = int(np.sum((predicted == 0) & (y == 0)))
+    fp = int(np.sum((predicted == 1) & (y == 0)))
+    fn = int(np.sum((predicted == 0) & (y == 1)))
+    sensitivity = _ratio(tp, tp + fn)
+    specificity = _ratio(tn, tn + fp)
+    defined = [v for v in (sensitivity, specificity) if v is not None]
+    both = _both_classes(y)
+    result: dict[str, Any] = {
+        "n": int(y.size),
+        "n_malignant": int(y.sum()),
+        "threshold": float(threshold),
+        "accuracy": _ratio(tp + tn, y.size),
+        # Like scikit-learn: the mean recall over the classes present.
+        "balanced_accuracy": float(np.mean(defined)) if defined else None,
+        "precision": _ratio(tp, tp + fp),
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "roc_auc": float(roc_auc_score(y, p)) if both else None,
+        "pr_auc": float(average_precision_score(y, p)) if y.sum() > 0 else None,
+        "sens_at_90_spec": sensitivity_at_specificity(y, p, 0.9),
+        "spec_at_90_sens": specificity_at_sensitivity(y, p, 0.9),
+        "confusion": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
+        "recall_per_dx": {},
+        "n_per_dx": {},
+        "ece": expected_calibration_error(y, p) if y.size else None,
+    }
+    if dx is not None:
+        names = np.asarray([str(d) for d in dx])
+        if names.shape != y.shape:
+            raise ValueError(f"{names.size} diagnoses but {y.size} labels")
+        correct = predicted == y
+        for name in sorted(set(names.tolist())):
+            mask = names == name
+            result["recall_per_dx"][name] = float(correct[mask].mean())
+            result["n_per_dx"][name] = int(mask.sum())
+    for key, value in result.items():
+        if isinstance(value, float):
+            result[key] = _finite(value)
+    return result
+
+
+def _nll(logits: torch.Tensor, labels: torch.Tensor, log_t: float) -> float:
+    return float(torch.nn.functional.cross_entropy(logits / math.exp(log_t), labels))
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, low: float = 0.05, high: float = 20.0) -> float:
+    """The temperature T in [low, high] that minimises the NLL of softmax(logits / T).
+
+    A grid over log T finds the basin, then a golden-section search refines it: deterministic,
+    no learning rate to tune, and bounded where perfectly separated logits would push T to 0.
+    Returns 1.0 when there is nothing to fit.
+    """
+    logits = logits.detach().to("cpu", torch.float64)
+    labels = labels.detach().to("cpu", torch.long)
+    if logits.ndim != 2 or logits.shape[0] == 0 or logits.shape[0] != labels.shape[0]:
+        return 1.0
+    grid = np.linspace(math.log(low), math.log(high), 61)
+    losses = [_nll(logits, labels, g) for g in grid]
+    best = int(np.argmin(losses))
+    a, b = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
+    ratio = (math.sqrt(5) - 1) / 2
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    fc, fd = _nll(logits, labels, c), _nll(logits, labels, d)
+    for _ in range(60):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - ratio * (b - a)
+            fc = _nll(logits, labels, c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + ratio * (b - a)
+            fd = _nll(logits, labels, d)
+    return float(math.exp((a + b) / 2))
+
+
+def choose_threshold(y_true: Any, p_malignant: Any, rule: str = "youden", target_sensitivity: float = 0.9) -> float:
+    """Decision threshold on P(malignant) from validation predictions.
+
+    ``youden``: the ROC threshold maximising sensitivity + specificity - 1 (the highest on ties).
+    ``sensitivity``: the highest ROC threshold whose sensitivity reaches ``target_sensitivity``.
+    Always a float strictly inside (0, 1); 0.5 when the data cannot decide (one class, no data).
+    """
+    if rule not in ("youden", "sensitivity"):
+        raise ValueError(f"unknown threshold rule {rule!r}; choose youden or sensitivity")
+    y, p = _arrays(y_true, p_malignant)
+    finite = np.isfinite(p)
+    y, p = y[finite], p[finite]
+    if not _both_classes(y):
+        return FALLBACK_THRESHOLD
+    fpr, tpr, thresholds = _roc(y, p)
+    # roc_curve's first point is "call nothing malignant" with an infinite threshold: not usable.
+    fpr, tpr, thresholds = fpr[1:], tpr[1:], thresholds[1:]
+    if rule == "youden":
+        index = int(np.argmax(tpr - fpr))  # argmax takes the first, i.e. highest, threshold on ties
+    else:
+        reached = np.flatnonzero(tpr >= target_sensitivity - 1e-12)
+        index = int(reached[0])  # tpr reaches 1.0 at the last point, so this is never empty
+    return float(np.clip(thresholds[index], _EPS, 1.0 - _EPS))

@@ -150,7 +150,9 @@ def place_in_image(
     return canvas
 
 
-def reference_cam(model: nn.Module, input_tensor: torch.Tensor, method: str = "gradcam", target: int | None = None) -> np.ndarray:
+def reference_cam(
+    model: nn.Module, input_tensor: torch.Tensor, method: str = "gradcam", target: int | None = None
+) -> np.ndarray:
     """pytorch-grad-cam's plain call on ``layer4[-1]``: (N, H, W) at the input resolution.
 
     A second forward and a full backward pass; kept as the reference for tests and benchmarks.
@@ -179,7 +181,9 @@ def colorize(heatmap: np.ndarray, colormap: str = "jet") -> np.ndarray:
     return (colours * 255).round().astype(np.uint8)
 
 
-def overlay(image: Image.Image | np.ndarray, heatmap: np.ndarray, alpha: float = 0.4, colormap: str = "jet") -> Image.Image:
+def overlay(
+    image: Image.Image | np.ndarray, heatmap: np.ndarray, alpha: float = 0.4, colormap: str = "jet"
+) -> Image.Image:
     """A new RGB image: ``image`` blended with the coloured heatmap (weight ``alpha``)."""
     base = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image).astype(np.uint8))
     base = base.convert("RGB")

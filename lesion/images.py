@@ -11,21 +11,28 @@ from __future__ import annotations
 
 import io
 import os
+import threading
+import warnings
 from pathlib import Path
-from typing import IO, Union
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lesion.errors import InvalidImage
 
-ImageSource = Union[str, os.PathLike, bytes, bytearray, IO[bytes], Image.Image]
+ImageSource = str | os.PathLike | bytes | bytearray | IO[bytes] | Image.Image
 
 MIN_SIDE = 32
 # Above this many pixels we refuse to decode at all (Pillow's own bomb guard is a warning at
 # ~89 MP and an error at twice that; we make the limit explicit and the message plain).
 MAX_PIXELS = 120_000_000
 MAX_BYTES = 50 * 1024 * 1024
+# Image.open emits Pillow's DecompressionBombWarning (above ~89 MP) before we can look at the size;
+# we check the size ourselves right after, so the warning is only noise. warnings.catch_warnings
+# swaps process-wide state, so opens are serialised (reading a header takes microseconds).
+_OPEN_LOCK = threading.Lock()
+EXIF_ORIENTATION = 0x0112
 
 try:  # HEIC/HEIF from phones, where the optional plugin is installed.
     from pillow_heif import register_heif_opener
@@ -53,13 +60,18 @@ def _open(source: ImageSource) -> Image.Image:
         if not path.is_file():
             raise InvalidImage(f"{path.name}: no such file.")
         if path.stat().st_size > MAX_BYTES:
-            raise InvalidImage(f"{path.name} is {path.stat().st_size / 2**20:.0f} MB; the limit is {MAX_BYTES // 2**20} MB.")
-        stream = path.open("rb")
+            raise InvalidImage(
+                f"{path.name} is {path.stat().st_size / 2**20:.0f} MB; the limit is {MAX_BYTES // 2**20} MB."
+            )
+        # Read into memory (at most MAX_BYTES) so no file handle outlives this call.
+        stream = io.BytesIO(path.read_bytes())
     else:
         stream = source
     name = _describe(source)
     try:
-        image = Image.open(stream)
+        with _OPEN_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(stream)
     except UnidentifiedImageError:
         raise InvalidImage(f"{name} is not an image we can read (JPEG, PNG, WebP, BMP, TIFF or HEIC).") from None
     except Image.DecompressionBombError:
@@ -71,6 +83,25 @@ def _open(source: ImageSource) -> Image.Image:
 
 def load_image(source: ImageSource, short_side: int | None = None) -> Image.Image:
     """Decode ``source`` to an RGB PIL image; with ``short_side``, resize the shorter side to it."""
+    return load_image_with_size(source, short_side)[0]
+
+
+def _oriented_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) as the image is displayed, i.e. after its EXIF orientation."""
+    width, height = image.size
+    try:
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # a damaged EXIF block: exif_transpose will ignore it too
+        orientation = 1
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def load_image_with_size(source: ImageSource, short_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """:func:`load_image`, plus the image's full (width, height) after EXIF orientation.
+
+    With JPEG draft mode the decoded image is smaller than the file's, so the full size is read
+    from the header; the predictor needs it to map its heatmap back onto the original photo.
+    """
     name = _describe(source)
     image = _open(source)
     width, height = image.size
@@ -81,6 +112,7 @@ def load_image(source: ImageSource, short_side: int | None = None) -> Image.Imag
         )
     if min(width, height) < MIN_SIDE:
         raise InvalidImage(f"{name} is only {width} x {height} pixels; a side must be at least {MIN_SIDE} pixels.")
+    original_size = _oriented_size(image)
     try:
         if short_side is not None and image.format == "JPEG":
             # Draft mode lets libjpeg decode at 1/2, 1/4 or 1/8 scale directly, never below
@@ -98,7 +130,7 @@ def load_image(source: ImageSource, short_side: int | None = None) -> Image.Imag
         raise InvalidImage(f"{name} is damaged or truncated and cannot be read ({error}).") from None
     if short_side is not None:
         image = resize_short_side(image, short_side)
-    return image
+    return image, original_size
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -213,7 +213,9 @@ def evaluate(lesion_scores: Any, ood_scores: Any, threshold: float) -> dict[str,
     return result
 
 
-def decision_table(names: Sequence[str], scores: Any, threshold: float, kinds: Sequence[str] | None = None) -> list[dict]:
+def decision_table(
+    names: Sequence[str], scores: Any, threshold: float, kinds: Sequence[str] | None = None
+) -> list[dict]:
     """One row per named image: name, kind (e.g. lesion / ood), score, accepted."""
     values = _as_numpy(scores)
     kinds = list(kinds) if kinds is not None else [""] * len(values)

@@ -25,7 +25,7 @@ class EventWriter:
         self.path = Path(run_dir) / EVENTS_FILE
         self.enabled = enabled
 
-    def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
+    def emit(self, kind: str, /, **fields: Any) -> dict[str, Any]:
         event = {"event": kind, "time": time.time(), **fields}
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)

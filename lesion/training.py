@@ -430,7 +430,7 @@ class _ListeningWriter(EventWriter):
         super().__init__(run_dir, enabled)
         self.callback = callback if enabled else None
 
-    def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
+    def emit(self, kind: str, /, **fields: Any) -> dict[str, Any]:
         event = super().emit(kind, **fields)
         if self.callback:
             self.callback(event)

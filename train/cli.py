@@ -41,32 +41,41 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def _progress(total_epochs: int):
-    """A tqdm bar driven by the same events the app reads."""
+    """A tqdm bar per epoch, driven by the same events the app reads."""
     from tqdm import tqdm
 
-    bar = tqdm(total=0, unit="batch", dynamic_ncols=True, file=sys.stderr)
+    bars: dict[str, Any] = {}
+
+    def close() -> None:
+        if "bar" in bars:
+            bars.pop("bar").close()
 
     def on_event(event: dict[str, Any]) -> None:
         kind = event["event"]
         if kind == "start":
-            bar.write(f"training on {event['device']} with {event['n_images']} images: {event['sizes']}")
+            print(f"training on {event['device']} with {event['n_images']} images: {event['sizes']}", file=sys.stderr)
             if event.get("resumed_from_epoch"):
-                bar.write(f"resuming after epoch {event['resumed_from_epoch']}")
+                print(f"resuming after epoch {event['resumed_from_epoch']}", file=sys.stderr)
         elif kind == "step":
-            if bar.total != event["batches"]:
-                bar.reset(total=event["batches"])
-            bar.set_description(f"epoch {event['epoch']}/{total_epochs}")
-            bar.n = event["batch"]
+            if "bar" not in bars or bars["epoch"] != event["epoch"]:
+                close()
+                bars["bar"] = tqdm(total=event["batches"], unit="batch", file=sys.stderr, dynamic_ncols=True)
+                bars["bar"].set_description(f"epoch {event['epoch']}/{total_epochs}")
+                bars["epoch"] = event["epoch"]
+            bar = bars["bar"]
+            bar.update(event["batch"] - bar.n)
             bar.set_postfix(loss=f"{event['loss']:.3f}", img_s=f"{event['images_per_s']:.0f}")
-            bar.refresh()
         elif kind == "epoch":
+            close()
             auc = event["val_roc_auc"]
-            bar.write(
+            auc_text = f"{auc:.4f}" if auc is not None else "n/a"
+            print(
                 f"epoch {event['epoch']}: train loss {event['train_loss']:.4f}, val loss {event['val_loss']:.4f}, "
-                f"val ROC-AUC {auc:.4f}" if auc is not None else f"epoch {event['epoch']}: val ROC-AUC n/a"
+                f"val ROC-AUC {auc_text}",
+                file=sys.stderr,
             )
         elif kind in ("done", "error"):
-            bar.close()
+            close()
 
     return on_event
 

@@ -1,0 +1,447 @@
+"""The predictor: verdict, calibrated probability, heatmap and OOD scores from ONE forward pass.
+
+An image goes through :func:`lesion.images.load_image` and the checkpoint's evaluation transform
+(exactly what ``train.evaluate`` uses), then :func:`lesion.model.forward_parts` once. The layer4
+activations give the heatmap (only the head is differentiated, see :mod:`lesion.explain`), the
+pooled features and logits give every fitted OOD score, and the temperature-scaled softmax gives
+P(malignant). A :class:`Predictor` holds no per-call state, so one instance can serve many threads.
+
+Command line::
+
+    python -m lesion.predict --checkpoint runs/demo/model.pt --out results.csv [--heatmaps DIR] PATH...
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lesion import explain, ood
+from lesion.checkpoint import check_checkpoint, load_checkpoint
+from lesion.errors import InvalidCheckpoint, InvalidImage, LesionError
+from lesion.images import ImageSource, load_image, load_image_with_size
+from lesion.model import build_model, forward_parts
+from lesion.transforms import eval_transform
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif")
+
+
+@dataclass
+class Prediction:
+    """What the model says about one image (higher OOD score = less like the training lesions)."""
+
+    verdict: str  # "benign", "malignant", or "unknown" when the OOD detector rejects the image
+    p_malignant: float  # calibrated (temperature-scaled) probability of malignancy
+    decision_threshold: float  # malignant when p_malignant >= this
+    ood_score: float  # score of the active detector; nan when the checkpoint has none
+    ood_threshold: float  # rejected ("unknown") when ood_score > this
+    ood_method: str
+    accepted: bool  # passed the OOD check
+    ood_scores: dict[str, float]  # every fitted detector, from the same forward pass
+    heatmap: np.ndarray | None  # (image_height, image_width) float32 in [0, 1], or None
+    cam_method: str
+    target: int  # class index the heatmap explains
+    timings: dict[str, float]  # seconds: decode, preprocess, forward, cam, ood, total
+    image_width: int  # the original image, after EXIF orientation
+    image_height: int
+    probabilities: dict[str, float] = field(default_factory=dict)  # calibrated, per class name
+
+    def to_dict(self, include_heatmap: bool = False) -> dict[str, Any]:
+        """Plain JSON-able values (nan becomes None; the heatmap as nested lists if asked)."""
+
+        def plain(value: Any) -> Any:
+            if isinstance(value, float) and not math.isfinite(value):
+                return None
+            if isinstance(value, dict):
+                return {key: plain(item) for key, item in value.items()}
+            return value
+
+        result = {
+            key: plain(getattr(self, key))
+            for key in (
+                "verdict",
+                "p_malignant",
+                "decision_threshold",
+                "ood_score",
+                "ood_threshold",
+                "ood_method",
+                "accepted",
+                "ood_scores",
+                "cam_method",
+                "target",
+                "timings",
+                "image_width",
+                "image_height",
+                "probabilities",
+            )
+        }
+        if include_heatmap:
+            result["heatmap"] = None if self.heatmap is None else self.heatmap.tolist()
+        return result
+
+
+@dataclass
+class _Prepared:
+    """One decoded, preprocessed image and what is needed to map the heatmap back onto it."""
+
+    tensor: torch.Tensor
+    original_size: tuple[int, int]  # (width, height)
+    crop_box: tuple[float, float, float, float]  # the network's view, in original pixels
+    decode_s: float
+    preprocess_s: float
+
+
+class Predictor:
+    """A loaded checkpoint ready to classify images; safe to share between threads."""
+
+    def __init__(self, checkpoint: dict[str, Any], device: str = "cpu", ood_method: str | None = None) -> None:
+        checkpoint = check_checkpoint(checkpoint)
+        # Everything but the weights (which live in .model): holding both would double the memory.
+        self.checkpoint = {key: value for key, value in checkpoint.items() if key != "state_dict"}
+        self.device = torch.device(device)
+        self.class_names: list[str] = list(checkpoint["class_names"])
+        if "malignant" not in self.class_names:
+            raise InvalidCheckpoint(f"checkpoint classes {self.class_names} have no 'malignant'.")
+        self.malignant_index = self.class_names.index("malignant")
+        self.image_size = int(checkpoint["image_size"])
+        self.resize_size = int(checkpoint["resize_size"])
+        self.temperature = float(checkpoint["temperature"])
+        self.decision_threshold = float(checkpoint["decision_threshold"])
+        self.transform = eval_transform(self.image_size, checkpoint["mean"], checkpoint["std"])
+        self.model = _build(checkpoint).to(self.device).eval()
+        ood_entry = checkpoint.get("ood") or {}
+        # Stats as float32 on the device once, so scoring converts nothing per call.
+        self.detectors: dict[str, dict[str, Any]] = {
+            name: {
+                key: value.float().to(self.device) if torch.is_tensor(value) else value for key, value in stats.items()
+            }
+            for name, stats in (ood_entry.get("detectors") or {}).items()
+        }
+        self.ood_available = bool(self.detectors)
+        self.ood_thresholds: dict[str, float] = {name: float(s["threshold"]) for name, s in self.detectors.items()}
+        self.ood_method = self._check_ood_method(ood_method or ood_entry.get("method") or "mahalanobis")
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu", ood_method: str | None = None) -> Predictor:
+        """Load ``path`` with :func:`lesion.checkpoint.load_checkpoint`; InvalidCheckpoint if unusable."""
+        return cls(load_checkpoint(path, map_location="cpu"), device=device, ood_method=ood_method)
+
+    def _check_ood_method(self, method: str) -> str:
+        if method not in ood.SCORERS:
+            raise ValueError(f"unknown OOD method {method!r}; choose one of {', '.join(ood.SCORERS)}")
+        if self.ood_available and method not in self.detectors:
+            raise ValueError(f"this checkpoint has no fitted {method!r} detector; it has {', '.join(self.detectors)}")
+        return method
+
+    # --- preprocessing ----------------------------------------------------------------------
+
+    def _prepare(self, image: ImageSource) -> _Prepared:
+        started = time.perf_counter()
+        decoded, original_size = load_image_with_size(image, self.resize_size)
+        decoded_at = time.perf_counter()
+        tensor = self.transform(decoded)
+        return _Prepared(
+            tensor=tensor,
+            original_size=original_size,
+            crop_box=self._crop_box(decoded.size, original_size),
+            decode_s=decoded_at - started,
+            preprocess_s=time.perf_counter() - decoded_at,
+        )
+
+    def _crop_box(self, resized: tuple[int, int], original: tuple[int, int]) -> tuple[float, float, float, float]:
+        """The centre crop (torchvision's rounding) in original-image pixels: left, top, right, bottom."""
+        (width, height), crop = resized, self.image_size
+        left, top = int(round((width - crop) / 2.0)), int(round((height - crop) / 2.0))
+        sx, sy = original[0] / width, original[1] / height
+        return left * sx, top * sy, (left + crop) * sx, (top + crop) * sy
+
+    # --- the single pass --------------------------------------------------------------------
+
+    def _run(
+        self,
+        prepared: Sequence[_Prepared],
+        with_heatmap: bool,
+        cam_method: str,
+        target: int | None,
+        ood_method: str | None,
+        decision_threshold: float | None,
+        ood_threshold: float | None,
+    ) -> list[Prediction]:
+        cam_method = explain.check_method(cam_method)
+        method = self._check_ood_method(ood_method) if ood_method else self.ood_method
+        decision = self.decision_threshold if decision_threshold is None else float(decision_threshold)
+        batch = torch.stack([item.tensor for item in prepared]).to(self.device)
+
+        started = time.perf_counter()
+        with torch.no_grad():
+            activations, features, logits = forward_parts(self.model, batch)
+        probabilities = torch.softmax(logits.float() / self.temperature, dim=1).cpu()
+        p_malignant = probabilities[:, self.malignant_index]
+        forward_s = time.perf_counter() - started
+
+        started = time.perf_counter()
+        # Default target: the class the verdict names, so the map shows the evidence for it.
+        targets = (p_malignant >= decision).long() * self.malignant_index + (p_malignant < decision).long() * (
+            1 - self.malignant_index
+        )
+        if target is not None:
+            targets = torch.full_like(targets, int(target))
+        low_res = None
+        if with_heatmap:
+            uses_grads = explain.USES_GRADIENTS[cam_method]
+            leaf, _, head_logits = explain.forward_head(self.model, activations, with_grad=uses_grads)
+            grads = explain.target_gradients(leaf, head_logits, targets) if uses_grads else None
+            low_res = explain.low_resolution_cams(cam_method, leaf.detach(), grads).cpu()
+        cam_s = time.perf_counter() - started
+
+        started = time.perf_counter()
+        with torch.no_grad():
+            scores = {name: ood.score(name, stats, features, logits).cpu() for name, stats in self.detectors.items()}
+        ood_s = time.perf_counter() - started
+
+        threshold = self.ood_thresholds.get(method, float("nan")) if ood_threshold is None else float(ood_threshold)
+        results = []
+        share = len(prepared)  # batched work is shared equally between the images of the batch
+        for i, item in enumerate(prepared):
+            heatmap = None
+            extra = 0.0
+            if low_res is not None:
+                placed_at = time.perf_counter()
+                heatmap = explain.place_in_image(low_res[i], item.original_size, item.crop_box)
+                extra = time.perf_counter() - placed_at
+            ood_scores = {name: float(values[i]) for name, values in scores.items()}
+            ood_score = ood_scores.get(method, float("nan"))
+            accepted = not (ood_score > threshold)  # nan (no detector) is accepted
+            p = float(p_malignant[i])
+            verdict = "unknown" if not accepted else ("malignant" if p >= decision else "benign")
+            timings = {
+                "decode": item.decode_s,
+                "preprocess": item.preprocess_s,
+                "forward": forward_s / share,
+                "cam": cam_s / share + extra,
+                "ood": ood_s / share,
+            }
+            timings["total"] = sum(timings.values())
+            results.append(
+                Prediction(
+                    verdict=verdict,
+                    p_malignant=p,
+                    decision_threshold=decision,
+                    ood_score=ood_score,
+                    ood_threshold=threshold,
+                    ood_method=method,
+                    accepted=accepted,
+                    ood_scores=ood_scores,
+                    heatmap=heatmap,
+                    cam_method=cam_method,
+                    target=int(targets[i]),
+                    timings=timings,
+                    image_width=item.original_size[0],
+                    image_height=item.original_size[1],
+                    probabilities={name: float(probabilities[i, j]) for j, name in enumerate(self.class_names)},
+                )
+            )
+        return results
+
+    # --- public API -------------------------------------------------------------------------
+
+    def predict(
+        self,
+        image: ImageSource,
+        cam_method: str = "gradcam",
+        target: int | None = None,
+        ood_method: str | None = None,
+        with_heatmap: bool = True,
+        decision_threshold: float | None = None,
+        ood_threshold: float | None = None,
+    ) -> Prediction:
+        """Classify one image (path, bytes, file object or PIL image); InvalidImage if unreadable.
+
+        ``target`` picks the class the heatmap explains (default: the verdict's class);
+        ``decision_threshold`` and ``ood_threshold`` override the checkpoint's for this call.
+        """
+        started = time.perf_counter()
+        prepared = self._prepare(image)
+        prediction = self._run(
+            [prepared], with_heatmap, cam_method, target, ood_method, decision_threshold, ood_threshold
+        )[0]
+        prediction.timings["total"] = time.perf_counter() - started
+        return prediction
+
+    def predict_batch(
+        self,
+        images: Iterable[ImageSource],
+        batch_size: int = 16,
+        with_heatmap: bool = False,
+        cam_method: str = "gradcam",
+        target: int | None = None,
+        ood_method: str | None = None,
+        decision_threshold: float | None = None,
+        ood_threshold: float | None = None,
+    ) -> list[Prediction | InvalidImage]:
+        """Classify many images, one forward pass per ``batch_size`` chunk.
+
+        An unreadable image yields its :class:`InvalidImage` at its place; the batch goes on.
+        """
+        images = list(images)
+        results: list[Prediction | InvalidImage | None] = [None] * len(images)
+        for start in range(0, len(images), batch_size):
+            good: list[tuple[int, _Prepared]] = []
+            for index in range(start, min(start + batch_size, len(images))):
+                try:
+                    good.append((index, self._prepare(images[index])))
+                except InvalidImage as error:
+                    results[index] = error
+            if good:
+                predictions = self._run(
+                    [item for _, item in good],
+                    with_heatmap,
+                    cam_method,
+                    target,
+                    ood_method,
+                    decision_threshold,
+                    ood_threshold,
+                )
+                for (index, _), prediction in zip(good, predictions, strict=True):
+                    results[index] = prediction
+        return results  # type: ignore[return-value]
+
+    def probabilities(self, paths: Iterable[ImageSource], batch_size: int = 32) -> np.ndarray:
+        """Calibrated P(malignant) per image (what train.evaluate scores); the first bad image raises."""
+        results = self.predict_batch(paths, batch_size=batch_size, with_heatmap=False)
+        for result in results:
+            if isinstance(result, InvalidImage):
+                raise result
+        return np.array([result.p_malignant for result in results], dtype=np.float64)
+
+
+def _build(checkpoint: dict[str, Any]) -> torch.nn.Module:
+    """The network described by the checkpoint, with its weights; InvalidCheckpoint on any mismatch."""
+    try:
+        model = build_model(checkpoint["arch"], checkpoint["head"], num_classes=len(checkpoint["class_names"]))
+    except (ValueError, KeyError) as error:
+        raise InvalidCheckpoint(
+            f"the checkpoint names a model this version cannot build ({checkpoint['arch']!r}, "
+            f"{checkpoint['head']!r} head): {error}"
+        ) from None
+    try:
+        model.load_state_dict(checkpoint["state_dict"], strict=True)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        first = str(error).splitlines()[1:2] or [str(error)]
+        raise InvalidCheckpoint(
+            f"the checkpoint's weights do not fit a {checkpoint['arch']} with a {checkpoint['head']} head "
+            f"({first[0].strip()[:200]})"
+        ) from None
+    return model
+
+
+# --- command line -------------------------------------------------------------------------
+
+
+def find_images(paths: Iterable[str | Path]) -> list[Path]:
+    """Files as given, and image files under folders (recursive, sorted)."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS))
+        else:
+            found.append(path)  # a missing file gets its error in its row
+    return found
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """The CLI's arguments (a function, so other launchers can extend them)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m lesion.predict", description="Classify images with a lesion checkpoint; write one CSV row each."
+    )
+    parser.add_argument("paths", nargs="*", metavar="PATH", help="image files or folders (searched recursively)")
+    parser.add_argument("--checkpoint", required=True, help="a model.pt written by training")
+    parser.add_argument("--out", required=True, help="CSV file to write")
+    parser.add_argument("--heatmaps", default=None, help="folder for <stem>_heatmap.png overlays")
+    parser.add_argument("--ood-method", default=None, choices=sorted(ood.SCORERS), help="default: the checkpoint's")
+    parser.add_argument("--cam-method", default="gradcam", choices=explain.CAM_METHODS)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    return parser
+
+
+def _row(path: Path, result: Prediction | InvalidImage, detector_names: list[str]) -> dict[str, Any]:
+    row: dict[str, Any] = {"path": str(path)}
+    if isinstance(result, InvalidImage):
+        row["error"] = str(result)
+        return row
+    row.update(
+        verdict=result.verdict,
+        p_malignant=f"{result.p_malignant:.6f}",
+        decision_threshold=f"{result.decision_threshold:.6f}",
+        ood_method=result.ood_method,
+        ood_score=f"{result.ood_score:.6f}",
+        ood_threshold=f"{result.ood_threshold:.6f}",
+        accepted=result.accepted,
+        cam_method=result.cam_method if result.heatmap is not None else "",
+        image_width=result.image_width,
+        image_height=result.image_height,
+        error="",
+    )
+    for name in detector_names:
+        row[f"ood_{name}"] = f"{result.ood_scores[name]:.6f}"
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 1 no image readable, 2 bad checkpoint or no inputs)."""
+    from tqdm import tqdm
+
+    args = get_args_parser().parse_args(argv)
+    images = find_images(args.paths)
+    if not images:
+        print("error: no input images (give image files or folders containing .jpg, .png, ...)", file=sys.stderr)
+        return 2
+    try:
+        predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, ood_method=args.ood_method)
+    except (LesionError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    heatmap_dir = Path(args.heatmaps) if args.heatmaps else None
+    if heatmap_dir:
+        heatmap_dir.mkdir(parents=True, exist_ok=True)
+    names = list(predictor.detectors)
+    columns = ["path", "verdict", "p_malignant", "decision_threshold", "ood_method", "ood_score", "ood_threshold"]
+    columns += ["accepted", "cam_method", "image_width", "image_height", "error"] + [f"ood_{n}" for n in names]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    processed = 0
+    with out.open("w", newline="") as handle, tqdm(total=len(images), unit="img", file=sys.stderr) as bar:
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+        writer.writeheader()
+        for start in range(0, len(images), args.batch_size):
+            chunk = images[start : start + args.batch_size]
+            results = predictor.predict_batch(
+                chunk, batch_size=args.batch_size, with_heatmap=heatmap_dir is not None, cam_method=args.cam_method
+            )
+            for path, result in zip(chunk, results, strict=True):
+                if isinstance(result, Prediction):
+                    processed += 1
+                    if heatmap_dir is not None and result.heatmap is not None:
+                        original = load_image(path)
+                        explain.overlay(original, result.heatmap).save(heatmap_dir / f"{path.stem}_heatmap.png")
+                writer.writerow(_row(path, result, names))
+            bar.update(len(chunk))
+    if not processed:
+        print(f"error: none of the {len(images)} input(s) could be read as an image; see {out}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

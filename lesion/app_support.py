@@ -1,0 +1,437 @@
+"""Plain helpers behind the app's pages: wording, sample galleries, cached predictions, OOD tables.
+
+Nothing here imports Streamlit: a page passes in its ``st.session_state`` (any mutable mapping)
+where a cache is needed, so every function can be tested without a browser or an app.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, MutableMapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from lesion.images import MAX_BYTES, load_image
+from lesion.runs import PROJECT_ROOT, ModelEntry
+
+# How long the demo recipe takes on a 2-core laptop CPU, measured once (train/recipes/demo.toml).
+DEMO_TRAIN_MINUTES = 10
+DISCLAIMER = (
+    "Demonstration only — not a diagnosis. This tool is not a medical device; "
+    "a skin lesion that worries you belongs in front of a dermatologist."
+)
+NO_MODEL_HELP = (
+    "No model yet. Open the **Train** page and start the **demo** recipe on the bundled demo set "
+    f"(about {DEMO_TRAIN_MINUTES} minutes on a 2-core CPU), or set `LESION_CHECKPOINT` to a trained "
+    "`model.pt` and reload."
+)
+VERDICT_TEXT = {"benign": "Benign", "malignant": "Malignant", "unknown": "Not a skin lesion"}
+VERDICT_DETAIL = {
+    "benign": "The model leans towards a benign lesion.",
+    "malignant": "The model leans towards a malignant lesion.",
+    "unknown": "The model was not trained on photos like this, so it gives no benign/malignant answer.",
+}
+METRIC_LABELS = {
+    "roc_auc": "ROC-AUC",
+    "balanced_accuracy": "Balanced accuracy",
+    "sensitivity": "Sensitivity",
+    "specificity": "Specificity",
+    "accuracy": "Accuracy",
+    "f1": "F1",
+}
+UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "heic", "heif"]
+MAX_UPLOAD_MB = MAX_BYTES // 2**20
+SAMPLES_DIR = PROJECT_ROOT / "assets" / "samples"
+DX_NAMES = {
+    "mel": "melanoma",
+    "bcc": "basal cell carcinoma",
+    "akiec": "actinic keratosis / intraepithelial carcinoma",
+    "scc": "squamous cell carcinoma",
+    "nv": "nevus",
+    "bkl": "benign keratosis",
+    "df": "dermatofibroma",
+    "vasc": "vascular lesion",
+}
+# Side of the longest edge images are shown and heatmaps are kept at: enough for the page,
+# and a 50-megapixel phone photo does not keep 200 MB of heatmap in a session.
+DISPLAY_SIDE = 1024
+CACHE_ENTRIES = 64
+
+# One model is shared by every session (st.cache_resource); Grad-CAM needs gradients through
+# it, so predictions are serialised. On a CPU they would compete for the same cores anyway.
+_PREDICT_LOCK = threading.Lock()
+
+
+# ---------------------------------------------------------------------------- samples
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A bundled image the pages offer."""
+
+    name: str  # file stem, e.g. ISIC_0000169 or car_image1
+    path: Path
+    kind: str  # "lesion" or "ood"
+    caption: str  # what the gallery shows under the image
+    label: str = ""  # benign / malignant for lesions, category for OOD photos
+
+
+def list_samples(samples_dir: Path = SAMPLES_DIR) -> list[Sample]:
+    """The bundled sample lesions (with diagnosis) and the non-lesion photos, in file order."""
+    samples: list[Sample] = []
+    labels = samples_dir / "lesions" / "labels.csv"
+    if labels.is_file():
+        with labels.open(newline="", encoding="utf-8") as stream:
+            for row in csv.DictReader(stream):
+                path = samples_dir / "lesions" / f"{row['image_id']}.jpg"
+                if path.is_file():
+                    dx = DX_NAMES.get(row["dx"], row["dx"])
+                    samples.append(
+                        Sample(
+                            row["image_id"], path, "lesion", f"{row['image_id']}: {dx} ({row['label']})", row["label"]
+                        )
+                    )
+    index = samples_dir / "ood" / "index.csv"
+    if index.is_file():
+        with index.open(newline="", encoding="utf-8") as stream:
+            for row in csv.DictReader(stream):
+                path = samples_dir / "ood" / row["file"]
+                if path.is_file():
+                    samples.append(
+                        Sample(
+                            path.stem,
+                            path,
+                            "ood",
+                            f"{path.stem}: {row['category']} photo (not a lesion)",
+                            row["category"],
+                        )
+                    )
+    return samples
+
+
+def training_folds(run_dir: Path | None) -> dict[str, str]:
+    """image_id -> fold (train / val / test) from a run's split.csv; {} when there is none."""
+    if run_dir is None or not (Path(run_dir) / "split.csv").is_file():
+        return {}
+    with (Path(run_dir) / "split.csv").open(newline="", encoding="utf-8") as stream:
+        return {row["image_id"]: row.get("fold", "") for row in csv.DictReader(stream) if row.get("image_id")}
+
+
+# ---------------------------------------------------------------------------- images and predictions
+
+
+def digest(data: bytes) -> str:
+    """sha256 of an image's bytes: the cache key that survives renaming and re-uploading."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def display_image(data: bytes, name: str) -> Image.Image:
+    """The image as the page shows it (EXIF-rotated RGB, longest side at most DISPLAY_SIDE).
+
+    Raises InvalidImage with a plain message for anything that is not a usable image.
+    """
+    image = load_image(_named_bytes(data, name))
+    if max(image.size) > DISPLAY_SIDE:
+        image = image.copy()
+        image.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE), Image.Resampling.LANCZOS)
+    return image
+
+
+def _named_bytes(data: bytes, name: str) -> Any:
+    # A BytesIO carrying the name, so InvalidImage messages name the uploaded file.
+    if len(data) > MAX_BYTES:
+        return bytes(data)  # load_image refuses it with the size in the message
+    stream = io.BytesIO(data)
+    stream.name = name
+    return stream
+
+
+def _resize_heatmap(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    if heatmap.shape == (size[1], size[0]):
+        return heatmap
+    resized = Image.fromarray(np.asarray(heatmap, dtype=np.float32)).resize(size, Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+
+
+def count_predict_call(name: str) -> None:
+    """Append a line to $LESION_PREDICT_COUNTER (used by bench/app.py to prove a rerun did not predict)."""
+    path = os.environ.get("LESION_PREDICT_COUNTER")
+    if path:
+        with open(path, "a", encoding="utf-8") as stream:
+            stream.write(f"{time.time():.3f}\t{name}\n")
+
+
+def _remember(cache: MutableMapping[Any, Any], key: Any, value: Any) -> Any:
+    cache[key] = value
+    if isinstance(cache, OrderedDict):
+        cache.move_to_end(key)
+        while len(cache) > CACHE_ENTRIES:
+            cache.popitem(last=False)
+    return value
+
+
+def cached_prediction(
+    cache: MutableMapping[Any, Any],
+    predictor: Any,
+    model: ModelEntry,
+    data: bytes,
+    name: str,
+    cam_method: str,
+    display: Image.Image,
+) -> Any:
+    """The Prediction for these image bytes, this model file (path + mtime) and CAM method.
+
+    Computed once; moving a slider or switching the view reads it from ``cache``. The heatmap
+    kept is resized to ``display``'s size (the prediction itself saw the full-resolution file).
+    """
+    key = ("prediction", digest(data), str(model.path), model.mtime, cam_method)
+    if key in cache:
+        if isinstance(cache, OrderedDict):
+            cache.move_to_end(key)
+        return cache[key]
+    with _PREDICT_LOCK:
+        count_predict_call(name)
+        prediction = predictor.predict(_named_bytes(data, name), cam_method=cam_method)
+    if prediction.heatmap is not None:
+        prediction.heatmap = _resize_heatmap(prediction.heatmap, display.size)
+    return _remember(cache, key, prediction)
+
+
+def result_row(name: str, prediction: Any) -> dict[str, Any]:
+    """One line of the results table."""
+    return {
+        "image": name,
+        "verdict": VERDICT_TEXT.get(prediction.verdict, prediction.verdict),
+        "P(malignant)": round(float(prediction.p_malignant), 3),
+        "decision threshold": round(float(prediction.decision_threshold), 3),
+        "OOD score": _round(prediction.ood_score),
+        "OOD threshold": _round(prediction.ood_threshold),
+        "OOD method": prediction.ood_method or "",
+    }
+
+
+def _round(value: Any, digits: int = 4) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
+def result_json(name: str, prediction: Any, model: ModelEntry) -> bytes:
+    """The downloadable JSON: the prediction (without the heatmap pixels) and the model it came from."""
+    payload = prediction.to_dict() if hasattr(prediction, "to_dict") else {}
+    payload = {key: value for key, value in payload.items() if key != "heatmap"}
+    payload = {"image": name, "model": str(model.path), "disclaimer": DISCLAIMER, **payload}
+    return json.dumps(payload, indent=2, default=_plain).encode("utf-8")
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+# ---------------------------------------------------------------------------- OOD page
+
+
+def cached_ood_scores(
+    cache: MutableMapping[Any, Any],
+    predictor: Any,
+    model: ModelEntry,
+    items: Sequence[tuple[str, bytes]],
+) -> dict[str, dict[str, float]]:
+    """name -> {detector: score} for every readable image, scoring only those not seen before.
+
+    Keyed by image digest and model path (not mtime): saving a threshold rewrites the file but
+    not the weights, so the scores stay valid and the slider never waits for the network.
+    """
+    result: dict[str, dict[str, float]] = {}
+    missing: list[tuple[str, bytes]] = []
+    for name, data in items:
+        key = ("ood", digest(data), str(model.path), _weights_id(predictor))
+        if key in cache:
+            result[name] = cache[key]
+        else:
+            missing.append((name, data))
+    if missing:
+        with _PREDICT_LOCK:
+            for name, _ in missing:
+                count_predict_call(name)
+            predictions = predictor.predict_batch([_named_bytes(d, n) for n, d in missing], with_heatmap=False)
+        for (name, data), prediction in zip(missing, predictions, strict=True):
+            if isinstance(prediction, Exception):
+                continue  # pages validate uploads first; an unreadable file simply has no score
+            scores = {k: float(v) for k, v in (prediction.ood_scores or {}).items()}
+            scores["_p_malignant"] = float(prediction.p_malignant)
+            result[name] = _remember(cache, ("ood", digest(data), str(model.path), _weights_id(predictor)), scores)
+    return result
+
+
+def _weights_id(predictor: Any) -> str:
+    """Identifies the weights: the checkpoint's creation time survives threshold saves."""
+    checkpoint = getattr(predictor, "checkpoint", None)
+    if isinstance(checkpoint, dict):
+        return str(checkpoint.get("created", ""))
+    return str(checkpoint or "")
+
+
+def slider_range(scores: Iterable[float], thresholds: Iterable[float]) -> tuple[float, float, float]:
+    """(min, max, step) for a threshold slider covering every score and threshold, with a margin."""
+    values = [float(v) for v in [*scores, *thresholds] if v is not None and np.isfinite(v)]
+    if not values:
+        return 0.0, 1.0, 0.01
+    low, high = min(values), max(values)
+    margin = (high - low) * 0.05 or abs(high) * 0.05 or 0.05
+    low, high = low - margin, high + margin
+    step = _nice_step((high - low) / 400)
+    return float(np.floor(low / step) * step), float(np.ceil(high / step) * step), step
+
+
+def _nice_step(raw: float) -> float:
+    exponent = np.floor(np.log10(raw)) if raw > 0 else -3
+    for factor in (1, 2, 5, 10):
+        step = factor * 10**exponent
+        if step >= raw:
+            return float(step)
+    return float(10 ** (exponent + 1))
+
+
+def roc_points(lesion_scores: Sequence[float], ood_scores: Sequence[float]) -> list[dict[str, float]]:
+    """ROC curve of "OOD vs lesion": share of lesions rejected (x) vs share of OOD photos rejected (y)."""
+    from sklearn.metrics import roc_curve
+
+    if not len(lesion_scores) or not len(ood_scores):
+        return []
+    truth = np.r_[np.zeros(len(lesion_scores)), np.ones(len(ood_scores))]
+    fpr, tpr, _ = roc_curve(truth, np.r_[lesion_scores, ood_scores])
+    return [{"lesions rejected": float(x), "OOD photos rejected": float(y)} for x, y in zip(fpr, tpr, strict=True)]
+
+
+def histogram_chart(rows: Sequence[dict[str, Any]], threshold: float, method: str) -> Any:
+    """Altair histogram of scores by kind (lesion / OOD) with the threshold as a rule."""
+    import altair as alt
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    bars = (
+        alt.Chart(frame)
+        .mark_bar(opacity=0.6)
+        .encode(
+            x=alt.X("score:Q", bin=alt.Bin(maxbins=30), title=f"{method} score (higher = less like a lesion)"),
+            y=alt.Y("count():Q", stack=None, title="images"),
+            color=alt.Color("kind:N", title=None),
+        )
+    )
+    rule = (
+        alt.Chart(pd.DataFrame({"threshold": [threshold]}))
+        .mark_rule(color="black", strokeDash=[6, 3])
+        .encode(x="threshold:Q")
+    )
+    return (bars + rule).properties(height=260)
+
+
+def roc_chart(points: Sequence[dict[str, float]], operating: dict[str, float]) -> Any:
+    """Altair ROC curve with the current operating point marked."""
+    import altair as alt
+    import pandas as pd
+
+    x, y = "lesions rejected", "OOD photos rejected"
+    curve = (
+        alt.Chart(pd.DataFrame(points))
+        .mark_line(interpolate="step-after")
+        .encode(x=alt.X(f"{x}:Q", scale=alt.Scale(domain=[0, 1])), y=alt.Y(f"{y}:Q", scale=alt.Scale(domain=[0, 1])))
+    )
+    point = (
+        alt.Chart(pd.DataFrame([operating]))
+        .mark_point(color="red", size=120, filled=True)
+        .encode(x=f"{x}:Q", y=f"{y}:Q")
+    )
+    return (curve + point).properties(height=260)
+
+
+# ---------------------------------------------------------------------------- train and model pages
+
+
+def recipe_names() -> list[str]:
+    """Recipe names in train/recipes, the demo first."""
+    from lesion.config import RECIPES_DIR
+
+    names = sorted(path.stem for path in RECIPES_DIR.glob("*.toml"))
+    return sorted(names, key=lambda name: (name != "demo", name))
+
+
+def format_duration(seconds: float | None) -> str:
+    """'45 s', '12 min', '2 h 05 min'."""
+    if seconds is None:
+        return "unknown"
+    seconds = max(float(seconds), 0.0)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = seconds / 60
+    if minutes < 90:
+        return f"{minutes:.0f} min"
+    return f"{int(minutes // 60)} h {int(minutes % 60):02d} min"
+
+
+def run_rows(runs: Sequence[Any]) -> list[dict[str, Any]]:
+    """The Train page's table of runs."""
+    rows = []
+    for run in runs:
+        progress = run.progress or {}
+        epochs = progress.get("epochs") or ""
+        rows.append(
+            {
+                "run": run.name,
+                "status": run.status,
+                "started": run.created_text,
+                "epoch": f"{progress.get('epoch', '')}/{epochs}" if epochs else progress.get("epoch", ""),
+                "ROC-AUC": round(run.metrics["roc_auc"], 3) if "roc_auc" in run.metrics else None,
+                "measured on": run.metrics_split,
+                "message": run.error,
+            }
+        )
+    return rows
+
+
+def metrics_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """metric / validation / test rows from metrics.json (scalars only)."""
+    val, test = metrics.get("val") or {}, metrics.get("test") or {}
+    rows = []
+    for key in [*val, *(k for k in test if k not in val)]:
+        a, b = val.get(key), test.get(key)
+        if isinstance(a, (int, float)) or isinstance(b, (int, float)):
+            rows.append({"metric": key, "validation": _scalar(a), "test": _scalar(b)})
+    return rows
+
+
+def _scalar(value: Any) -> float | None:
+    return round(float(value), 4) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def checkpoint_summary(path: str | Path) -> dict[str, Any]:
+    """Plain values the Model page shows (no tensors): thresholds, detectors, history, data."""
+    from lesion.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(path)
+    ood = checkpoint.get("ood") or {}
+    return {
+        "name": Path(path).parent.name,
+        "arch": checkpoint.get("arch"),
+        "head": checkpoint.get("head"),
+        "image_size": checkpoint.get("image_size"),
+        "created": checkpoint.get("created"),
+        "decision_threshold": float(checkpoint["decision_threshold"]),
+        "temperature": float(checkpoint["temperature"]),
+        "ood_method": ood.get("method"),
+        "ood_thresholds": {name: float(stats["threshold"]) for name, stats in (ood.get("detectors") or {}).items()},
+        "threshold_history": list(checkpoint.get("threshold_history") or []),
+        "metrics": json.loads(json.dumps(checkpoint.get("metrics") or {}, default=_plain)),
+    }

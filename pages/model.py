@@ -1,0 +1,82 @@
+"""Model card: what the active model is, what it was measured on, its thresholds and its limits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from lesion.app_support import METRIC_LABELS, NO_MODEL_HELP, checkpoint_summary, metrics_rows
+from lesion.card import INTENDED_USE, render_model_card
+from lesion.checkpoint import load_checkpoint
+from lesion.runs import CARD_FILE, read_json
+
+PLOT_CAPTIONS = {
+    "roc": "ROC curve",
+    "pr": "Precision-recall curve",
+    "calibration": "Calibration (reliability)",
+    "confusion": "Confusion matrix at the decision threshold",
+    "curves": "Training and validation curves",
+}
+
+
+@st.cache_data(max_entries=4, show_spinner=False)
+def summary(path: str, mtime: float) -> dict:
+    """Plain values from the checkpoint, re-read whenever the file changes."""
+    return checkpoint_summary(path)
+
+
+model = st.session_state.get("model")
+st.title("Model card")
+if model is None or st.session_state.get("predictor") is None:
+    st.info(NO_MODEL_HELP)
+    st.page_link("pages/train.py", label="Open the Train page", icon=":material/model_training:")
+    st.stop()
+
+info = summary(str(model.path), model.mtime)
+folder = Path(model.path).parent
+metrics = read_json(folder / "metrics.json") or info["metrics"]
+split = metrics.get("headline_split") or model.metrics_split or "test"
+st.caption(f"{model.path} · {info['arch']} at {info['image_size']} px · created {info['created']}")
+
+top = st.columns(4)
+top[0].metric("Decision threshold", f"{info['decision_threshold']:.3f}", help="On calibrated P(malignant)")
+method = info["ood_method"]
+if method in info["ood_thresholds"]:
+    top[1].metric(f"OOD check ({method})", f"{info['ood_thresholds'][method]:.4g}", help="Scores above are rejected")
+for column, key in zip(top[2:], ("roc_auc", "balanced_accuracy"), strict=True):
+    if key in model.metrics:
+        column.metric(f"{METRIC_LABELS[key]} ({split} split)", f"{model.metrics[key]:.3f}")
+
+card, numbers, plots, limits = st.tabs(["Model card", "Metrics and thresholds", "Plots", "Intended use and limits"])
+with card:
+    card_file = folder / CARD_FILE
+    if card_file.is_file():
+        st.markdown(card_file.read_text(encoding="utf-8"))
+    else:
+        st.markdown(render_model_card(load_checkpoint(model.path), folder.name))
+with numbers:
+    st.markdown(f"Measured once after training; the headline figures come from the **{split}** split.")
+    rows = metrics_rows(metrics)
+    if rows:
+        st.dataframe(rows, hide_index=True)
+    else:
+        st.caption("No metrics are stored with this model.")
+    st.markdown("**Out-of-distribution detectors** (higher score = less like a lesion; above the threshold = rejected)")
+    st.dataframe(
+        [{"detector": m, "threshold": t, "in use": m == method} for m, t in info["ood_thresholds"].items()],
+        hide_index=True,
+    )
+    if info["threshold_history"]:
+        st.markdown("**Threshold changes saved from the app**")
+        st.dataframe(info["threshold_history"], hide_index=True)
+with plots:
+    images = [(folder / "plots" / f"{name}.png", caption) for name, caption in PLOT_CAPTIONS.items()]
+    images = [(path, caption) for path, caption in images if path.is_file()]
+    if not images:
+        st.caption("No plots beside this checkpoint.")
+    columns = st.columns(2)
+    for index, (path, caption) in enumerate(images):
+        columns[index % 2].image(str(path), caption=f"{caption} ({split} split)" if path.stem != "curves" else caption)
+with limits:
+    st.markdown(INTENDED_USE)

@@ -1,0 +1,161 @@
+"""OOD threshold: move a slider, see which photos and lesions pass, and save the choice into the model."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import streamlit as st
+
+from lesion.app_support import (
+    NO_MODEL_HELP,
+    UPLOAD_TYPES,
+    cached_ood_scores,
+    display_image,
+    histogram_chart,
+    list_samples,
+    roc_chart,
+    roc_points,
+    slider_range,
+    training_folds,
+)
+from lesion.errors import InvalidImage, LesionError
+from lesion.ood import NOTEBOOK_MSP_THRESHOLD, evaluate
+from lesion.runs import save_ood_threshold
+
+METHOD_NOTES = {
+    "mahalanobis": "Mahalanobis distance to the training features",
+    "knn": "distance to the nearest training features",
+    "energy": "energy of the logits",
+    "msp": "max softmax — the notebook's baseline",
+}
+
+st.title("Out-of-distribution threshold")
+predictor, model = st.session_state.get("predictor"), st.session_state.get("model")
+if predictor is None:
+    st.info(NO_MODEL_HELP)
+    st.page_link("pages/train.py", label="Open the Train page", icon=":material/model_training:")
+    st.stop()
+thresholds = dict(predictor.ood_thresholds or {})
+if not thresholds:
+    st.info("This model has no fitted out-of-distribution detectors, so there is no threshold to tune.")
+    st.stop()
+if "ood_scores" not in st.session_state:
+    st.session_state["ood_scores"] = OrderedDict()
+if flash := st.session_state.pop("ood_flash", None):
+    st.success(flash)
+st.write(
+    "Photos scoring **above** the threshold are answered *Not a skin lesion*. Move the slider: the gallery, "
+    "the counts and the charts follow at once, without running the network again."
+)
+
+methods = sorted(thresholds, key=lambda m: (m != predictor.ood_method, m == "msp", m))
+method = st.selectbox(
+    "Detector",
+    methods,
+    format_func=lambda m: f"{m} ({METHOD_NOTES.get(m, m)})" + (" — in use" if m == predictor.ood_method else ""),
+)
+
+with st.expander("Add your own images"):
+    own_ood = st.file_uploader("Photos that are not skin lesions", type=UPLOAD_TYPES, accept_multiple_files=True)
+    own_lesions = st.file_uploader("Dermoscopic lesion images", type=UPLOAD_TYPES, accept_multiple_files=True)
+
+# (name, bytes, kind, caption, shown image or path)
+gallery = [
+    (s.path.name, s.path.read_bytes(), "OOD photo" if s.kind == "ood" else "lesion", s.caption, str(s.path))
+    for s in list_samples()
+]
+for uploads, kind in ((own_ood, "OOD photo"), (own_lesions, "lesion")):
+    for upload in uploads or []:
+        data = upload.getvalue()
+        try:
+            shown = display_image(data, upload.name)
+        except InvalidImage as error:
+            st.error(f"**{upload.name}** could not be used: {error}")
+            continue
+        gallery.append((f"yours: {upload.name}", data, kind, f"{upload.name} (uploaded as {kind})", shown))
+
+with st.spinner("Scoring the gallery once…"):
+    scores = cached_ood_scores(st.session_state["ood_scores"], predictor, model, [(g[0], g[1]) for g in gallery])
+values = np.array([scores[g[0]][method] for g in gallery])
+is_ood = np.array([g[2] == "OOD photo" for g in gallery])
+
+low, high, step = slider_range(values, [thresholds[method]])
+decimals = max(0, int(-np.floor(np.log10(step))))
+slider_key = f"ood-threshold-{model.key}-{method}"
+if slider_key not in st.session_state:
+    st.session_state[slider_key] = float(np.clip(round(thresholds[method], decimals), low, high))
+threshold = st.slider(f"Threshold on the {method} score", low, high, step=step, format=f"%.{decimals}f", key=slider_key)
+ours = evaluate(values[~is_ood], values[is_ood], threshold)
+
+counts = st.columns(4)
+counts[0].metric("OOD photos accepted", f"{ours['ood_accepted']} of {int(is_ood.sum())}")
+counts[1].metric("Lesions rejected", f"{ours['lesions_rejected']} of {int((~is_ood).sum())}")
+counts[2].metric("Separation (ROC-AUC)", f"{ours['roc_auc']:.3f}")
+counts[3].metric("Saved threshold", f"{thresholds[method]:.{decimals}f}")
+
+if "msp" in scores[gallery[0][0]]:
+    msp = np.array([scores[g[0]]["msp"] for g in gallery])
+    notebook = evaluate(msp[~is_ood], msp[is_ood], NOTEBOOK_MSP_THRESHOLD)
+    st.table(
+        [
+            {
+                "rule": "Notebook: max softmax below 0.8 is rejected",
+                "OOD photos accepted": f"{notebook['ood_accepted']} of {int(is_ood.sum())}",
+                "lesions rejected": f"{notebook['lesions_rejected']} of {int((~is_ood).sum())}",
+            },
+            {
+                "rule": f"This setting: {method} above {threshold:.{decimals}f} is rejected",
+                "OOD photos accepted": f"{ours['ood_accepted']} of {int(is_ood.sum())}",
+                "lesions rejected": f"{ours['lesions_rejected']} of {int((~is_ood).sum())}",
+            },
+        ]
+    )
+
+left, right = st.columns(2)
+rows = [{"kind": g[2], "score": float(v)} for g, v in zip(gallery, values, strict=True)]
+left.altair_chart(histogram_chart(rows, threshold, method), width="stretch")
+operating = {
+    "lesions rejected": ours["lesions_rejected"] / max(int((~is_ood).sum()), 1),
+    "OOD photos rejected": ours["ood_rejected"] / max(int(is_ood.sum()), 1),
+}
+right.altair_chart(roc_chart(roc_points(values[~is_ood], values[is_ood]), operating), width="stretch")
+
+if st.button(f"Save {method} at {threshold:.{decimals}f} to the model", type="primary"):
+    try:
+        save_ood_threshold(model.path, method, threshold)
+    except (LesionError, OSError) as error:
+        st.error(f"The threshold was not saved: {error}")
+    else:
+        st.session_state["ood_flash"] = (
+            f"Saved: {method} with threshold {threshold:.{decimals}f} is now this model's OOD check; "
+            "the Predict page uses it from now on."
+        )
+        st.rerun()
+
+folds = training_folds(model.run.path if model.run else None)
+if model.run is None:
+    st.caption(
+        "This model has no run folder here, so we cannot tell whether the sample lesions were in its training data."
+    )
+elif any(name.rsplit(".", 1)[0] in folds for name, *_ in gallery):
+    st.caption(
+        "Sample lesions marked *seen in training* were in this model's training or validation data; they look easier than new lesions."
+    )
+else:
+    st.caption("None of the bundled sample lesions is in this model's split.csv: they are new to it.")
+
+st.subheader("Gallery")
+for tab, kind in zip(st.tabs(["Not skin lesions", "Lesions"]), ("OOD photo", "lesion"), strict=True):
+    members = [(g, v) for g, v in zip(gallery, values, strict=True) if g[2] == kind]
+    columns = tab.columns(6)
+    for index, ((name, _, _, caption, shown), value) in enumerate(members):
+        accepted = value <= threshold
+        fold = folds.get(name.rsplit(".", 1)[0])
+        seen = f" · seen in training ({fold})" if fold in ("train", "val") else (" · in its test split" if fold else "")
+        # Green when the check is right (lesion accepted, photo rejected), red when it is wrong.
+        colour = "green" if accepted == (kind == "lesion") else "red"
+        mark = f":{colour}[{'accepted' if accepted else 'rejected'}]"
+        with columns[index % 6]:
+            st.image(shown, width="stretch")
+            st.markdown(f"{mark} · score {value:.{decimals}f}  \n{caption}{seen}")

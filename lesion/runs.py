@@ -150,15 +150,16 @@ def headline_metrics(metrics: dict[str, Any]) -> tuple[dict[str, float], str]:
     return {}, ""
 
 
-def _status(events: list[dict[str, Any]], has_model: bool, alive: bool, remote_fresh: bool) -> str:
+def _status(events: list[dict[str, Any]], has_model: bool, alive: bool, remote_fresh: bool, stop_asked: bool) -> str:
     terminal = next((e for e in reversed(events) if e.get("event") in ("done", "error")), None)
     if terminal is None and (alive or remote_fresh):
         return "running"
     if has_model:
         return "complete"
     if terminal is not None and terminal.get("event") == "error":
-        return "stopped" if terminal.get("reason") == "stopped" else "failed"
-    return "interrupted"
+        # A stop asked for from the app ends in an error when no epoch had finished yet.
+        return "stopped" if terminal.get("reason") == "stopped" or stop_asked else "failed"
+    return "stopped" if stop_asked else "interrupted"
 
 
 def read_run(path: str | Path) -> RunInfo:
@@ -189,7 +190,7 @@ def read_run(path: str | Path) -> RunInfo:
     return RunInfo(
         name=path.name,
         path=path,
-        status=_status(events, has_model, alive, remote_fresh),
+        status=_status(events, has_model, alive, remote_fresh, bool(job.get("stop_requested"))),
         created=created,
         progress=dict(progress),
         metrics=headline,

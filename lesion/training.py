@@ -444,13 +444,13 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
     if info.is_main:
         (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
     seed_everything(config.seed)
-    df, summary, cache = prepare_data(config, run_dir, info, events)
-    train_df = df[df["fold"] == "train"].reset_index(drop=True)
-    val_df = df[df["fold"] == "val"].reset_index(drop=True)
-
+    # Weights first: an offline machine or a wrong file should fail before minutes of decoding.
     model = build_model(config.arch, config.head)
     weights_note = load_backbone_weights(model, config.weights, config.arch)
+    df, summary, cache = prepare_data(config, run_dir, info, events)
     summary["weights"] = weights_note
+    train_df = df[df["fold"] == "train"].reset_index(drop=True)
+    val_df = df[df["fold"] == "val"].reset_index(drop=True)
     model.to(device)
     if config.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)

@@ -100,6 +100,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path: Path, cache_dir: Path) -> None:
         f"--cache_dir={cache_dir}",
         *TINY_TRAINING,
         "--epochs=1",
+        "--max_images=60",
         "--device=cpu",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

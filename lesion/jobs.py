@@ -304,13 +304,11 @@ def read_progress(run_dir: str | Path) -> dict[str, Any]:
     if epoch_events and epochs:
         fraction = max(fraction, min(int(epoch_events[-1].get("epoch") or 0) / epochs, 1.0))
     eta = None
-    if session_steps and start.get("time"):
-        first = _epoch_fraction(session_steps[0], epochs) if epochs else 0.0
-        first -= 1 / max(int(session_steps[0].get("batches") or 1), 1) / max(epochs, 1)
-        elapsed = time.time() - float(start["time"])
-        done_here = fraction - max(first, 0.0)
+    if session_steps and start.get("time") and epochs:
+        # Work done in this session (a resumed run starts at its resumed epoch) over the time it took.
+        done_here = fraction - min(int(start.get("resumed_from_epoch") or 0) / epochs, 1.0)
         if done_here > 0:
-            eta = max(elapsed * (1.0 - fraction) / done_here, 0.0)
+            eta = max((time.time() - float(start["time"])) * (1.0 - fraction) / done_here, 0.0)
     terminal = next((e for e in reversed(events) if e.get("event") in ("done", "error")), {})
     if terminal:
         eta = 0.0 if terminal.get("event") == "done" else None

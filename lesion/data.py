@@ -370,7 +370,10 @@ class ImageCache:
 
     def get(self, path: str | Path) -> Image.Image:
         """The RGB image exactly as ``load_image(path, short_side)`` returns it."""
-        entry = self.entry(path)
+        try:
+            entry = self.entry(path)
+        except OSError:  # no such file: let load_image raise its readable InvalidImage
+            return load_image(path, self.short_side)
         try:
             return Image.fromarray(np.load(entry, allow_pickle=False), "RGB")
         except FileNotFoundError:

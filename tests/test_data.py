@@ -22,7 +22,7 @@ from lesion.data import (
     split_by_lesion,
     write_split,
 )
-from lesion.errors import DataError
+from lesion.errors import DataError, InvalidImage
 from lesion.images import load_image
 from lesion.transforms import eval_transform
 
@@ -151,9 +151,16 @@ def test_isic_old_export_benign_malignant_and_diagnosis(tmp_path: Path) -> None:
             "benign_malignant": "malignant",
             "diagnosis": "squamous cell carcinoma",
         },
+        {"isic_id": "ISIC_5", "lesion_id": "E", "benign_malignant": "benign", "diagnosis": "lentigo NOS"},
     ]
     df, summary = read_metadata(_isic_dir(tmp_path, rows))
-    assert dict(zip(df["dx"], df["label"], strict=True)) == {"bkl": 0, "mel": 1, "scc": 1}
+    assert dict(zip(df["image_id"], df["dx"], strict=True)) == {
+        "ISIC_1": "bkl",
+        "ISIC_2": "mel",
+        "ISIC_4": "scc",
+        "ISIC_5": "bkl",
+    }
+    assert df["label"].tolist() == [0, 1, 1, 0]
     assert summary["dropped_indeterminate"] == 1
 
 
@@ -354,6 +361,11 @@ def test_cache_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(os, "replace", watching)
     cache.get(source)
     assert seen and seen[0][1] == str(cache.entry(source)) and seen[0][0].endswith(".tmp")
+
+
+def test_cache_missing_file_raises_invalid_image(tmp_path: Path) -> None:
+    with pytest.raises(InvalidImage, match="gone.jpg: no such file"):
+        ImageCache(tmp_path, 64).get(tmp_path / "gone.jpg")
 
 
 def test_damaged_cache_entry_is_decoded_again(tmp_path: Path) -> None:

@@ -43,6 +43,9 @@ ISIC_NAME_TO_DX: dict[str, str] = {
     "pigmented benign keratosis": "bkl",
     "solar lentigo": "bkl",
     "lichen planus like keratosis": "bkl",
+    # Older archive exports' spellings of the same benign keratoses (the ISIC 2019 BKL class).
+    "lichenoid keratosis": "bkl",
+    "lentigo nos": "bkl",
     "benign keratosis": "bkl",
     "dermatofibroma": "df",
     "vascular lesion": "vasc",

@@ -76,7 +76,7 @@ def _open(source: ImageSource) -> Image.Image:
         raise InvalidImage(f"{name} is not an image we can read (JPEG, PNG, WebP, BMP, TIFF or HEIC).") from None
     except Image.DecompressionBombError:
         raise InvalidImage(f"{name} claims to be too large to open safely.") from None
-    except OSError as error:
+    except (OSError, ValueError) as error:  # ValueError: e.g. a PNG text chunk that inflates past Pillow's limit
         raise InvalidImage(f"{name} could not be read as an image ({error}).") from None
     return image
 

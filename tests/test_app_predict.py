@@ -1,0 +1,113 @@
+"""Predict page through AppTest: uploads, gallery picks, bad files, and no model run on slider moves."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from lesion.app_support import VERDICT_TEXT
+from lesion.predict import Predictor
+
+REPO = Path(__file__).resolve().parent.parent
+LESION = REPO / "assets" / "samples" / "lesions" / "ISIC_0000169.jpg"
+CAR = REPO / "assets" / "samples" / "ood" / "car_image1.jpg"
+
+
+@pytest.fixture
+def counter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A file that gets one line per network call the app makes."""
+    path = tmp_path / "predict-calls.txt"
+    monkeypatch.setenv("LESION_PREDICT_COUNTER", str(path))
+    return path
+
+
+def calls(counter: Path) -> int:
+    return len(counter.read_text().splitlines()) if counter.exists() else 0
+
+
+@pytest.fixture
+def predict_page(trained_run: Path, monkeypatch: pytest.MonkeyPatch, counter: Path) -> AppTest:
+    monkeypatch.setenv("LESION_RUNS_DIR", str(trained_run.parent))
+    monkeypatch.delenv("LESION_CHECKPOINT", raising=False)
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=120).run()
+    assert not at.exception
+    return at
+
+
+def heatmaps(at: AppTest) -> list[str]:
+    """Captions of the heatmap overlays shown."""
+    return [c for image in at.image for c in image.captions if "heatmap" in c]
+
+
+def verdict_boxes(at: AppTest) -> list[str]:
+    verdicts = tuple(f"**{text}**" for text in VERDICT_TEXT.values())
+    return [box.value for box in [*at.success, *at.error, *at.warning] if box.value.startswith(verdicts)]
+
+
+def test_upload_shows_verdicts_matching_the_predictor_and_a_table(predict_page: AppTest, trained_run: Path) -> None:
+    at = predict_page
+    uploader = at.file_uploader[0]
+    uploader.upload(LESION.name, LESION.read_bytes(), "image/jpeg").upload(CAR.name, CAR.read_bytes(), "image/jpeg")
+    at.run()
+    assert not at.exception
+    predictor = Predictor.from_checkpoint(trained_run / "model.pt")
+    expected = [VERDICT_TEXT[predictor.predict(path, with_heatmap=False).verdict] for path in (LESION, CAR)]
+    assert sorted(box.split("**")[1] for box in verdict_boxes(at)) == sorted(expected)
+    table = at.dataframe[0].value
+    assert list(table["image"]) == [LESION.name, CAR.name] and list(table["verdict"]) == expected
+    assert heatmaps(at) == [f"{LESION.name}: Grad-CAM heatmap", f"{CAR.name}: Grad-CAM heatmap"]
+    labels = [button.label for button in at.download_button]
+    assert labels.count("Heatmap PNG") == 2 and labels.count("Result JSON") == 2
+
+
+def test_slider_and_view_never_run_the_model_again(predict_page: AppTest, counter: Path) -> None:
+    at = predict_page
+    at.file_uploader[0].upload(LESION.name, LESION.read_bytes(), "image/jpeg")
+    at.run()
+    assert calls(counter) == 1
+    at.slider[0].set_value(0.9).run()
+    at.segmented_control[0].set_value("Side by side").run()
+    assert not at.exception
+    assert calls(counter) == 1, "moving the opacity slider or switching the view ran the network"
+    captions = [c for image in at.image for c in image.captions]
+    assert LESION.name in captions and "Grad-CAM heatmap" in captions  # side by side: the photo, then the overlay
+    method = next(box for box in at.selectbox if box.label == "Heatmap method")
+    method.set_value("eigencam").run()
+    assert calls(counter) == 2  # a different CAM method is a different heatmap: computed once
+    method.set_value("gradcam").run()
+    assert calls(counter) == 2  # ...and the first one is still cached
+
+
+def test_gallery_pick_predicts_a_bundled_ood_photo(predict_page: AppTest) -> None:
+    at = predict_page
+    at.checkbox(key="sample-car_image1").check().run()
+    assert not at.exception
+    assert len(verdict_boxes(at)) == 1
+    assert heatmaps(at) == ["car_image1.jpg: Grad-CAM heatmap"]
+
+
+def png(size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 120, 90)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_bad_uploads_get_plain_errors_and_the_good_image_still_works(predict_page: AppTest) -> None:
+    at = predict_page
+    uploader = at.file_uploader[0]
+    uploader.upload("notes.jpg", b"this is not an image at all", "image/jpeg")
+    uploader.upload("tiny.png", png((16, 16)), "image/png")
+    uploader.upload("truncated.jpg", LESION.read_bytes()[:600], "image/jpeg")
+    uploader.upload(LESION.name, LESION.read_bytes(), "image/jpeg")
+    at.run()
+    assert not at.exception
+    errors = [e.value for e in at.error if "could not be used" in e.value]
+    assert len(errors) == 3, errors
+    assert "notes.jpg" in errors[0] and "not an image we can read" in errors[0]
+    assert "tiny.png" in errors[1] and "at least 32 pixels" in errors[1]
+    assert "truncated.jpg" in errors[2]
+    assert len(verdict_boxes(at)) == 1  # the good image got its answer

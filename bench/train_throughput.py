@@ -5,8 +5,13 @@ Measured in one run, at the same batch size:
 * loading alone in one process: ``load_image`` (JPEG decode + resize) against a warm cache read;
 * the data pipeline through a DataLoader with ``--workers`` processes and the training transform:
   without the cache (the baseline), on a cold cache (decode + write), and on a warm cache;
-* the training step alone: forward + backward + AdamW on tensors already on the device
-  (bfloat16 autocast and channels_last on CUDA, as lesion.training does).
+* the training step alone: batched colour jitter + normalisation on the device, then forward +
+  backward + AdamW, on uint8 batches already on the device (bfloat16 autocast and channels_last on
+  CUDA), exactly as lesion.training does.
+
+Training splits augmentation: loader workers do the per-image geometry (rotation, crop, flips) and
+ship uint8 tensors (``train_geometry``); colour jitter and normalisation run batched on the device
+(``BatchColourAugment``). ``--variants`` also times the older all-in-the-worker pipeline.
 
 The cache lives in a temporary folder, so the cold pass really is cold. Usage::
 
@@ -33,7 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lesion.data import ImageCache, LesionDataset, read_metadata  # noqa: E402
 from lesion.images import load_image  # noqa: E402
 from lesion.model import build_model  # noqa: E402
-from lesion.transforms import AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, resize_size, train_transform  # noqa: E402
+from lesion.transforms import (  # noqa: E402
+    GEOMETRY,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BatchColourAugment,
+    resize_size,
+    train_geometry,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,18 +103,20 @@ def pipeline_rates(dataset: LesionDataset, batch_size: int, workers: int, passes
 
 
 def train_step_rate(arch: str, image_size: int, batch_size: int, batches: int, device: torch.device) -> float:
-    """Images/s of forward + backward + AdamW step on pre-made tensors."""
+    """Images/s of colour augmentation + forward + backward + AdamW on pre-made uint8 batches."""
     torch.manual_seed(0)
     cuda = device.type == "cuda"
     memory_format = torch.channels_last if cuda else torch.contiguous_format
     model = build_model(arch, "linear").to(device, memory_format=memory_format).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    images = torch.randn(batch_size, 3, image_size, image_size, device=device).to(memory_format=memory_format)
+    colour = BatchColourAugment("dermoscopy").to(device).train()
+    raw = torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 2, (batch_size,), device=device)
     if cuda:
         torch.backends.cudnn.benchmark = True
 
     def step() -> None:
+        images = colour(raw).contiguous(memory_format=memory_format)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
             loss = torch.nn.functional.cross_entropy(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
@@ -120,17 +134,11 @@ def train_step_rate(arch: str, image_size: int, batch_size: int, batches: int, d
 
 
 def variant_transforms(image_size: int) -> dict[str, v2.Compose]:
-    """Cheaper stand-ins for the dermoscopy training transform, to see what each part costs."""
-    augment = AUGMENTATIONS["dermoscopy"](image_size)
+    """The older pipeline that did everything in the workers, to show what moving colour work saved."""
+    geometry = GEOMETRY["dermoscopy"](image_size)
     normalise = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    # Hue jitter converts every pixel to HSV and back; brightness/contrast/saturation are cheap blends.
-    no_hue = [v2.ColorJitter(0.2, 0.2, 0.2) if isinstance(t, v2.ColorJitter) else t for t in augment]
-    return {
-        # Workers ship uint8 tensors (4x fewer bytes); ToDtype + Normalize would run on the device.
-        "pipeline, warm cache, uint8 out (normalise on device)": v2.Compose([*augment, v2.ToImage()]),
-        "pipeline, warm cache, no hue jitter": v2.Compose([*no_hue, *normalise]),
-        "pipeline, warm cache, both": v2.Compose([*no_hue, v2.ToImage()]),
-    }
+    jitter = v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02)
+    return {"pipeline, warm cache, colour jitter + normalise in workers": v2.Compose([*geometry, jitter, *normalise])}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -141,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     paths = (frame["path"].tolist() * (wanted // len(frame) + 1))[:wanted]
     unique = len(set(paths))
     short_side = resize_size(args.image_size)
-    transform = train_transform(args.image_size)
+    transform = train_geometry(args.image_size)
     labels = [0] * len(paths)
     print(
         f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{os.cpu_count()} CPU cores'}), "
@@ -175,11 +183,11 @@ def main(argv: list[str] | None = None) -> None:
     rows = [
         ("load only, 1 process: decode JPEG + resize", decode_rate),
         ("load only, 1 process: read warm cache", cached_read_rate),
-        ("pipeline, NO cache (decode + transform)", no_cache),
-        ("pipeline, cold cache (decode + write + transform)", cold),
-        ("pipeline, warm cache (read + transform)", warm),
+        ("pipeline, NO cache (decode + geometry)", no_cache),
+        ("pipeline, cold cache (decode + write + geometry)", cold),
+        ("pipeline, warm cache (read + geometry)", warm),
         *variants.items(),
-        ("training step (fwd + bwd + AdamW)", train),
+        ("training step (colour + fwd + bwd + AdamW)", train),
     ]
     print()
     print(f"{'stage':<56}{'images/s':>10}{'ms/batch':>10}{'x train step':>14}")

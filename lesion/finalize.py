@@ -59,12 +59,17 @@ def finalize(
     from lesion.training import make_checkpoint
 
     frames = {fold: df[df["fold"] == fold].reset_index(drop=True) for fold in ("train", "val", "test")}
-    outs = {fold: _outputs(model, frame, cache, config, device, features=fold != "test") for fold, frame in frames.items()}
+    outs = {
+        fold: _outputs(model, frame, cache, config, device, features=fold != "test") for fold, frame in frames.items()
+    }
     val, test = outs["val"], outs["test"]
 
     temperature = fit_temperature(val["logits"], val["labels"])
     threshold = choose_threshold(
-        val["labels"].numpy(), _probabilities(val["logits"], temperature), config.threshold_rule, config.target_sensitivity
+        val["labels"].numpy(),
+        _probabilities(val["logits"], temperature),
+        config.threshold_rule,
+        config.target_sensitivity,
     )
     detectors = ood.fit_detectors(
         outs["train"]["features"],

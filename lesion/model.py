@@ -35,7 +35,9 @@ def _linear_head(in_features: int, num_classes: int) -> nn.Module:
 
 def _mlp_head(in_features: int, num_classes: int) -> nn.Module:
     # The notebook's head: 2048 -> 512 -> ReLU -> Dropout 0.5 -> 2.
-    return nn.Sequential(nn.Linear(in_features, 512), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(512, num_classes))
+    return nn.Sequential(
+        nn.Linear(in_features, 512), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(512, num_classes)
+    )
 
 
 HEAD_BUILDERS: dict[str, Callable[[int, int], nn.Module]] = {"linear": _linear_head, "mlp": _mlp_head}

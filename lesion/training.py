@@ -17,7 +17,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,14 @@ from lesion.events import EventWriter
 from lesion.labels import CLASS_NAMES
 from lesion.metrics import binary_metrics
 from lesion.model import backbone_parameters, build_model, load_backbone_weights
-from lesion.transforms import IMAGENET_MEAN, IMAGENET_STD, BatchColourAugment, eval_transform, resize_size, train_geometry
+from lesion.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BatchColourAugment,
+    eval_transform,
+    resize_size,
+    train_geometry,
+)
 
 EventCallback = Callable[[dict[str, Any]], None]
 
@@ -108,7 +115,9 @@ def prepare_data(
 ) -> tuple[pd.DataFrame, dict[str, Any], lesion_data.ImageCache]:
     """Read, subset, split (or reuse the saved split on resume) and warm the cache."""
     split_path = run_dir / "split.csv"
-    df, summary = lesion_data.read_metadata(locate_data(config.data), config.metadata or None, skip_bad=config.skip_bad_images)
+    df, summary = lesion_data.read_metadata(
+        locate_data(config.data), config.metadata or None, skip_bad=config.skip_bad_images
+    )
     if config.max_images:
         df = lesion_data.select_subset(df, config.max_images, config.seed)
     if split_path.is_file() and config.resume:
@@ -119,7 +128,9 @@ def prepare_data(
     cache = lesion_data.ImageCache(config.cache_dir or lesion_data.default_cache_dir(), resize_size(config.image_size))
     if info.is_main:
         df, unreadable = lesion_data.check_images(df, cache, config.skip_bad_images, workers=max(1, config.num_workers))
-        summary.setdefault("skipped", {})["unreadable"] = [str(u[0]) if isinstance(u, tuple) else str(u) for u in unreadable]
+        summary.setdefault("skipped", {})["unreadable"] = [
+            str(u[0]) if isinstance(u, tuple) else str(u) for u in unreadable
+        ]
         lesion_data.write_split(df, split_path)
     barrier(info)
     if not info.is_main:
@@ -167,7 +178,9 @@ class ShardSampler(Sampler[int]):
 
     def __iter__(self):
         if self.shuffle:
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+            order = torch.randperm(
+                self.size, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            )
         else:
             order = torch.arange(self.size)
         return iter(order[self.info.rank :: self.info.world_size].tolist())
@@ -285,7 +298,7 @@ def make_checkpoint(
         "data": summary,
         "config": asdict(config),
         "epoch": epoch,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "lesion_version": __import__("lesion").__version__,
     }
     checkpoint.update(extra)

@@ -48,7 +48,9 @@ def test_cli_writes_a_complete_run_folder(trained_run: Path) -> None:
     assert list(split.columns[:5]) == ["image_id", "lesion_id", "dx", "label", "fold"]
     assert split.groupby("lesion_id")["fold"].nunique().max() == 1, "a lesion sits on two sides of the split"
     metrics = json.loads((trained_run / "metrics.json").read_text())
-    assert metrics["split_sizes"]["test"]["benign"] + metrics["split_sizes"]["test"]["malignant"] == metrics["test"]["n"]
+    assert (
+        metrics["split_sizes"]["test"]["benign"] + metrics["split_sizes"]["test"]["malignant"] == metrics["test"]["n"]
+    )
     card = (trained_run / "model_card.md").read_text()
     assert "not a diagnosis" in card and "test" in card and "split" in card
 

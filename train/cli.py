@@ -25,7 +25,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         epilog="Recipes: demo, notebook, recommended (train/recipes/*.toml) or a path to a .toml file. "
         "Options given on the command line override the recipe.",
     )
-    parser.add_argument("--recipe", default=None, help="recipe name (demo, notebook, recommended) or .toml file applied before the options")
+    parser.add_argument(
+        "--recipe",
+        default=None,
+        help="recipe name (demo, notebook, recommended) or .toml file applied before the options",
+    )
     helps = field_help()
     defaults = TrainConfig()
     for item in fields(TrainConfig):

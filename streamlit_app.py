@@ -2,7 +2,11 @@
 
 Run with ``streamlit run streamlit_app.py``. This script is the entry point on every rerun: it
 sets up the page, the sidebar (active model, its headline metrics, the disclaimer) and the
-navigation; the pages in ``pages/`` read the active model from ``st.session_state``.
+navigation; the pages in ``app_pages/`` read the active model from ``st.session_state``.
+
+The folder is deliberately not called ``pages/``: Streamlit treats a ``pages/`` folder beside the
+entry script as the legacy multipage layout on a server's first run (and on every AppTest run),
+which bypasses this script, so the sidebar and the active model would be missing.
 """
 
 from __future__ import annotations
@@ -74,10 +78,10 @@ st.sidebar.warning(DISCLAIMER, icon=":material/info:")
 
 page = st.navigation(
     [
-        st.Page("pages/predict.py", title="Predict", icon=":material/image_search:", default=True),
-        st.Page("pages/ood.py", title="OOD threshold", icon=":material/tune:"),
-        st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
-        st.Page("pages/model.py", title="Model card", icon=":material/description:"),
+        st.Page("app_pages/predict.py", title="Predict", icon=":material/image_search:", default=True),
+        st.Page("app_pages/ood.py", title="OOD threshold", icon=":material/tune:"),
+        st.Page("app_pages/train.py", title="Train", icon=":material/model_training:"),
+        st.Page("app_pages/model.py", title="Model card", icon=":material/description:"),
     ]
 )
 st.caption(f":material/info: {DISCLAIMER}")

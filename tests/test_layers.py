@@ -1,4 +1,4 @@
-"""Layering: the library never imports Streamlit; only streamlit_app.py and pages/ do."""
+"""Layering: the library never imports Streamlit; only streamlit_app.py and app_pages/ do."""
 
 from __future__ import annotations
 
@@ -34,7 +34,13 @@ def test_importing_every_library_module_leaves_streamlit_unloaded() -> None:
     assert result.stdout.strip() == "False"
 
 
+def test_no_legacy_pages_folder_beside_the_app() -> None:
+    # A pages/ folder beside streamlit_app.py switches Streamlit to its legacy multipage mode on a
+    # server's first run, which skips the entry script (no sidebar, no model): st.navigation only.
+    assert not (REPO / "pages").exists()
+
+
 def test_the_app_layer_does_import_streamlit() -> None:
     # The check above would pass vacuously if the parser missed imports: it must see the app's.
-    for path in [REPO / "streamlit_app.py", *sorted((REPO / "pages").glob("*.py"))]:
+    for path in [REPO / "streamlit_app.py", *sorted((REPO / "app_pages").glob("*.py"))]:
         assert "streamlit" in imported_modules(path), path

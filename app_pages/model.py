@@ -30,7 +30,7 @@ model = st.session_state.get("model")
 st.title("Model card")
 if model is None or st.session_state.get("predictor") is None:
     st.info(NO_MODEL_HELP)
-    st.page_link("pages/train.py", label="Open the Train page", icon=":material/model_training:")
+    st.page_link("app_pages/train.py", label="Open the Train page", icon=":material/model_training:")
     st.stop()
 
 info = summary(str(model.path), model.mtime)

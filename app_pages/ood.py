@@ -34,7 +34,7 @@ st.title("Out-of-distribution threshold")
 predictor, model = st.session_state.get("predictor"), st.session_state.get("model")
 if predictor is None:
     st.info(NO_MODEL_HELP)
-    st.page_link("pages/train.py", label="Open the Train page", icon=":material/model_training:")
+    st.page_link("app_pages/train.py", label="Open the Train page", icon=":material/model_training:")
     st.stop()
 thresholds = dict(predictor.ood_thresholds or {})
 if not thresholds:

@@ -26,6 +26,7 @@ created             ISO time
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import tempfile
@@ -107,7 +108,39 @@ def check_checkpoint(checkpoint: Any, name: str = "checkpoint") -> dict[str, Any
     missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
     if missing:
         raise InvalidCheckpoint(f"{name} is incomplete: missing {', '.join(missing)}.")
+    problem = _value_problem(checkpoint)
+    if problem:
+        # A file can be well-formed and still nonsensical (hand-edited or hostile); refuse it here
+        # rather than let it give NaN probabilities or fail on the first prediction.
+        raise InvalidCheckpoint(f"{name} has an impossible value: {problem}.")
     return checkpoint
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _value_problem(checkpoint: dict[str, Any]) -> str:
+    """The first value that no model can use, described; '' when all are plausible."""
+    image_size, resize = checkpoint["image_size"], checkpoint["resize_size"]
+    if not isinstance(image_size, int) or not 16 <= image_size <= 4096:
+        return f"image_size {image_size!r}"
+    if not isinstance(resize, int) or not image_size <= resize <= 2 * image_size:
+        return f"resize_size {resize!r} for image_size {image_size}"
+    if not _is_number(checkpoint["temperature"]) or checkpoint["temperature"] <= 0:
+        return f"temperature {checkpoint['temperature']!r}"
+    if not _is_number(checkpoint["decision_threshold"]) or not 0 <= checkpoint["decision_threshold"] <= 1:
+        return f"decision_threshold {checkpoint['decision_threshold']!r}"
+    for key in ("mean", "std"):
+        values = checkpoint[key]
+        if not isinstance(values, (list, tuple)) or len(values) != 3 or not all(map(_is_number, values)):
+            return f"{key} {values!r}"
+    if any(value <= 0 for value in checkpoint["std"]):
+        return f"std {checkpoint['std']!r}"
+    names = checkpoint["class_names"]
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        return f"class_names {names!r}"
+    return ""
 
 
 def update_checkpoint(path: str | Path, **changes: Any) -> dict[str, Any]:

@@ -130,6 +130,23 @@ class Predictor:
         self.ood_available = bool(self.detectors)
         self.ood_thresholds: dict[str, float] = {name: float(s["threshold"]) for name, s in self.detectors.items()}
         self.ood_method = self._check_ood_method(ood_method or ood_entry.get("method") or "mahalanobis")
+        self._check_detectors_fit()
+
+    def _check_detectors_fit(self) -> None:
+        """Score one blank image now, so OOD statistics that do not fit the network are refused at load.
+
+        (A hand-edited or hostile checkpoint would otherwise fail on the first visitor's photo.)
+        """
+        if not self.detectors:
+            return
+        blank = torch.zeros(1, 3, self.image_size, self.image_size, device=self.device)
+        try:
+            with torch.no_grad():
+                _, features, logits = forward_parts(self.model, blank)
+                for name, stats in self.detectors.items():
+                    ood.score(name, stats, features, logits)
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as error:
+            raise InvalidCheckpoint(f"the checkpoint's OOD statistics do not fit its network ({error})") from None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", ood_method: str | None = None) -> Predictor:

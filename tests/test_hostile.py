@@ -8,16 +8,21 @@ its own time bound. ``python bench/hostile.py`` prints the same cases as a table
 from __future__ import annotations
 
 import math
+import pickle
 import threading
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from streamlit.testing.v1 import AppTest
+from torchvision.models import resnet18, resnet50
 
-from lesion.errors import InvalidImage
+from lesion.checkpoint import FORMAT_VERSION, load_checkpoint
+from lesion.errors import InvalidCheckpoint, InvalidImage
 from lesion.predict import Prediction, Predictor
 from tests.hostile_corpus import Case, build_corpus
 
@@ -206,3 +211,150 @@ def test_predict_page_answers_every_case_plainly(corpus: list[Case], predict_pag
         elif outcome == "verdict" and not any(word in text for word in ("Benign", "Malignant", "Not a skin lesion")):
             failures.append(f"{case.name}: verdict box says {text!r}")
     assert not failures, "\n".join(failures)
+
+
+# ---------------------------------------------------------------------------- untrusted checkpoints
+
+
+class _Payload:
+    """Unpickling this calls open(marker, "w"): the file appears only if the pickle ran code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return (open, (self.marker, "w"))
+
+
+def _unsafe_load(path: Path) -> None:
+    """What a careless loader would do (weights_only=False); the payload only creates a file in tmp_path."""
+    if zipfile.is_zipfile(path):
+        loaded = torch.load(path, map_location="cpu", weights_only=False)
+    else:
+        with path.open("rb") as stream:
+            loaded = pickle.load(stream)
+    loaded["note"].close()  # the file object the payload opened
+
+
+@pytest.mark.parametrize("container", ["torch-zip", "raw-pickle"])
+def test_checkpoint_that_would_run_code_is_refused_and_nothing_runs(
+    tmp_path: Path, trained_model: Path, container: str
+) -> None:
+    marker = tmp_path / "pwned.txt"
+    path = tmp_path / "model.pt"
+    checkpoint = torch.load(trained_model, map_location="cpu", weights_only=True)
+    checkpoint["note"] = _Payload(marker)  # a real lesion checkpoint, with one poisoned value
+    if container == "torch-zip":
+        torch.save(checkpoint, path)
+    else:
+        with path.open("wb") as stream:
+            pickle.dump(checkpoint, stream, protocol=2)
+
+    for load in (load_checkpoint, Predictor.from_checkpoint):
+        with pytest.raises(InvalidCheckpoint, match="could run code") as refused:
+            load(path)
+        assert "Traceback" not in str(refused.value)
+        assert not marker.exists(), f"{load.__name__} ran the pickle's code"
+
+    # The payload is real: a loader without weights_only runs it.
+    _unsafe_load(path)
+    assert marker.exists()
+
+
+def _real_checkpoint(trained_model: Path) -> dict[str, Any]:
+    return torch.load(trained_model, map_location="cpu", weights_only=True)
+
+
+def _bad_checkpoints(trained_model: Path, folder: Path) -> dict[str, Path]:
+    """name -> a file that must be refused with InvalidCheckpoint."""
+    good = trained_model.read_bytes()
+    files: dict[str, Path] = {}
+
+    def save(name: str, value: Any) -> None:
+        files[name] = folder / f"{name}.pt"
+        torch.save(value, files[name])
+
+    def raw(name: str, data: bytes) -> None:
+        files[name] = folder / f"{name}.pt"
+        files[name].write_bytes(data)
+
+    save(
+        "resnet50-weights-labelled-resnet18", {**_real_checkpoint(trained_model), "state_dict": resnet50().state_dict()}
+    )
+    save("unknown-arch", {**_real_checkpoint(trained_model), "arch": "vit_b_16"})
+    save("plain-torchvision-state-dict", resnet18().state_dict())
+    save("newer-format", {**_real_checkpoint(trained_model), "format_version": FORMAT_VERSION + 1})
+    incomplete = _real_checkpoint(trained_model)
+    del incomplete["temperature"]
+    save("missing-key", incomplete)
+    save("not-a-dict", [1, 2, 3])
+    # Well-formed but impossible (hand-edited or hostile): NaN probabilities or a failure on the first photo.
+    real = _real_checkpoint(trained_model)
+    for key, value in (
+        ("temperature", 0.0),
+        ("temperature", float("nan")),
+        ("image_size", 0),
+        ("resize_size", 10**6),
+        ("std", [0.0, 0.0, 0.0]),
+        ("mean", [0.5]),
+        ("decision_threshold", "x"),
+    ):
+        save(f"{key}={value}", {**real, key: value})
+    wrong = {**real, "ood": {**real["ood"], "detectors": dict(real["ood"]["detectors"])}}
+    mahalanobis = wrong["ood"]["detectors"]["mahalanobis"]
+    wrong["ood"]["detectors"]["mahalanobis"] = {**mahalanobis, "means": mahalanobis["means"][:, :5]}
+    save("ood-stats-of-another-network", wrong)
+    raw("truncated-10-bytes", good[:10])
+    raw("truncated-50%", good[: len(good) // 2])
+    raw("truncated-99%", good[: len(good) * 99 // 100])
+    raw("empty", b"")
+    raw("a-jpeg", (REPO / "assets" / "samples" / "lesions" / "ISIC_0000032.jpg").read_bytes())
+    return files
+
+
+def test_foreign_newer_and_damaged_checkpoints_get_plain_messages(trained_model: Path, tmp_path: Path) -> None:
+    failures = []
+    for name, path in _bad_checkpoints(trained_model, tmp_path).items():
+        for load in (load_checkpoint, Predictor.from_checkpoint):
+            try:
+                bounded(lambda load=load, path=path: load(path))
+            except InvalidCheckpoint as error:
+                if not str(error) or "Traceback" in str(error):
+                    failures.append(f"{name}: {load.__name__}: unhelpful message {error!r}")
+                if name == "newer-format" and "format version" not in str(error):
+                    failures.append(f"{name}: message does not name the version: {error}")
+            except BaseException as error:  # anything but InvalidCheckpoint is a bug
+                failures.append(f"{name}: {load.__name__}: {type(error).__name__}: {error}")
+            else:
+                # load_checkpoint only checks the structure; the Predictor must refuse the weights.
+                if load is Predictor.from_checkpoint or name not in (
+                    "resnet50-weights-labelled-resnet18",
+                    "unknown-arch",
+                    "ood-stats-of-another-network",
+                ):
+                    failures.append(f"{name}: {load.__name__} accepted it")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("kind", ["code", "truncated", "plain-state-dict"])
+def test_app_with_a_bad_lesion_checkpoint_shows_a_plain_error(tmp_path: Path, trained_model: Path, kind: str) -> None:
+    marker = tmp_path / "pwned.txt"
+    path = tmp_path / "model.pt"
+    if kind == "code":
+        torch.save({**_real_checkpoint(trained_model), "note": _Payload(marker)}, path)
+    elif kind == "truncated":
+        path.write_bytes(trained_model.read_bytes()[:5000])
+    else:
+        torch.save(resnet18().state_dict(), path)
+    patch = pytest.MonkeyPatch()
+    try:
+        patch.setenv("LESION_CHECKPOINT", str(path))
+        patch.setenv("LESION_RUNS_DIR", str(tmp_path / "no-runs"))
+        at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=CASE_LIMIT_S).run()
+    finally:
+        patch.undo()
+    assert not at.exception, at.exception[0].value if at.exception else ""
+    errors = [box.value for box in at.sidebar.error]
+    assert errors and errors[0].startswith("This model could not be loaded:"), errors
+    assert "model.pt" in errors[0] and "Traceback" not in errors[0]
+    assert not marker.exists()

@@ -213,12 +213,7 @@ class Predictor:
         )
         if target is not None:
             targets = torch.full_like(targets, int(target))
-        low_res = None
-        if with_heatmap:
-            uses_grads = explain.USES_GRADIENTS[cam_method]
-            leaf, _, head_logits = explain.forward_head(self.model, activations, with_grad=uses_grads)
-            grads = explain.target_gradients(leaf, head_logits, targets) if uses_grads else None
-            low_res = explain.low_resolution_cams(cam_method, leaf.detach(), grads).cpu()
+        low_res = self._low_resolution_cams(activations, targets, cam_method) if with_heatmap else None
         cam_s = time.perf_counter() - started
 
         started = time.perf_counter()
@@ -269,6 +264,13 @@ class Predictor:
                 )
             )
         return results
+
+    def _low_resolution_cams(self, activations: torch.Tensor, targets: torch.Tensor, cam_method: str) -> torch.Tensor:
+        """CAMs at layer4's resolution from the pass's own activations; only the head is differentiated."""
+        uses_grads = explain.USES_GRADIENTS[cam_method]
+        leaf, _, head_logits = explain.forward_head(self.model, activations, with_grad=uses_grads)
+        grads = explain.target_gradients(leaf, head_logits, targets) if uses_grads else None
+        return explain.low_resolution_cams(cam_method, leaf.detach(), grads).cpu()
 
     # --- public API -------------------------------------------------------------------------
 

@@ -5,13 +5,13 @@ Measured in one run, at the same batch size:
 * loading alone in one process: ``load_image`` (JPEG decode + resize) against a warm cache read;
 * the data pipeline through a DataLoader with ``--workers`` processes and the training transform:
   without the cache (the baseline), on a cold cache (decode + write), and on a warm cache;
-* the training step alone: batched colour jitter + normalisation on the device, then forward +
-  backward + AdamW, on uint8 batches already on the device (bfloat16 autocast and channels_last on
-  CUDA), exactly as lesion.training does.
+* the training step alone: batched augmentation (rotation, random resized crop, flips, colour
+  jitter) and normalisation on the device, then forward + backward + AdamW, on uint8 batches
+  already on the device (bfloat16 autocast and channels_last on CUDA), as lesion.training does.
 
-Training splits augmentation: loader workers do the per-image geometry (rotation, crop, flips) and
-ship uint8 tensors (``train_geometry``); colour jitter and normalisation run batched on the device
-(``BatchColourAugment``). ``--variants`` also times the older all-in-the-worker pipeline.
+Training splits augmentation: loader workers only cut a random square of the cached image and ship
+it as uint8 (``train_worker_transform``); everything per-pixel runs batched on the device
+(``BatchAugment``). ``--variants`` also times the older pipeline that did it all in the workers.
 
 The cache lives in a temporary folder, so the cold pass really is cold. Usage::
 
@@ -39,12 +39,11 @@ from lesion.data import ImageCache, LesionDataset, read_metadata  # noqa: E402
 from lesion.images import load_image  # noqa: E402
 from lesion.model import build_model  # noqa: E402
 from lesion.transforms import (  # noqa: E402
-    GEOMETRY,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    BatchColourAugment,
+    BatchAugment,
     resize_size,
-    train_geometry,
+    train_worker_transform,
 )
 
 
@@ -109,14 +108,15 @@ def train_step_rate(arch: str, image_size: int, batch_size: int, batches: int, d
     memory_format = torch.channels_last if cuda else torch.contiguous_format
     model = build_model(arch, "linear").to(device, memory_format=memory_format).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    colour = BatchColourAugment("dermoscopy").to(device).train()
-    raw = torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8, device=device)
+    augment = BatchAugment("dermoscopy", image_size).to(device).train()
+    side = resize_size(image_size)
+    raw = torch.randint(0, 256, (batch_size, 3, side, side), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 2, (batch_size,), device=device)
     if cuda:
         torch.backends.cudnn.benchmark = True
 
     def step() -> None:
-        images = colour(raw).contiguous(memory_format=memory_format)
+        images = augment(raw).contiguous(memory_format=memory_format)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
             loss = torch.nn.functional.cross_entropy(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
@@ -135,10 +135,15 @@ def train_step_rate(arch: str, image_size: int, batch_size: int, batches: int, d
 
 def variant_transforms(image_size: int) -> dict[str, v2.Compose]:
     """The older pipeline that did everything in the workers, to show what moving colour work saved."""
-    geometry = GEOMETRY["dermoscopy"](image_size)
+    geometry = [
+        v2.RandomRotation(180),
+        v2.RandomResizedCrop(image_size, scale=(0.5, 1.0), ratio=(0.8, 1.25), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomVerticalFlip(),
+    ]
     normalise = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     jitter = v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02)
-    return {"pipeline, warm cache, colour jitter + normalise in workers": v2.Compose([*geometry, jitter, *normalise])}
+    return {"old: all augmentation + normalise in workers, warm": v2.Compose([*geometry, jitter, *normalise])}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -149,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     paths = (frame["path"].tolist() * (wanted // len(frame) + 1))[:wanted]
     unique = len(set(paths))
     short_side = resize_size(args.image_size)
-    transform = train_geometry(args.image_size)
+    transform = train_worker_transform(args.image_size)
     labels = [0] * len(paths)
     print(
         f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{os.cpu_count()} CPU cores'}), "
@@ -183,11 +188,11 @@ def main(argv: list[str] | None = None) -> None:
     rows = [
         ("load only, 1 process: decode JPEG + resize", decode_rate),
         ("load only, 1 process: read warm cache", cached_read_rate),
-        ("pipeline, NO cache (decode + geometry)", no_cache),
-        ("pipeline, cold cache (decode + write + geometry)", cold),
-        ("pipeline, warm cache (read + geometry)", warm),
+        ("pipeline, NO cache (decode + random square)", no_cache),
+        ("pipeline, cold cache (decode + write + square)", cold),
+        ("pipeline, warm cache (read + random square)", warm),
         *variants.items(),
-        ("training step (colour + fwd + bwd + AdamW)", train),
+        ("training step (augment + fwd + bwd + AdamW)", train),
     ]
     print()
     print(f"{'stage':<56}{'images/s':>10}{'ms/batch':>10}{'x train step':>14}")

@@ -39,10 +39,10 @@ from lesion.model import backbone_parameters, build_model, load_backbone_weights
 from lesion.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    BatchColourAugment,
+    BatchAugment,
     eval_transform,
     resize_size,
-    train_geometry,
+    train_worker_transform,
 )
 
 EventCallback = Callable[[dict[str, Any]], None]
@@ -198,8 +198,8 @@ def make_loader(
     device: torch.device,
 ) -> DataLoader:
     """A loader over ``frame``: augmented and sampled for training, plain centre crops otherwise."""
-    # Training loaders ship uint8 crops; colour jitter and normalisation run batched on the device.
-    transform = train_geometry(config.image_size, config.augment) if train else eval_transform(config.image_size)
+    # Training loaders ship uint8 squares; augmentation and normalisation run batched on the device.
+    transform = train_worker_transform(config.image_size) if train else eval_transform(config.image_size)
     dataset = lesion_data.LesionDataset(
         frame["path"].tolist(), frame["label"].tolist(), transform, cache, resize_size(config.image_size)
     )
@@ -343,11 +343,11 @@ def train_one_epoch(
         batches = min(batches, config.max_steps_per_epoch)
     total_loss, seen, window_images, window_start = 0.0, 0, 0, time.perf_counter()
     memory_format = torch.channels_last if config.channels_last and device.type == "cuda" else torch.contiguous_format
-    colour = BatchColourAugment(config.augment).to(device).train()
+    augment = BatchAugment(config.augment, config.image_size).to(device).train()
     for batch_index, (images, labels) in enumerate(loader):
         if batch_index >= batches or stop.requested:
             break
-        images = colour(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
+        images = augment(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
         with autocast_for(device, config.amp):
             loss = criterion(model(images), labels)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -35,82 +36,120 @@ def eval_transform(
     return v2.Compose([v2.CenterCrop(image_size), *_to_normalised(mean, std)])
 
 
-def _dermoscopy(image_size: int) -> list[Callable]:
-    # Dermoscopic images have no canonical orientation, so both flips and any rotation are
-    # label-preserving.
-    return [
-        v2.RandomRotation(180),
-        v2.RandomResizedCrop(image_size, scale=(0.5, 1.0), ratio=(0.8, 1.25), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.RandomVerticalFlip(),
-    ]
+# Training augmentation runs in two parts. Loader workers only cut a random square of the cached
+# image (already resized to resize_size) and ship it as uint8: a slice and a copy, so a few workers
+# feed a GPU. Everything per-pixel -- rotation, random resized crop, flips, colour jitter and
+# normalisation -- runs batched on the training device in BatchAugment: one affine grid_sample and
+# a few blends per batch. (Doing it per image in workers with torchvision's ColorJitter, hue above
+# all, delivered a third of what an H200 consumes; see bench/train_throughput.py.)
 
 
-def _notebook(image_size: int) -> list[Callable]:
-    # The original notebook's augmentation: flips and a small rotation (its colour jitter is below).
-    return [v2.CenterCrop(image_size), v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), v2.RandomRotation(20)]
+@dataclass(frozen=True)
+class AugmentSpec:
+    """Ranges of one augmentation preset."""
+
+    rotation: float  # degrees, uniform in [-rotation, rotation]
+    scale: tuple[float, float]  # share of the source square's area kept by the random crop
+    ratio: tuple[float, float]  # aspect ratio range of the crop
+    flips: bool  # random horizontal and vertical flips
+    colour: tuple[float, float, float, float]  # brightness, contrast, saturation, hue (as ColorJitter)
 
 
-def _no_augment(image_size: int) -> list[Callable]:
-    return [v2.CenterCrop(image_size)]
-
-
-GEOMETRY: dict[str, Callable[[int], list[Callable]]] = {
-    "dermoscopy": _dermoscopy,
-    "notebook": _notebook,
-    "none": _no_augment,
-}
-
-# Colour jitter stands in for the spread of dermatoscopes and lighting:
-# (brightness, contrast, saturation, hue) as in torchvision's ColorJitter.
-COLOUR: dict[str, tuple[float, float, float, float]] = {
-    "dermoscopy": (0.2, 0.2, 0.2, 0.02),
-    "notebook": (0.1, 0.1, 0.1, 0.0),
-    "none": (0.0, 0.0, 0.0, 0.0),
+AUGMENTATIONS: dict[str, AugmentSpec] = {
+    # Dermoscopic images have no canonical orientation: any rotation and both flips keep the label;
+    # colour jitter stands in for the spread of dermatoscopes and lighting.
+    "dermoscopy": AugmentSpec(180.0, (0.5, 1.0), (0.8, 1.25), True, (0.2, 0.2, 0.2, 0.02)),
+    # The original notebook's augmentation: centre crop, flips, a small rotation, mild colour jitter.
+    "notebook": AugmentSpec(20.0, (1.0, 1.0), (1.0, 1.0), True, (0.1, 0.1, 0.1, 0.0)),
+    "none": AugmentSpec(0.0, (1.0, 1.0), (1.0, 1.0), False, (0.0, 0.0, 0.0, 0.0)),
 }
 
 
-def train_geometry(image_size: int, augment: str = "dermoscopy") -> v2.Compose:
-    """The per-image part of training augmentation, run in loader workers: uint8 tensor out.
-
-    Colour jitter and normalisation run afterwards on whole batches on the training device
-    (:class:`BatchColourAugment`): per-pixel colour work in the workers (hue jitter above all) was
-    what kept the data pipeline from feeding a GPU, and uint8 moves 4x fewer bytes.
-    """
-    return v2.Compose([*GEOMETRY[augment](image_size), v2.ToImage()])
+def train_worker_transform(image_size: int) -> v2.Compose:
+    """The loader-worker part of training: a random square of the cached image, uint8 out."""
+    return v2.Compose([v2.RandomCrop(resize_size(image_size)), v2.ToImage()])
 
 
-class BatchColourAugment(nn.Module):
-    """Per-image random brightness, contrast, saturation and hue on a uint8 batch, then normalise.
+class BatchAugment(nn.Module):
+    """Per-image random geometry and colour on a uint8 batch of squares, then normalise.
 
-    Same ranges as torchvision's ColorJitter, but one vectorised pass per batch on the device.
+    In eval mode it only centre-crops to ``image_size`` and normalises: pixel for pixel what
+    :func:`eval_transform` gives (the crop is a grid_sample whose samples fall on pixel centres).
     """
 
     def __init__(
-        self, augment: str = "dermoscopy", mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+        self,
+        augment: str = "dermoscopy",
+        image_size: int = 224,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         super().__init__()
-        self.brightness, self.contrast, self.saturation, self.hue = COLOUR[augment]
+        self.spec = AUGMENTATIONS[augment]
+        self.image_size = image_size
         self.register_buffer("mean", torch.tensor(list(mean)).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(list(std)).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("gray", torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1), persistent=False)
 
-    def _factor(self, amount: float, n: int, like: torch.Tensor) -> torch.Tensor:
-        return torch.empty(n, 1, 1, 1, device=like.device).uniform_(1 - amount, 1 + amount)
+    def _uniform(self, low: float, high: float, n: int) -> torch.Tensor:
+        # Drawn on the CPU from the global generator: the same numbers on any device, so a seeded
+        # run is reproducible and resume matches an uninterrupted run.
+        return torch.empty(n).uniform_(low, high)
+
+    def _affine(self, n: int, source: int) -> torch.Tensor:
+        """(n, 2, 3) maps from output to input normalised coordinates."""
+        spec, base = self.spec, self.image_size / source
+        if self.training:
+            area = self._uniform(*spec.scale, n)
+            log_ratio = self._uniform(math.log(spec.ratio[0]), math.log(spec.ratio[1]), n)
+            ratio = torch.exp(log_ratio)
+            scale_x = torch.sqrt(area * ratio).clamp(max=1.0)
+            scale_y = torch.sqrt(area / ratio).clamp(max=1.0)
+            angle = self._uniform(-spec.rotation, spec.rotation, n) * math.pi / 180
+            shift_x = (torch.rand(n) * 2 - 1) * (1 - scale_x)
+            shift_y = (torch.rand(n) * 2 - 1) * (1 - scale_y)
+            flip_x = torch.where(torch.rand(n) < 0.5, -1.0, 1.0) if spec.flips else torch.ones(n)
+            flip_y = torch.where(torch.rand(n) < 0.5, -1.0, 1.0) if spec.flips else torch.ones(n)
+            scale_x, scale_y = scale_x * base, scale_y * base
+        else:
+            scale_x = scale_y = torch.full((n,), base)
+            angle = shift_x = shift_y = torch.zeros(n)
+            flip_x = flip_y = torch.ones(n)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0], theta[:, 0, 1] = scale_x * cos * flip_x, -scale_x * sin * flip_y
+        theta[:, 1, 0], theta[:, 1, 1] = scale_y * sin * flip_x, scale_y * cos * flip_y
+        theta[:, 0, 2], theta[:, 1, 2] = shift_x, shift_y
+        return theta
+
+    def _factor(self, amount: float, n: int, device: torch.device) -> torch.Tensor:
+        return self._uniform(1 - amount, 1 + amount, n).view(n, 1, 1, 1).to(device)
+
+    def _colour(self, x: torch.Tensor) -> torch.Tensor:
+        brightness, contrast, saturation, hue = self.spec.colour
+        n = x.shape[0]
+        if brightness:
+            x = (x * self._factor(brightness, n, x.device)).clamp_(0, 1)
+        if contrast:
+            mean = (x * self.gray).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+            x = (mean + (x - mean) * self._factor(contrast, n, x.device)).clamp_(0, 1)
+        if saturation:
+            gray = (x * self.gray).sum(1, keepdim=True)
+            x = (gray + (x - gray) * self._factor(saturation, n, x.device)).clamp_(0, 1)
+        if hue:
+            x = _rotate_hue(x, (self._uniform(-hue, hue, n) * 2 * math.pi).to(x.device))
+        return x
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        n, _, height, width = images.shape
+        if height != width:
+            raise ValueError(f"BatchAugment expects square inputs, got {height}x{width}")
         x = images.float().div_(255.0)
-        n = x.shape[0]
-        if self.training and self.brightness:
-            x = (x * self._factor(self.brightness, n, x)).clamp_(0, 1)
-        if self.training and self.contrast:
-            mean = (x * self.gray).sum(1, keepdim=True).mean((2, 3), keepdim=True)
-            x = (mean + (x - mean) * self._factor(self.contrast, n, x)).clamp_(0, 1)
-        if self.training and self.saturation:
-            gray = (x * self.gray).sum(1, keepdim=True)
-            x = (gray + (x - gray) * self._factor(self.saturation, n, x)).clamp_(0, 1)
-        if self.training and self.hue:
-            x = _rotate_hue(x, torch.empty(n, device=x.device).uniform_(-self.hue, self.hue) * 2 * math.pi)
+        theta = self._affine(n, height).to(x.device)
+        grid = torch.nn.functional.affine_grid(theta, [n, 3, self.image_size, self.image_size], align_corners=False)
+        x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if self.training:
+            x = self._colour(x)
         return (x - self.mean) / self.std
 
 
@@ -134,14 +173,14 @@ def train_transform(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> Callable:
-    """The whole training augmentation for one image (geometry, colour, normalise), on the CPU.
+    """The whole training augmentation for one image, on the CPU (for inspection and tests).
 
-    Training itself splits this into :func:`train_geometry` (workers) and
-    :class:`BatchColourAugment` (device); this single-image form is for inspection and tests.
+    Training itself runs :func:`train_worker_transform` in loader workers and
+    :class:`BatchAugment` on whole batches on the training device.
     """
-    geometry, colour = train_geometry(image_size, augment), BatchColourAugment(augment, mean, std)
+    worker, batch = train_worker_transform(image_size), BatchAugment(augment, image_size, mean, std).train()
 
     def transform(image):
-        return colour(geometry(image).unsqueeze(0))[0]
+        return batch(worker(image).unsqueeze(0))[0]
 
     return transform

@@ -1,0 +1,67 @@
+"""Every page with no model yet, and the Model card page with a trained one (AppTest)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from lesion.app_support import DISCLAIMER, NO_MODEL_HELP
+from lesion.card import INTENDED_USE
+
+REPO = Path(__file__).resolve().parent.parent
+PAGES = ["app_pages/predict.py", "app_pages/ood.py", "app_pages/train.py", "app_pages/model.py"]
+
+
+def open_app(runs_dir: Path, monkeypatch: pytest.MonkeyPatch) -> AppTest:
+    monkeypatch.setenv("LESION_RUNS_DIR", str(runs_dir))
+    monkeypatch.delenv("LESION_CHECKPOINT", raising=False)
+    monkeypatch.delenv("LESION_DATA_ROOT", raising=False)
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=120).run()
+    assert not at.exception
+    return at
+
+
+def test_every_page_says_what_to_do_without_a_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    at = open_app(tmp_path / "no-runs-yet", monkeypatch)
+    for page in PAGES:
+        at.switch_page(page).run()
+        assert not at.exception, page
+        assert any(DISCLAIMER in c.value for c in at.caption), f"{page} lacks the disclaimer"
+        assert any(DISCLAIMER in w.value for w in at.sidebar.warning)
+        if page.endswith("train.py"):
+            assert any(b.label == "Start training" for b in at.button)
+            assert [box.value for box in at.selectbox if box.label == "Recipe"] == ["demo"]
+        else:
+            assert [i.value for i in at.main.info] == [NO_MODEL_HELP], page
+            assert "about" in NO_MODEL_HELP and "minutes on a 2-core CPU" in NO_MODEL_HELP
+
+
+def test_model_card_page_names_the_split_and_shows_plots(trained_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    at = open_app(trained_run.parent, monkeypatch)
+    assert any(c.value == "Measured on the held-out test split:" for c in at.sidebar.caption)
+    assert {m.label for m in at.sidebar.metric} >= {"ROC-AUC", "Sensitivity", "Specificity"}
+    at.switch_page("app_pages/model.py").run()
+    assert not at.exception
+    assert any("Model card: tiny" in m.value for m in at.markdown)
+    assert any(m.label == "ROC-AUC (test split)" for m in at.metric)
+    metrics = at.dataframe[0].value
+    assert list(metrics.columns) == ["metric", "validation", "test"] and "roc_auc" in set(metrics["metric"])
+    detectors = at.dataframe[1].value
+    assert set(detectors["detector"]) == {"msp", "energy", "mahalanobis", "knn"} and detectors["in use"].sum() == 1
+    captions = [c for image in at.image for c in image.captions]
+    assert "ROC curve (test split)" in captions and "Training and validation curves" in captions
+    assert any(m.value.strip() == INTENDED_USE.strip() for m in at.markdown)  # its own tab
+
+
+def test_extra_checkpoint_is_offered_first(trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LESION_CHECKPOINT", str(trained_run / "model.pt"))
+    monkeypatch.setenv("LESION_RUNS_DIR", str(tmp_path / "empty"))
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=120).run()
+    assert not at.exception
+    model = at.sidebar.selectbox[0]
+    assert model.label == "Model" and len(model.options) == 1 and "LESION_CHECKPOINT" in model.options[0]
+    assert [i.value for i in at.main.info] == [
+        "Upload a photo or tick a sample above to see what the model says."
+    ]  # the Predict page is ready for an upload, not asking for a model

@@ -39,11 +39,10 @@ def live_progress(run_path: str) -> None:
     else:
         where = "Preparing the data and the model"
     st.progress(progress["fraction"], text=f"{where}{eta}")
+    if not progress["stop_requested"] and st.button("Stop training", icon=":material/stop_circle:"):
+        progress["stop_requested"] = stop_training(run)
     if progress["stop_requested"]:
         st.warning("Stopping: the trainer finishes its batch, then keeps the best epoch as the model.")
-    elif st.button("Stop training", icon=":material/stop_circle:"):
-        stop_training(run)
-        st.rerun(scope="fragment")
     left, right = st.columns(2)
     if progress["loss"]:
         left.caption("Training loss (per logged step)")

@@ -370,19 +370,25 @@ class ImageCache:
 
     def get(self, path: str | Path) -> Image.Image:
         """The RGB image exactly as ``load_image(path, short_side)`` returns it."""
+        return Image.fromarray(self.get_array(path), "RGB")
+
+    def get_array(self, path: str | Path) -> np.ndarray:
+        """The same pixels as :meth:`get`, as an H x W x 3 uint8 array (no PIL round trip)."""
         try:
             entry = self.entry(path)
         except OSError:  # no such file: let load_image raise its readable InvalidImage
-            return load_image(path, self.short_side)
+            return np.asarray(load_image(path, self.short_side))
         try:
-            return Image.fromarray(np.load(entry, allow_pickle=False), "RGB")
+            array = np.load(entry, allow_pickle=False)
+            if array.ndim == 3 and array.shape[2] == 3 and array.dtype == np.uint8:
+                return array
         except FileNotFoundError:
             pass
         except (OSError, ValueError, EOFError, TypeError):
             pass  # damaged entry (disk full, edited by hand): decode again and overwrite it
-        image = load_image(path, self.short_side)
-        self._store(entry, np.asarray(image))
-        return image
+        array = np.asarray(load_image(path, self.short_side))
+        self._store(entry, array)
+        return array
 
     def _store(self, entry: Path, array: np.ndarray) -> None:
         try:
@@ -538,4 +544,7 @@ class LesionDataset(torch.utils.data.Dataset):
         return self.cache.get(path) if self.cache is not None else load_image(path, self.short_side)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if self.cache is not None and getattr(self.transform, "accepts_array", False):
+            # Training's worker transform slices arrays directly: no PIL image is built.
+            return self.transform(self.cache.get_array(self.paths[index])), self.labels[index]
         return self.transform(self.load(index)), self.labels[index]

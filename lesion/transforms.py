@@ -12,7 +12,9 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
 
@@ -65,9 +67,32 @@ AUGMENTATIONS: dict[str, AugmentSpec] = {
 }
 
 
-def train_worker_transform(image_size: int) -> v2.Compose:
+class RandomSquare:
+    """A random ``side`` x ``side`` window of an image as a C x H x W uint8 tensor.
+
+    Takes a PIL image or an H x W x 3 array (the cache hands arrays over directly: a slice and one
+    copy, no PIL round trip). Positions come from torch's generator, seeded per loader worker.
+    """
+
+    accepts_array = True
+
+    def __init__(self, side: int) -> None:
+        self.side = side
+
+    def __call__(self, image: Image.Image | np.ndarray) -> torch.Tensor:
+        array = np.asarray(image)
+        height, width = array.shape[:2]
+        if min(height, width) < self.side:
+            raise ValueError(f"image of {width}x{height} is smaller than the {self.side} px square")
+        top = int(torch.randint(0, height - self.side + 1, ()))
+        left = int(torch.randint(0, width - self.side + 1, ()))
+        window = array[top : top + self.side, left : left + self.side]
+        return torch.from_numpy(np.ascontiguousarray(window.transpose(2, 0, 1)))
+
+
+def train_worker_transform(image_size: int) -> RandomSquare:
     """The loader-worker part of training: a random square of the cached image, uint8 out."""
-    return v2.Compose([v2.RandomCrop(resize_size(image_size)), v2.ToImage()])
+    return RandomSquare(resize_size(image_size))
 
 
 class BatchAugment(nn.Module):

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import pickle
+import re
 import threading
+import tomllib
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +24,9 @@ from streamlit.testing.v1 import AppTest
 from torchvision.models import resnet18, resnet50
 
 from lesion.checkpoint import FORMAT_VERSION, load_checkpoint
-from lesion.errors import InvalidCheckpoint, InvalidImage
+from lesion.errors import DataError, InvalidCheckpoint, InvalidImage
+from lesion.images import MAX_BYTES, load_image
+from lesion.jobs import resolve_data_dir
 from lesion.predict import Prediction, Predictor
 from tests.hostile_corpus import Case, build_corpus
 
@@ -30,6 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Generous: a case that takes this long is hung, not slow (the 50 MP JPEG takes well under a few seconds).
 CASE_LIMIT_S = 60.0
 VERDICTS = {"benign", "malignant", "unknown"}
+SAMPLE_JPEG = REPO / "assets" / "samples" / "lesions" / "ISIC_0000032.jpg"
 
 
 def bounded(call: Callable[[], Any], limit_s: float = CASE_LIMIT_S) -> Any:
@@ -358,3 +363,84 @@ def test_app_with_a_bad_lesion_checkpoint_shows_a_plain_error(tmp_path: Path, tr
     assert errors and errors[0].startswith("This model could not be loaded:"), errors
     assert "model.pt" in errors[0] and "Traceback" not in errors[0]
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------- who may do what
+
+
+@pytest.fixture
+def data_root(tmp_path: Path) -> Path:
+    """A data root with one dataset, and ways out of it: a sibling folder and a symlink to it."""
+    root = tmp_path / "root"
+    (root / "ham" / "images").mkdir(parents=True)
+    (root / "ham" / "metadata.csv").write_text("lesion_id,image_id,dx\n")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "metadata.csv").write_text("lesion_id,image_id,dx\n")
+    (root / "escape").symlink_to(outside, target_is_directory=True)
+    (root / "ham" / "deeper-escape").symlink_to(outside, target_is_directory=True)
+    return root
+
+
+ESCAPES = ["../outside", "ham/../../outside", "/etc", "~/data", "escape", "ham/deeper-escape", "escape/../ham"]
+
+
+def test_data_paths_stay_inside_the_data_root(data_root: Path) -> None:
+    assert resolve_data_dir(data_root, "ham") == (data_root / "ham").resolve()
+    for text in [*ESCAPES, str(data_root / "ham"), str(data_root.parent / "outside")]:
+        with pytest.raises(DataError):
+            resolve_data_dir(data_root, text)
+
+
+def test_train_page_refuses_paths_outside_the_data_root_and_starts_nothing(data_root: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    patch = pytest.MonkeyPatch()
+    try:
+        patch.setenv("LESION_DATA_ROOT", str(data_root))
+        patch.setenv("LESION_RUNS_DIR", str(runs))
+        patch.delenv("LESION_CHECKPOINT", raising=False)
+        at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=CASE_LIMIT_S).run()
+        at.switch_page("app_pages/train.py").run()
+        assert not at.exception
+        for text in ESCAPES:
+            at.text_input[0].set_value(text).run()
+            next(button for button in at.button if button.label == "Start training").click().run()
+            assert not at.exception, text
+            messages = [box.value for box in at.error]
+            assert messages and "data root" in messages[0] and "Traceback" not in messages[0], (text, messages)
+            assert not runs.exists() or not [p for p in runs.iterdir() if p.is_dir()], f"{text!r} started a job"
+    finally:
+        patch.undo()
+
+
+def test_upload_limit_is_set_and_an_oversized_upload_gets_a_plain_message(predict_page: AppTest) -> None:
+    config = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())
+    assert config["server"]["maxUploadSize"] * 2**20 == MAX_BYTES  # the uploader and the decoder agree
+    big = SAMPLE_JPEG.read_bytes()
+    oversized = big[:-2] + b"\0" * (MAX_BYTES + 1 - len(big)) + big[-2:]  # a JPEG padded past the limit
+    with pytest.raises(InvalidImage, match="the limit is 50 MB"):
+        load_image(oversized)
+    at = predict_page
+    at.file_uploader[0].set_value(("huge.jpg", oversized, "image/jpeg"))
+    at.run(timeout=CASE_LIMIT_S)
+    assert not at.exception
+    outcome, message = page_outcome(at, "huge.jpg")
+    assert outcome == "refused" and "limit is 50 MB" in message
+
+
+def test_visitors_never_see_a_traceback() -> None:
+    config = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())
+    assert config["client"]["showErrorDetails"] == "none"
+
+
+@pytest.mark.parametrize("name", ["requirements.txt", "requirements-dev.txt"])
+def test_dependencies_are_pinned(name: str) -> None:
+    lines = [line.split("#", 1)[0].strip() for line in (REPO / name).read_text().splitlines()]
+    requirements = [line for line in lines if line and not line.startswith("-r ")]
+    assert requirements
+    loose = [
+        line
+        for line in requirements
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._\-]*(\[[\w,\-]+\])?==[\w.+!\-]+", line)
+    ]
+    assert not loose, f"not pinned with ==: {loose}"

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import matplotlib
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch import nn
 
 # The eps values pytorch-grad-cam uses; matching them keeps the fast path equal to the reference.
@@ -182,16 +182,41 @@ def colorize(heatmap: np.ndarray, colormap: str = "jet") -> np.ndarray:
 
 
 def overlay(
-    image: Image.Image | np.ndarray, heatmap: np.ndarray, alpha: float = 0.4, colormap: str = "jet"
+    image: Image.Image | np.ndarray,
+    heatmap: np.ndarray,
+    alpha: float = 0.4,
+    colormap: str = "jet",
+    box: tuple[float, float, float, float] | None = None,
 ) -> Image.Image:
-    """A new RGB image: ``image`` blended with the coloured heatmap (weight ``alpha``)."""
+    """A new RGB image: ``image`` blended with the coloured heatmap (weight ``alpha``).
+
+    With ``box`` (the network's view: left, top, right, bottom, e.g. ``Prediction.crop_box``) the
+    colour is laid only inside it and the box is outlined: outside, the model saw nothing, and
+    painting "no evidence" there in the colormap's coldest colour would read as a finding.
+    """
     base = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image).astype(np.uint8))
     base = base.convert("RGB")
     heatmap = np.asarray(heatmap, dtype=np.float32)
     if heatmap.shape != (base.height, base.width):
         heatmap = np.asarray(Image.fromarray(heatmap).resize(base.size, Image.Resampling.BILINEAR))
-    blended = (1 - alpha) * np.asarray(base, dtype=np.float32) + alpha * colorize(heatmap, colormap).astype(np.float32)
-    return Image.fromarray(np.clip(blended, 0, 255).round().astype(np.uint8))
+    pixels = np.asarray(base, dtype=np.float32)
+    weight = np.full(heatmap.shape + (1,), alpha, dtype=np.float32)
+    if box is not None:
+        left, top, right, bottom = _box_pixels(box, base.size)
+        weight[:] = 0.0
+        weight[top:bottom, left:right] = alpha
+    blended = (1 - weight) * pixels + weight * colorize(heatmap, colormap).astype(np.float32)
+    result = Image.fromarray(np.clip(blended, 0, 255).round().astype(np.uint8))
+    if box is not None:
+        left, top, right, bottom = _box_pixels(box, base.size)
+        width = max(1, round(min(base.size) / 150))
+        ImageDraw.Draw(result).rectangle((left, top, right - 1, bottom - 1), outline=(255, 255, 255), width=width)
+    return result
+
+
+def _box_pixels(box: tuple[float, float, float, float], size: tuple[int, int]) -> tuple[int, int, int, int]:
+    left, top, right, bottom = (int(round(v)) for v in box)
+    return max(0, left), max(0, top), min(size[0], right), min(size[1], bottom)
 
 
 def heatmap_png(heatmap: np.ndarray, colormap: str | None = "jet") -> bytes:

@@ -55,6 +55,7 @@ class Prediction:
     image_width: int  # the original image, after EXIF orientation
     image_height: int
     probabilities: dict[str, float] = field(default_factory=dict)  # calibrated, per class name
+    crop_box: tuple[float, float, float, float] | None = None  # what the network saw: left, top, right, bottom
 
     def to_dict(self, include_heatmap: bool = False) -> dict[str, Any]:
         """Plain JSON-able values (nan becomes None; the heatmap as nested lists if asked)."""
@@ -83,6 +84,7 @@ class Prediction:
                 "image_width",
                 "image_height",
                 "probabilities",
+                "crop_box",
             )
         }
         if include_heatmap:
@@ -261,6 +263,7 @@ class Predictor:
                     image_width=item.original_size[0],
                     image_height=item.original_size[1],
                     probabilities={name: float(probabilities[i, j]) for j, name in enumerate(self.class_names)},
+                    crop_box=tuple(float(v) for v in item.crop_box),
                 )
             )
         return results

@@ -120,3 +120,14 @@ def test_heatmap_png_is_a_png_of_the_heatmap():
     assert coloured.format == "PNG" and coloured.size == (30, 20) and coloured.mode == "RGB"
     gray = Image.open(io.BytesIO(explain.heatmap_png(heatmap, colormap=None)))
     assert gray.mode == "L" and np.asarray(gray)[5, 7] == 255 and np.asarray(gray).sum() == 255
+
+
+def test_overlay_with_box_colours_only_what_the_network_saw() -> None:
+    from lesion.explain import overlay
+
+    image = Image.new("RGB", (120, 80), (10, 200, 30))
+    heatmap = np.zeros((80, 120), dtype=np.float32)
+    out = np.asarray(overlay(image, heatmap, alpha=0.5, box=(20.0, 0.0, 100.0, 80.0)))
+    assert (out[40, 5] == (10, 200, 30)).all(), "outside the box the photo is left as it is"
+    assert not (out[40, 60] == (10, 200, 30)).all(), "inside the box the heatmap colour is laid over"
+    assert (out[40, 20] == (255, 255, 255)).all(), "the box is outlined"

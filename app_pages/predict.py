@@ -12,8 +12,8 @@ from lesion.app_support import (
     UPLOAD_TYPES,
     VERDICT_DETAIL,
     VERDICT_TEXT,
+    cached_display,
     cached_prediction,
-    display_image,
     list_samples,
     result_json,
     result_row,
@@ -56,72 +56,85 @@ if not items:
     st.info("Upload a photo or tick a sample above to see what the model says.")
     st.stop()
 
-left, middle, right = st.columns(3)
-cam_method = left.selectbox("Heatmap method", CAM_METHODS, format_func=lambda m: CAM_LABELS.get(m, m))
-alpha = middle.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05)
-view = right.segmented_control("View", ["Overlay", "Side by side"], default="Overlay", required=True)
-table = st.empty()
 
-rows = []
-for number, (name, data) in enumerate(items):
-    with st.container(border=True):
-        try:
-            shown = display_image(data, name)
-            prediction = cached_prediction(
-                st.session_state["predictions"], predictor, model, data, name, cam_method, shown
-            )
-        except InvalidImage as error:
-            st.error(f"**{name}** could not be used: {error}")
-            continue
-        rows.append(result_row(name, prediction))
-        picture, facts = st.columns([1, 1])
-        blended = overlay(shown, prediction.heatmap, alpha) if prediction.heatmap is not None else shown
-        if view == "Side by side":
-            one, two = picture.columns(2)
-            one.image(shown, caption=name, width="stretch")
-            two.image(blended, caption=f"{CAM_LABELS.get(cam_method, cam_method)} heatmap", width="stretch")
-        else:
-            picture.image(blended, caption=f"{name}: {CAM_LABELS.get(cam_method, cam_method)} heatmap", width="stretch")
-        verdict = VERDICT_TEXT.get(prediction.verdict, prediction.verdict)
-        show = {"benign": facts.success, "malignant": facts.error}.get(prediction.verdict, facts.warning)
-        show(f"**{verdict}** — {VERDICT_DETAIL.get(prediction.verdict, '')}")
-        facts.metric(
-            "P(malignant), calibrated",
-            f"{prediction.p_malignant:.1%}",
-            help="Above the decision threshold the verdict is malignant.",
-        )
-        facts.caption(
-            f"Decision threshold {prediction.decision_threshold:.1%}"
-            + (" — shown for transparency only: this photo was rejected." if prediction.verdict == "unknown" else "")
-        )
-        if prediction.ood_score is not None and math.isfinite(prediction.ood_score):
+@st.fragment
+def show_results(items: list[tuple[str, bytes]]) -> None:
+    """Controls and results: a slider or view change reruns only this part, never the uploader or gallery."""
+    left, middle, right = st.columns(3)
+    cam_method = left.selectbox("Heatmap method", CAM_METHODS, format_func=lambda m: CAM_LABELS.get(m, m))
+    alpha = middle.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05)
+    view = right.segmented_control("View", ["Overlay", "Side by side"], default="Overlay", required=True)
+    table = st.empty()
+
+    rows = []
+    for number, (name, data) in enumerate(items):
+        with st.container(border=True):
+            try:
+                shown = cached_display(st.session_state["predictions"], data, name)
+                prediction = cached_prediction(
+                    st.session_state["predictions"], predictor, model, data, name, cam_method, shown
+                )
+            except InvalidImage as error:
+                st.error(f"**{name}** could not be used: {error}")
+                continue
+            rows.append(result_row(name, prediction))
+            picture, facts = st.columns([1, 1])
+            blended = overlay(shown, prediction.heatmap, alpha) if prediction.heatmap is not None else shown
+            if view == "Side by side":
+                one, two = picture.columns(2)
+                one.image(shown, caption=name, width="stretch")
+                two.image(blended, caption=f"{CAM_LABELS.get(cam_method, cam_method)} heatmap", width="stretch")
+            else:
+                picture.image(
+                    blended, caption=f"{name}: {CAM_LABELS.get(cam_method, cam_method)} heatmap", width="stretch"
+                )
+            verdict = VERDICT_TEXT.get(prediction.verdict, prediction.verdict)
+            show = {"benign": facts.success, "malignant": facts.error}.get(prediction.verdict, facts.warning)
+            show(f"**{verdict}** — {VERDICT_DETAIL.get(prediction.verdict, '')}")
             facts.metric(
-                f"Out-of-distribution score ({prediction.ood_method})",
-                f"{prediction.ood_score:.4g}",
-                help="Higher means less like the lesions the model was trained on.",
+                "P(malignant), calibrated",
+                f"{prediction.p_malignant:.1%}",
+                help="Above the decision threshold the verdict is malignant.",
             )
             facts.caption(
-                f"Rejected above {prediction.ood_threshold:.4g}: {'accepted' if prediction.accepted else 'rejected'}."
+                f"Decision threshold {prediction.decision_threshold:.1%}"
+                + (
+                    " — shown for transparency only: this photo was rejected."
+                    if prediction.verdict == "unknown"
+                    else ""
+                )
             )
-        stem = name.rsplit(".", 1)[0]
-        if prediction.heatmap is not None:
-            heatmap = prediction.heatmap
+            if prediction.ood_score is not None and math.isfinite(prediction.ood_score):
+                facts.metric(
+                    f"Out-of-distribution score ({prediction.ood_method})",
+                    f"{prediction.ood_score:.4g}",
+                    help="Higher means less like the lesions the model was trained on.",
+                )
+                facts.caption(
+                    f"Rejected above {prediction.ood_threshold:.4g}: {'accepted' if prediction.accepted else 'rejected'}."
+                )
+            stem = name.rsplit(".", 1)[0]
+            if prediction.heatmap is not None:
+                heatmap = prediction.heatmap
+                facts.download_button(
+                    "Heatmap PNG",
+                    data=lambda h=heatmap: heatmap_png(h),
+                    file_name=f"{stem}-{cam_method}-heatmap.png",
+                    mime="image/png",
+                    on_click="ignore",
+                    key=f"png-{number}-{name}",
+                )
             facts.download_button(
-                "Heatmap PNG",
-                data=lambda h=heatmap: heatmap_png(h),
-                file_name=f"{stem}-{cam_method}-heatmap.png",
-                mime="image/png",
+                "Result JSON",
+                data=result_json(name, prediction, model),
+                file_name=f"{stem}-result.json",
+                mime="application/json",
                 on_click="ignore",
-                key=f"png-{number}-{name}",
+                key=f"json-{number}-{name}",
             )
-        facts.download_button(
-            "Result JSON",
-            data=result_json(name, prediction, model),
-            file_name=f"{stem}-result.json",
-            mime="application/json",
-            on_click="ignore",
-            key=f"json-{number}-{name}",
-        )
 
-if len(rows) > 1:
-    table.dataframe(rows, hide_index=True)
+    if len(rows) > 1:
+        table.dataframe(rows, hide_index=True)
+
+
+show_results(items)

@@ -157,6 +157,14 @@ def _named_bytes(data: bytes, name: str) -> Any:
     return stream
 
 
+def cached_display(cache: MutableMapping[Any, Any], data: bytes, name: str) -> Image.Image:
+    """:func:`display_image`, decoded once per image content (a 12-megapixel photo takes a while)."""
+    key = ("display", digest(data))
+    if key not in cache:
+        return _remember(cache, key, display_image(data, name))
+    return cache[key]
+
+
 def _resize_heatmap(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if heatmap.shape == (size[1], size[0]):
         return heatmap

@@ -65,11 +65,21 @@ def sidebar_model() -> None:
 
 
 def sidebar_job() -> None:
-    """A running training job, visible from every page."""
+    """A running training job, visible from every page and refreshed while it runs."""
     job = active_job(default_runs_dir())
-    if job is not None:
-        progress = read_progress(job.path)
-        st.sidebar.progress(progress["fraction"], text=f"Training {job.name}: {progress['fraction']:.0%}")
+    if job is None:
+        return
+
+    @st.fragment(run_every=5)
+    def job_progress() -> None:
+        running = active_job(default_runs_dir())
+        if running is None:
+            st.rerun()  # it finished: a full rerun lists the new model in the selector above
+        progress = read_progress(running.path)
+        st.progress(progress["fraction"], text=f"Training {running.name}: {progress['fraction']:.0%}")
+
+    with st.sidebar:
+        job_progress()
 
 
 sidebar_model()

@@ -76,7 +76,9 @@ with plots:
     if not images:
         st.caption("No plots beside this checkpoint.")
     columns = st.columns(2)
-    for index, (path, caption) in enumerate(images):
-        columns[index % 2].image(str(path), caption=f"{caption} ({split} split)" if path.stem != "curves" else caption)
+    for index, (path, caption) in enumerate(p for p in images if p[0].stem != "curves"):
+        columns[index % 2].image(str(path), caption=f"{caption} ({split} split)")
+    for path, caption in (p for p in images if p[0].stem == "curves"):
+        st.image(str(path), caption=caption, width="stretch")  # two panels side by side: give it the full width
 with limits:
     st.markdown(INTENDED_USE)

@@ -335,7 +335,9 @@ def histogram_chart(rows: Sequence[dict[str, Any]], threshold: float, method: st
         .encode(
             x=alt.X("score:Q", bin=alt.Bin(maxbins=30), title=f"{method} score (higher = less like a lesion)"),
             y=alt.Y("count():Q", stack=None, title="images"),
-            color=alt.Color("kind:N", title=None),
+            color=alt.Color(
+                "kind:N", title=None, scale=alt.Scale(domain=["lesion", "OOD photo"], range=["#2a9d8f", "#e76f51"])
+            ),
         )
     )
     rule = (

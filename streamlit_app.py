@@ -38,7 +38,7 @@ def sidebar_model() -> None:
     models = list_models(default_runs_dir(), default_extra_checkpoint())
     st.session_state["models"] = models
     if not models:
-        st.session_state["model"] = st.session_state["predictor"] = None
+        st.session_state["model"] = st.session_state["predictor"] = st.session_state["model_error"] = None
         st.sidebar.info("No trained model yet: see the Train page.")
         return
     keys = [entry.key for entry in models]
@@ -52,8 +52,12 @@ def sidebar_model() -> None:
         st.session_state["predictor"] = load_predictor(str(entry.path), entry.mtime)
     except Exception as error:  # an unreadable checkpoint must not take the whole app down
         st.session_state["predictor"] = None
+        st.session_state["model_error"] = (
+            f"The model {entry.name} could not be loaded: {error} Pick another one in the sidebar."
+        )
         st.sidebar.error(f"This model could not be loaded: {error}")
         return
+    st.session_state["model_error"] = None
     if entry.metrics:
         split = {"test": "held-out test split", "val": "validation split"}.get(entry.metrics_split, entry.metrics_split)
         st.sidebar.caption(f"Measured on the {split}:")

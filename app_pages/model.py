@@ -29,7 +29,7 @@ def summary(path: str, mtime: float) -> dict:
 model = st.session_state.get("model")
 st.title("Model card")
 if model is None or st.session_state.get("predictor") is None:
-    st.info(NO_MODEL_HELP)
+    st.info(st.session_state.get("model_error") or NO_MODEL_HELP)
     st.page_link("app_pages/train.py", label="Open the Train page", icon=":material/model_training:")
     st.stop()
 

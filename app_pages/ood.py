@@ -33,7 +33,7 @@ METHOD_NOTES = {
 st.title("Out-of-distribution threshold")
 predictor, model = st.session_state.get("predictor"), st.session_state.get("model")
 if predictor is None:
-    st.info(NO_MODEL_HELP)
+    st.info(st.session_state.get("model_error") or NO_MODEL_HELP)
     st.page_link("app_pages/train.py", label="Open the Train page", icon=":material/model_training:")
     st.stop()
 thresholds = dict(predictor.ood_thresholds or {})
@@ -73,10 +73,11 @@ for uploads, kind in ((own_ood, "OOD photo"), (own_lesions, "lesion")):
         except InvalidImage as error:
             st.error(f"**{upload.name}** could not be used: {error}")
             continue
-        gallery.append((f"yours: {upload.name}", data, kind, f"{upload.name} (uploaded as {kind})", shown))
+        gallery.append((f"your {kind}: {upload.name}", data, kind, f"{upload.name} (uploaded as {kind})", shown))
 
 with st.spinner("Scoring the gallery once…"):
     scores = cached_ood_scores(st.session_state["ood_scores"], predictor, model, [(g[0], g[1]) for g in gallery])
+gallery = [g for g in gallery if g[0] in scores]  # an image the network could not read has no score
 values = np.array([scores[g[0]][method] for g in gallery])
 is_ood = np.array([g[2] == "OOD photo" for g in gallery])
 

@@ -33,7 +33,7 @@ CAM_LABELS = {
 st.title("Benign or malignant?")
 predictor, model = st.session_state.get("predictor"), st.session_state.get("model")
 if predictor is None:
-    st.info(NO_MODEL_HELP)
+    st.info(st.session_state.get("model_error") or NO_MODEL_HELP)
     st.page_link("app_pages/train.py", label="Open the Train page", icon=":material/model_training:")
     st.stop()
 if "predictions" not in st.session_state:

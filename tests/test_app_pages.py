@@ -65,3 +65,19 @@ def test_extra_checkpoint_is_offered_first(trained_run: Path, tmp_path: Path, mo
     assert [i.value for i in at.main.info] == [
         "Upload a photo or tick a sample above to see what the model says."
     ]  # the Predict page is ready for an upload, not asking for a model
+
+
+def test_unreadable_checkpoint_is_reported_not_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"PK\x03\x04 not really a checkpoint")
+    monkeypatch.setenv("LESION_CHECKPOINT", str(broken))
+    monkeypatch.setenv("LESION_RUNS_DIR", str(tmp_path / "empty"))
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=120).run()
+    assert not at.exception
+    assert any("could not be loaded" in e.value and "broken.pt" in e.value for e in at.sidebar.error)
+    for page in PAGES:
+        at.switch_page(page).run()
+        assert not at.exception, page
+        if not page.endswith("train.py"):
+            (message,) = [i.value for i in at.main.info]
+            assert "could not be loaded" in message and "Pick another one" in message, page

@@ -25,8 +25,8 @@ from PIL import Image
 from lesion.images import MAX_BYTES, load_image
 from lesion.runs import PROJECT_ROOT, ModelEntry
 
-# How long the demo recipe takes on a 2-core laptop CPU, measured once (train/recipes/demo.toml).
-DEMO_TRAIN_MINUTES = 10
+# How long the demo recipe takes on 2 CPU cores: 3 min 56 s measured by the lead (README, "Figures").
+DEMO_TRAIN_MINUTES = 4
 DISCLAIMER = (
     "Demonstration only — not a diagnosis. This tool is not a medical device; "
     "a skin lesion that worries you belongs in front of a dermatologist."

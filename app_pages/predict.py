@@ -14,6 +14,7 @@ from lesion.app_support import (
     VERDICT_TEXT,
     cached_display,
     cached_prediction,
+    display_box,
     list_samples,
     result_json,
     result_row,
@@ -79,7 +80,10 @@ def show_results(items: list[tuple[str, bytes]]) -> None:
                 continue
             rows.append(result_row(name, prediction))
             picture, facts = st.columns([1, 1])
-            blended = overlay(shown, prediction.heatmap, alpha) if prediction.heatmap is not None else shown
+            blended = shown
+            if prediction.heatmap is not None:
+                blended = overlay(shown, prediction.heatmap, alpha, box=display_box(prediction, shown.size))
+            picture.caption("The outlined square is what the network saw; the colours show where it looked.")
             if view == "Side by side":
                 one, two = picture.columns(2)
                 one.image(shown, caption=name, width="stretch")

@@ -172,6 +172,17 @@ def _resize_heatmap(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
 
 
+def display_box(prediction: Any, size: tuple[int, int]) -> tuple[float, float, float, float] | None:
+    """The network's view (``Prediction.crop_box``, original pixels) in the shown image's pixels."""
+    box = getattr(prediction, "crop_box", None)
+    width, height = getattr(prediction, "image_width", 0), getattr(prediction, "image_height", 0)
+    if box is None or not width or not height:
+        return None
+    sx, sy = size[0] / width, size[1] / height
+    left, top, right, bottom = box
+    return (left * sx, top * sy, right * sx, bottom * sy)
+
+
 def count_predict_call(name: str) -> None:
     """Append a line to $LESION_PREDICT_COUNTER (used by bench/app.py to prove a rerun did not predict)."""
     path = os.environ.get("LESION_PREDICT_COUNTER")

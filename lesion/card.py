@@ -36,6 +36,20 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _describe_change(change: Any) -> str:
+    """One line for a threshold saved from the OOD page (lesion.runs.save_ood_threshold)."""
+    if not isinstance(change, dict):
+        return f"changed: {change}"
+    old, new = change.get("old_threshold"), change.get("new_threshold")
+    method, previous = change.get("method"), change.get("old_method")
+    switched = f" (detector in use was {previous})" if previous and previous != method else ""
+
+    def number(value: Any) -> str:
+        return f"{value:.4g}" if isinstance(value, (int, float)) else "n/a"
+
+    return f"{change.get('time', '?')}: {method} threshold set from {number(old)} to {number(new)} on the OOD page{switched}"
+
+
 def _metrics_table(metrics: dict[str, Any]) -> list[str]:
     keys = (
         "roc_auc",
@@ -108,7 +122,7 @@ def render_model_card(checkpoint: dict[str, Any], name: str = "model") -> str:
         note = f"; accepts {accepted:.1%} of test lesions" if accepted is not None else ""
         lines.append(f"  - {method}: threshold {float(stats['threshold']):.4f}{note}")
     for change in checkpoint.get("threshold_history", []):
-        lines.append(f"  - changed {change}")
+        lines.append(f"  - {_describe_change(change)}")
     lines += [
         "",
         "## Measured performance",

@@ -14,6 +14,7 @@ import os
 import random
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -48,22 +49,36 @@ from lesion.transforms import (
 EventCallback = Callable[[dict[str, Any]], None]
 
 
+class StoppedBeforeModel(LesionError):
+    """The user stopped the run before any epoch completed: nothing to finalize."""
+
+
 class StopFlag:
     """Set by SIGTERM / SIGINT: finish the batch, keep the last checkpoint, finalize the best epoch.
 
     A second signal restores the default handler, so pressing Ctrl-C twice still kills at once.
     """
 
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
     def __init__(self) -> None:
         self.requested = False
+        self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        # Signal handlers can only be set from the main thread; elsewhere (a caller's thread)
+        # the run simply cannot be stopped by a signal.
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
-        signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
 
 
 @dataclass
@@ -427,12 +442,14 @@ def run_training(config: TrainConfig, on_event: EventCallback | None = None) -> 
     try:
         return _train(config, run_dir, info, events, stop)
     except (LesionError, OSError) as error:
-        events.emit("error", message=str(error), reason="failed", kind=type(error).__name__)
+        reason = "stopped" if isinstance(error, StoppedBeforeModel) else "failed"
+        events.emit("error", message=str(error), reason=reason, kind=type(error).__name__)
         raise
     except Exception as error:
         events.emit("error", message=f"{type(error).__name__}: {error}", reason="failed", kind=type(error).__name__)
         raise
     finally:
+        stop.restore()
         cleanup(info)
 
 
@@ -555,7 +572,9 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
         barrier(info)
 
     if state.best_epoch == 0:
-        raise LesionError("Training stopped before the first epoch finished; no model was saved.")
+        if stop.requested:
+            raise StoppedBeforeModel("Stopped before the first epoch finished, so there is no model to keep.")
+        raise LesionError("Training ended before the first epoch finished; no model was saved.")
     from lesion.finalize import finalize
 
     result = None

@@ -148,3 +148,20 @@ def test_missing_dataset_fails_with_one_plain_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error:") and "Traceback" not in result.stderr
     assert str(tmp_path) in result.stderr
+
+
+def test_a_stop_before_the_first_epoch_is_reported_as_stopped(tmp_path: Path, cache_dir: Path) -> None:
+    import signal
+
+    from lesion.training import StoppedBeforeModel
+
+    def stop_at_start(event: dict) -> None:
+        if event["event"] == "start":
+            os.kill(os.getpid(), signal.SIGTERM)  # what the app's Stop button sends
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(StoppedBeforeModel):
+        run_training(_tiny_config(tmp_path / "stopped", cache_dir), on_event=stop_at_start)
+    last = list(iter_events(tmp_path / "stopped"))[-1]
+    assert last["event"] == "error" and last["reason"] == "stopped"
+    assert signal.getsignal(signal.SIGTERM) == before, "the caller's signal handlers are restored"

@@ -29,13 +29,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from lesion import ood  # noqa: E402
-from lesion.checkpoint import FORMAT, FORMAT_VERSION  # noqa: E402
+from lesion.checkpoint import new_checkpoint  # noqa: E402
 from lesion.explain import reference_cam  # noqa: E402
 from lesion.images import load_image  # noqa: E402
-from lesion.labels import CLASS_NAMES  # noqa: E402
 from lesion.model import build_model, feature_dim  # noqa: E402
 from lesion.predict import Predictor  # noqa: E402
-from lesion.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_size  # noqa: E402
 
 
 def median_seconds(runs: dict[str, Callable[[], object]], reps: int, warmup: int, device: torch.device) -> dict:
@@ -70,26 +68,8 @@ def build_checkpoint(arch: str, image_size: int) -> dict:
     train_logits = torch.randn(len(train_features), 2)
     labels = (torch.arange(len(train_features)) % 2).long()
     detectors = ood.fit_detectors(train_features, labels, train_logits, train_features[:200], train_logits[:200])
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "arch": arch,
-        "head": "linear",
-        "class_names": list(CLASS_NAMES),
-        "image_size": image_size,
-        "resize_size": resize_size(image_size),
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-        "state_dict": model.state_dict(),
-        "decision_threshold": 0.5,
-        "temperature": 1.0,
-        "ood": {"method": "mahalanobis", "detectors": detectors, "keep": 0.95},
-        "metrics": {},
-        "data": {},
-        "config": {},
-        "epoch": 0,
-        "created": "",
-    }
+    ood_state = {"method": "mahalanobis", "detectors": detectors, "keep": 0.95}
+    return new_checkpoint(model, arch, "linear", image_size, ood=ood_state)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,10 +31,12 @@ import os
 import pickle
 import tempfile
 import zipfile
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from lesion.errors import InvalidCheckpoint
 
@@ -55,6 +57,51 @@ REQUIRED_KEYS = (
     "temperature",
     "ood",
 )
+
+
+def new_checkpoint(
+    model: nn.Module,
+    arch: str,
+    head: str,
+    image_size: int,
+    ood: dict[str, Any] | None = None,
+    decision_threshold: float = 0.5,
+    temperature: float = 1.0,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A checkpoint dict with every key of the contract; ``extra`` adds or overrides keys.
+
+    The one place a checkpoint is assembled: training, benchmarks and test fixtures all call it.
+    """
+    from lesion import __version__
+    from lesion.labels import CLASS_NAMES
+    from lesion.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_size
+
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    checkpoint = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "arch": arch,
+        "head": head,
+        "class_names": list(CLASS_NAMES),
+        "image_size": image_size,
+        "resize_size": resize_size(image_size),
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "state_dict": {key: value.detach().cpu().clone() for key, value in model.state_dict().items()},
+        "decision_threshold": float(decision_threshold),
+        "temperature": float(temperature),
+        "ood": ood if ood is not None else {"method": "mahalanobis", "detectors": {}, "keep": 0.95},
+        "metrics": {},
+        "data": {},
+        "config": {},
+        "epoch": 0,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "lesion_version": __version__,
+    }
+    checkpoint.update(extra)
+    return checkpoint
 
 
 def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> Path:

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from lesion import data as lesion_data
-from lesion.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint, save_checkpoint, without_training_state
+from lesion.checkpoint import load_checkpoint, new_checkpoint, save_checkpoint, without_training_state
 from lesion.config import TrainConfig
 from lesion.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed, mean_across_ranks
 from lesion.errors import LesionError
@@ -38,8 +38,6 @@ from lesion.labels import CLASS_NAMES
 from lesion.metrics import binary_metrics
 from lesion.model import backbone_parameters, build_model, load_backbone_weights
 from lesion.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     BatchAugment,
     eval_transform,
     resize_size,
@@ -294,30 +292,10 @@ def make_checkpoint(
     config: TrainConfig, model: nn.Module, summary: dict[str, Any], epoch: int, **extra: Any
 ) -> dict[str, Any]:
     """Everything DESIGN.md's checkpoint contract asks for; calibration and OOD are filled by finalize."""
-    state = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
-    checkpoint = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "arch": config.arch,
-        "head": config.head,
-        "class_names": list(CLASS_NAMES),
-        "image_size": config.image_size,
-        "resize_size": resize_size(config.image_size),
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-        "state_dict": state,
-        "decision_threshold": 0.5,
-        "temperature": 1.0,
-        "ood": {"method": config.ood_method, "detectors": {}, "keep": config.ood_keep},
-        "metrics": {},
-        "data": summary,
-        "config": asdict(config),
-        "epoch": epoch,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "lesion_version": __import__("lesion").__version__,
-    }
-    checkpoint.update(extra)
-    return checkpoint
+    extra.setdefault("ood", {"method": config.ood_method, "detectors": {}, "keep": config.ood_keep})
+    return new_checkpoint(
+        model, config.arch, config.head, config.image_size, data=summary, config=asdict(config), epoch=epoch, **extra
+    )
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -8,7 +8,6 @@ takes about a second on 2 cores, so each test module can make its own.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +15,12 @@ import pandas as pd
 import torch
 
 from lesion import ood
-from lesion.checkpoint import FORMAT, FORMAT_VERSION, save_checkpoint
+from lesion.checkpoint import new_checkpoint, save_checkpoint
 from lesion.config import TrainConfig
 from lesion.images import load_image
-from lesion.labels import CLASS_NAMES, label_index
+from lesion.labels import label_index
 from lesion.model import build_model, forward_parts
-from lesion.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, resize_size
+from lesion.transforms import eval_transform, resize_size
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_LESIONS = REPO / "assets" / "samples" / "lesions"
@@ -68,26 +67,18 @@ def tiny_checkpoint_dict(
             features[:24], train_labels, logits[:24], features[24:32], logits[24:32], keep=0.95, k=3
         )
     config = TrainConfig(arch=arch, weights="none", image_size=image_size, epochs=1, knn_k=3)
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "arch": arch,
-        "head": "linear",
-        "class_names": list(CLASS_NAMES),
-        "image_size": image_size,
-        "resize_size": resize_size(image_size),
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-        "state_dict": {k: v.clone() for k, v in model.state_dict().items()},
-        "decision_threshold": 0.5,
-        "temperature": 1.5,
-        "ood": {"method": "mahalanobis", "detectors": detectors, "keep": 0.95},
-        "metrics": {"val": {"roc_auc": 0.5}, "test": {}},
-        "data": {"layout": "samples", "counts": {"train": 24, "val": 8}},
-        "config": config.__dict__.copy(),
-        "epoch": 1,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
+    return new_checkpoint(
+        model,
+        arch,
+        "linear",
+        image_size,
+        ood={"method": "mahalanobis", "detectors": detectors, "keep": 0.95},
+        temperature=1.5,
+        metrics={"val": {"roc_auc": 0.5}, "test": {}},
+        data={"layout": "samples", "counts": {"train": 24, "val": 8}},
+        config=config.__dict__.copy(),
+        epoch=1,
+    )
 
 
 def write_tiny_checkpoint(path: str | Path, **options: Any) -> Path:

@@ -222,7 +222,9 @@ def list_models(runs_dir: str | Path | None = None, extra_checkpoint: str | Path
         extra = Path(extra_checkpoint).resolve()
         metrics, split = _metrics_beside(extra)
         name = f"{extra.parent.name}/{extra.name}" if extra.name == MODEL_FILE else extra.name
-        entries.append(ModelEntry(name, extra, "LESION_CHECKPOINT", extra.stat().st_mtime, metrics, split))
+        # A checkpoint inside a run folder keeps its run (split.csv tells which samples it trained on).
+        run = read_run(extra.parent) if (extra.parent / "split.csv").is_file() else None
+        entries.append(ModelEntry(name, extra, "LESION_CHECKPOINT", extra.stat().st_mtime, metrics, split, run))
     seen = {entry.path for entry in entries}
     for run in list_runs(runs_dir):
         checkpoint = run.checkpoint.resolve()

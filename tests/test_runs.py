@@ -138,6 +138,15 @@ def test_list_models_has_complete_runs_and_the_extra_checkpoint(tmp_path: Path, 
     assert models[0].path == extra.resolve() and models[1].name == "tiny"
     assert models[1].metrics_split == "test" and "roc_auc" in models[1].metrics
     assert list_models(tmp_path / "missing", None) == []
+    assert models[0].run is None, "an exported file outside any run folder has no run"
+
+
+def test_extra_checkpoint_inside_a_run_folder_keeps_its_run(tmp_path: Path, trained_run: Path) -> None:
+    runs = tmp_path / "runs"
+    shutil.copytree(trained_run, runs / "tiny")
+    models = list_models(runs, runs / "tiny" / "model.pt")
+    assert [m.source for m in models] == ["LESION_CHECKPOINT"], "the same file is listed once"
+    assert models[0].run is not None and models[0].run.path == runs / "tiny"
 
 
 def test_save_ood_threshold_updates_checkpoint_history_and_card(tmp_path: Path, trained_run: Path) -> None:

@@ -16,9 +16,11 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
 import sys
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from lesion.images import ImageSource, load_image, load_image_with_size
 from lesion.model import build_model, forward_parts
 from lesion.transforms import eval_transform
 
+DECODE_THREADS = min(4, os.cpu_count() or 1)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif")
 
 
@@ -317,25 +320,36 @@ class Predictor:
         """
         images = list(images)
         results: list[Prediction | InvalidImage | None] = [None] * len(images)
-        for start in range(0, len(images), batch_size):
-            good: list[tuple[int, _Prepared]] = []
-            for index in range(start, min(start + batch_size, len(images))):
-                try:
-                    good.append((index, self._prepare(images[index])))
-                except InvalidImage as error:
-                    results[index] = error
-            if good:
-                predictions = self._run(
-                    [item for _, item in good],
-                    with_heatmap,
-                    cam_method,
-                    target,
-                    ood_method,
-                    decision_threshold,
-                    ood_threshold,
-                )
-                for (index, _), prediction in zip(good, predictions, strict=True):
-                    results[index] = prediction
+
+        def prepare(index: int) -> _Prepared | InvalidImage:
+            try:
+                return self._prepare(images[index])
+            except InvalidImage as error:
+                return error
+
+        # Decoding dominates once the forward pass runs on a GPU; Pillow releases the GIL while it
+        # decodes and resizes, so a few threads prepare a chunk in parallel.
+        with ThreadPoolExecutor(max_workers=DECODE_THREADS) as pool:
+            for start in range(0, len(images), batch_size):
+                indices = range(start, min(start + batch_size, len(images)))
+                good: list[tuple[int, _Prepared]] = []
+                for index, prepared in zip(indices, pool.map(prepare, indices), strict=True):
+                    if isinstance(prepared, InvalidImage):
+                        results[index] = prepared
+                    else:
+                        good.append((index, prepared))
+                if good:
+                    predictions = self._run(
+                        [item for _, item in good],
+                        with_heatmap,
+                        cam_method,
+                        target,
+                        ood_method,
+                        decision_threshold,
+                        ood_threshold,
+                    )
+                    for (index, _), prediction in zip(good, predictions, strict=True):
+                        results[index] = prediction
         return results  # type: ignore[return-value]
 
     def probabilities(self, paths: Iterable[ImageSource], batch_size: int = 32) -> np.ndarray:

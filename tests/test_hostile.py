@@ -7,6 +7,7 @@ its own time bound. ``python bench/hostile.py`` prints the same cases as a table
 
 from __future__ import annotations
 
+import io
 import math
 import pickle
 import re
@@ -231,10 +232,27 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
+class _TensorsIgnored(pickle.Unpickler):
+    """A plain unpickler for a torch zip's data.pkl: tensors become None, every other object is built."""
+
+    def persistent_load(self, pid: Any) -> None:
+        return None
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith("torch"):
+            return lambda *args, **kwargs: None
+        return super().find_class(module, name)
+
+
 def _unsafe_load(path: Path) -> None:
-    """What a careless loader would do (weights_only=False); the payload only creates a file in tmp_path."""
+    """What a careless loader does (a plain unpickle); the payload only creates a file in tmp_path.
+
+    Deliberately not torch.load(weights_only=False): the project never calls that, not even here.
+    """
     if zipfile.is_zipfile(path):
-        loaded = torch.load(path, map_location="cpu", weights_only=False)
+        with zipfile.ZipFile(path) as archive:
+            name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+            loaded = _TensorsIgnored(io.BytesIO(archive.read(name))).load()
     else:
         with path.open("rb") as stream:
             loaded = pickle.load(stream)

@@ -247,7 +247,7 @@ class _TensorsIgnored(pickle.Unpickler):
 def _unsafe_load(path: Path) -> None:
     """What a careless loader does (a plain unpickle); the payload only creates a file in tmp_path.
 
-    Deliberately not torch.load(weights_only=False): the project never calls that, not even here.
+    Deliberately not torch.load without weights_only: the project never loads that way, not even here.
     """
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:

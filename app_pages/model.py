@@ -8,7 +8,6 @@ import streamlit as st
 
 from lesion.app_support import METRIC_LABELS, NO_MODEL_HELP, checkpoint_summary, metrics_rows
 from lesion.card import INTENDED_USE, render_model_card
-from lesion.checkpoint import load_checkpoint
 from lesion.runs import CARD_FILE, read_json
 
 PLOT_CAPTIONS = {
@@ -20,12 +19,6 @@ PLOT_CAPTIONS = {
 }
 
 
-@st.cache_data(max_entries=4, show_spinner=False)
-def summary(path: str, mtime: float) -> dict:
-    """Plain values from the checkpoint, re-read whenever the file changes."""
-    return checkpoint_summary(path)
-
-
 model = st.session_state.get("model")
 st.title("Model card")
 if model is None or st.session_state.get("predictor") is None:
@@ -33,8 +26,8 @@ if model is None or st.session_state.get("predictor") is None:
     st.page_link("app_pages/train.py", label="Open the Train page", icon=":material/model_training:")
     st.stop()
 
-info = summary(str(model.path), model.mtime)
 folder = Path(model.path).parent
+info = checkpoint_summary(st.session_state["predictor"].checkpoint, folder.name)
 metrics = read_json(folder / "metrics.json") or info["metrics"]
 split = metrics.get("headline_split") or model.metrics_split or "test"
 st.caption(f"{model.path} · {info['arch']} at {info['image_size']} px · created {info['created']}")
@@ -54,7 +47,7 @@ with card:
     if card_file.is_file():
         st.markdown(card_file.read_text(encoding="utf-8"))
     else:
-        st.markdown(render_model_card(load_checkpoint(model.path), folder.name))
+        st.markdown(render_model_card(st.session_state["predictor"].checkpoint, folder.name))
 with numbers:
     st.markdown(f"Measured once after training; the headline figures come from the **{split}** split.")
     rows = metrics_rows(metrics)

@@ -437,14 +437,14 @@ def _scalar(value: Any) -> float | None:
     return round(float(value), 4) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def checkpoint_summary(path: str | Path) -> dict[str, Any]:
-    """Plain values the Model page shows (no tensors): thresholds, detectors, history, data."""
-    from lesion.checkpoint import load_checkpoint
+def checkpoint_summary(checkpoint: dict[str, Any], name: str) -> dict[str, Any]:
+    """Plain values the Model page shows (no tensors): thresholds, detectors, history, data.
 
-    checkpoint = load_checkpoint(path)
+    Takes the loaded predictor's checkpoint dict, so the page never reads the weights file again.
+    """
     ood = checkpoint.get("ood") or {}
     return {
-        "name": Path(path).parent.name,
+        "name": name,
         "arch": checkpoint.get("arch"),
         "head": checkpoint.get("head"),
         "image_size": checkpoint.get("image_size"),

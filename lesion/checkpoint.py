@@ -75,10 +75,10 @@ def new_checkpoint(
     """
     from lesion import __version__
     from lesion.labels import CLASS_NAMES
+    from lesion.model import unwrap
     from lesion.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_size
 
-    model = getattr(model, "module", model)  # DistributedDataParallel
-    model = getattr(model, "_orig_mod", model)  # torch.compile
+    model = unwrap(model)
     checkpoint = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -25,11 +25,11 @@ from lesion.metrics import binary_metrics, choose_threshold, expected_calibratio
 HEADLINE = ("roc_auc", "balanced_accuracy", "sensitivity", "specificity", "accuracy", "precision", "f1", "pr_auc")
 
 
-def _outputs(model, frame, cache, config, device, features: bool) -> dict[str, torch.Tensor]:
+def _outputs(model, frame, cache, config, device) -> dict[str, torch.Tensor]:
     from lesion.training import collect_outputs, make_loader
 
     loader = make_loader(config, frame, cache, DistInfo(), train=False, device=device)
-    return collect_outputs(model, loader, device, config, features=features)
+    return collect_outputs(model, loader, device, config, features=True)
 
 
 def _probabilities(logits: torch.Tensor, temperature: float = 1.0) -> np.ndarray:
@@ -59,9 +59,7 @@ def finalize(
     from lesion.training import make_checkpoint
 
     frames = {fold: df[df["fold"] == fold].reset_index(drop=True) for fold in ("train", "val", "test")}
-    outs = {
-        fold: _outputs(model, frame, cache, config, device, features=fold != "test") for fold, frame in frames.items()
-    }
+    outs = {fold: _outputs(model, frame, cache, config, device) for fold, frame in frames.items()}
     val, test = outs["val"], outs["test"]
 
     temperature = fit_temperature(val["logits"], val["labels"])
@@ -84,9 +82,8 @@ def finalize(
         "val": _split_metrics(val, frames["val"], temperature, threshold),
         "test": _split_metrics(test, frames["test"], temperature, threshold),
     }
-    test_features = _outputs(model, frames["test"], cache, config, device, features=True)["features"]
     metrics["ood_test_lesions_accepted"] = {
-        name: float((ood.score(name, stats, test_features, test["logits"]) <= stats["threshold"]).float().mean())
+        name: float((ood.score(name, stats, test["features"], test["logits"]) <= stats["threshold"]).float().mean())
         for name, stats in detectors.items()
     }
     best_epoch = max(history, key=lambda r: r["val_roc_auc"] if r["val_roc_auc"] is not None else -1)["epoch"]

@@ -124,3 +124,9 @@ def forward_parts(model: models.ResNet, x: torch.Tensor) -> tuple[torch.Tensor, 
     features = torch.flatten(model.avgpool(activations), 1)
     logits = model.fc(features)
     return activations, features, logits
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DistributedDataParallel and torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)

@@ -36,7 +36,7 @@ from lesion.errors import LesionError
 from lesion.events import EventWriter
 from lesion.labels import CLASS_NAMES
 from lesion.metrics import binary_metrics
-from lesion.model import backbone_parameters, build_model, load_backbone_weights
+from lesion.model import backbone_parameters, build_model, forward_parts, load_backbone_weights, unwrap
 from lesion.transforms import (
     BatchAugment,
     eval_transform,
@@ -298,12 +298,6 @@ def make_checkpoint(
     )
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DDP and torch.compile wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
 def training_state(optimizer, scheduler, state: TrainState) -> dict[str, Any]:
     return {
         "optimizer": optimizer.state_dict(),
@@ -371,8 +365,6 @@ def collect_outputs(
     model: nn.Module, loader: DataLoader, device: torch.device, config: TrainConfig, features: bool = False
 ) -> dict[str, torch.Tensor]:
     """Logits (and pooled features) of every image in the loader's order, on the CPU."""
-    from lesion.model import forward_parts
-
     model = unwrap(model).eval()
     outputs: dict[str, list[torch.Tensor]] = {"logits": [], "labels": [], "features": []}
     memory_format = torch.channels_last if config.channels_last and device.type == "cuda" else torch.contiguous_format

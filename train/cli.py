@@ -9,6 +9,7 @@ Defaults come from lesion.config.TrainConfig, then the recipe, then the --key=va
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import fields
 from typing import Any
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone reports
         _print_summary(path)
     return 0
 

@@ -157,3 +157,42 @@ def resize_short_side(image: Image.Image, short_side: int) -> Image.Image:
     if size == image.size:
         return image
     return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
+
+
+def jpeg_for_device(source: ImageSource) -> tuple[bytes, tuple[int, int]] | None:
+    """The bytes and (width, height) of a JPEG a GPU decoder can take as is; None for anything else.
+
+    Only plain baseline cases qualify: a path or bytes holding a complete RGB or grayscale JPEG
+    within the size limits and without an EXIF rotation. Everything else (other formats, CMYK,
+    rotated, truncated, too large or too small, unreadable) returns None, so the caller sends it
+    through :func:`load_image_with_size`, which decodes it on the CPU or raises the same
+    :class:`InvalidImage` as always: a device decoder never changes which images are refused.
+    """
+    if isinstance(source, (bytes, bytearray)):
+        data = bytes(source)
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        try:
+            if not path.is_file() or path.stat().st_size > MAX_BYTES:
+                return None
+            data = path.read_bytes()
+        except OSError:
+            return None
+    else:
+        return None
+    # SOI at the start and EOI at the end (some writers pad with zeros): a cut-off file is left
+    # to Pillow, which names it damaged; a device decoder might fill the rest with grey instead.
+    if len(data) > MAX_BYTES or not data.startswith(b"\xff\xd8") or not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        return None
+    try:
+        with _OPEN_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+        usable = image.format == "JPEG" and image.mode in ("RGB", "L") and orientation in (0, 1)
+    except Exception:  # noqa: BLE001 - anything odd goes the CPU way, which reports it properly
+        return None
+    if not usable or width * height > MAX_PIXELS or min(width, height) < MIN_SIDE:
+        return None
+    return data, (width, height)

@@ -31,9 +31,15 @@ import torch
 from lesion import explain, ood
 from lesion.checkpoint import check_checkpoint, load_checkpoint
 from lesion.errors import InvalidCheckpoint, InvalidImage, LesionError
-from lesion.images import ImageSource, load_image, load_image_with_size
+from lesion.images import ImageSource, jpeg_for_device, load_image, load_image_with_size
 from lesion.model import build_model, forward_parts
-from lesion.transforms import eval_transform
+from lesion.transforms import (
+    centre_crop_uint8,
+    crop_origin,
+    eval_transform,
+    normalise_batch,
+    resize_short_side_tensor,
+)
 
 DECODE_THREADS = min(4, os.cpu_count() or 1)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif")
@@ -99,7 +105,7 @@ class Prediction:
 class _Prepared:
     """One decoded, preprocessed image and what is needed to map the heatmap back onto it."""
 
-    tensor: torch.Tensor
+    pixels: torch.Tensor  # the network's view, 3 x S x S uint8: on the CPU, or on the device that decoded it
     original_size: tuple[int, int]  # (width, height)
     crop_box: tuple[float, float, float, float]  # the network's view, in original pixels
     decode_s: float
@@ -122,7 +128,11 @@ class Predictor:
         self.resize_size = int(checkpoint["resize_size"])
         self.temperature = float(checkpoint["temperature"])
         self.decision_threshold = float(checkpoint["decision_threshold"])
-        self.transform = eval_transform(self.image_size, checkpoint["mean"], checkpoint["std"])
+        self.mean = [float(v) for v in checkpoint["mean"]]
+        self.std = [float(v) for v in checkpoint["std"]]
+        # Kept for callers that preprocess one PIL image themselves; the predictor crops uint8 pixels
+        # and normalises whole batches with the same operations (see lesion.transforms.normalise_batch).
+        self.transform = eval_transform(self.image_size, self.mean, self.std)
         self.model = _build(checkpoint).to(self.device).eval()
         ood_entry = checkpoint.get("ood") or {}
         # Stats as float32 on the device once, so scoring converts nothing per call.
@@ -168,22 +178,88 @@ class Predictor:
     # --- preprocessing ----------------------------------------------------------------------
 
     def _prepare(self, image: ImageSource) -> _Prepared:
+        """Decode and resize on the CPU (Pillow), then cut the centre crop; InvalidImage if unreadable."""
         started = time.perf_counter()
         decoded, original_size = load_image_with_size(image, self.resize_size)
         decoded_at = time.perf_counter()
-        tensor = self.transform(decoded)
+        pixels = centre_crop_uint8(decoded, self.image_size)
         return _Prepared(
-            tensor=tensor,
+            pixels=pixels,
             original_size=original_size,
             crop_box=self._crop_box(decoded.size, original_size),
             decode_s=decoded_at - started,
             preprocess_s=time.perf_counter() - decoded_at,
         )
 
+    def _prepare_or_error(self, image: ImageSource) -> _Prepared | InvalidImage:
+        try:
+            return self._prepare(image)
+        except InvalidImage as error:
+            return error
+
+    def _prepare_on_device(self, jpegs: Sequence[tuple[bytes, tuple[int, int]]]) -> list[_Prepared] | None:
+        """Decode JPEGs on the GPU in one batched call, then resize and crop them there.
+
+        None when the decoder refuses the batch: the caller then takes the CPU path for these
+        images, which either reads them or raises the usual InvalidImage.
+        """
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        started = time.perf_counter()
+        try:
+            encoded = [torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()) for data, _ in jpegs]
+            decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:
+            return None
+        decoded_at = time.perf_counter()
+        prepared = []
+        for image, (_, original_size) in zip(decoded, jpegs, strict=True):
+            resized = resize_short_side_tensor(image, self.resize_size)
+            height, width = resized.shape[1:]
+            left, top = crop_origin(width, height, self.image_size)
+            crop = resized[:, top : top + self.image_size, left : left + self.image_size]
+            prepared.append(_Prepared(crop, original_size, self._crop_box((width, height), original_size), 0.0, 0.0))
+        share = len(prepared)  # one batched decode: its time is shared equally
+        preprocess_s = (time.perf_counter() - decoded_at) / share
+        for item in prepared:
+            item.decode_s, item.preprocess_s = (decoded_at - started) / share, preprocess_s
+        return prepared
+
+    def _prepare_chunk(self, images: Sequence[ImageSource], pool: ThreadPoolExecutor) -> list[_Prepared | InvalidImage]:
+        """Every image of a chunk, decoded in ``pool``'s threads (and JPEGs on the GPU when there is one)."""
+        results: list[_Prepared | InvalidImage | None] = [None] * len(images)
+        if self.device.type == "cuda":
+            # Reading the files and their headers is I/O: threads. The decoding itself is one call.
+            jpegs = list(pool.map(jpeg_for_device, images))
+            chosen = [i for i, jpeg in enumerate(jpegs) if jpeg is not None]
+            on_device = self._prepare_on_device([jpegs[i] for i in chosen]) if chosen else None
+            for index, item in zip(chosen, on_device or [], strict=False):
+                results[index] = item
+        rest = [i for i, item in enumerate(results) if item is None]
+        for index, item in zip(rest, pool.map(self._prepare_or_error, [images[i] for i in rest]), strict=True):
+            results[index] = item
+        return results  # type: ignore[return-value]
+
+    def _batch(self, prepared: Sequence[_Prepared]) -> torch.Tensor:
+        """The normalised float batch on the predictor's device.
+
+        uint8 crops travel (a quarter of the bytes of floats), through pinned memory and a
+        non-blocking copy on CUDA; normalising happens once for the batch, where the model runs.
+        """
+        pixels = [item.pixels for item in prepared]
+        if self.device.type == "cuda":
+            on_host = [i for i, tensor in enumerate(pixels) if tensor.device.type == "cpu"]
+            if on_host:
+                moved = torch.stack([pixels[i] for i in on_host]).pin_memory().to(self.device, non_blocking=True)
+                for j, i in enumerate(on_host):
+                    pixels[i] = moved[j]
+        batch = torch.stack(pixels).to(self.device)
+        return normalise_batch(batch, self.mean, self.std)
+
     def _crop_box(self, resized: tuple[int, int], original: tuple[int, int]) -> tuple[float, float, float, float]:
         """The centre crop (torchvision's rounding) in original-image pixels: left, top, right, bottom."""
         (width, height), crop = resized, self.image_size
-        left, top = int(round((width - crop) / 2.0)), int(round((height - crop) / 2.0))
+        left, top = crop_origin(width, height, crop)
         sx, sy = original[0] / width, original[1] / height
         return left * sx, top * sy, (left + crop) * sx, (top + crop) * sy
 
@@ -202,9 +278,8 @@ class Predictor:
         cam_method = explain.check_method(cam_method)
         method = self._check_ood_method(ood_method) if ood_method else self.ood_method
         decision = self.decision_threshold if decision_threshold is None else float(decision_threshold)
-        batch = torch.stack([item.tensor for item in prepared]).to(self.device)
-
         started = time.perf_counter()
+        batch = self._batch(prepared)
         with torch.no_grad():
             activations, features, logits = forward_parts(self.model, batch)
         probabilities = torch.softmax(logits.float() / self.temperature, dim=1).cpu()
@@ -223,8 +298,13 @@ class Predictor:
 
         started = time.perf_counter()
         with torch.no_grad():
-            scores = {name: ood.score(name, stats, features, logits).cpu() for name, stats in self.detectors.items()}
+            # One copy to the host for every detector: each .cpu() would wait for the device.
+            names = list(self.detectors)
+            stacked = [ood.score(name, self.detectors[name], features, logits).float().reshape(-1) for name in names]
+            columns = torch.stack(stacked, dim=1).cpu().tolist() if names else [[] for _ in prepared]
+        scores = {name: [row[j] for row in columns] for j, name in enumerate(names)}
         ood_s = time.perf_counter() - started
+        p_list, probability_rows, target_list = p_malignant.tolist(), probabilities.tolist(), targets.tolist()
 
         threshold = self.ood_thresholds.get(method, float("nan")) if ood_threshold is None else float(ood_threshold)
         results = []
@@ -236,10 +316,10 @@ class Predictor:
                 placed_at = time.perf_counter()
                 heatmap = explain.place_in_image(low_res[i], item.original_size, item.crop_box)
                 extra = time.perf_counter() - placed_at
-            ood_scores = {name: float(values[i]) for name, values in scores.items()}
+            ood_scores = {name: float(values[i]) for name, values in scores.items()}  # plain floats: no tensor indexing
             ood_score = ood_scores.get(method, float("nan"))
             accepted = not (ood_score > threshold)  # nan (no detector) is accepted
-            p = float(p_malignant[i])
+            p = float(p_list[i])
             verdict = "unknown" if not accepted else ("malignant" if p >= decision else "benign")
             timings = {
                 "decode": item.decode_s,
@@ -261,11 +341,11 @@ class Predictor:
                     ood_scores=ood_scores,
                     heatmap=heatmap,
                     cam_method=cam_method,
-                    target=int(targets[i]),
+                    target=int(target_list[i]),
                     timings=timings,
                     image_width=item.original_size[0],
                     image_height=item.original_size[1],
-                    probabilities={name: float(probabilities[i, j]) for j, name in enumerate(self.class_names)},
+                    probabilities={name: float(probability_rows[i][j]) for j, name in enumerate(self.class_names)},
                     crop_box=tuple(float(v) for v in item.crop_box),
                 )
             )
@@ -296,12 +376,21 @@ class Predictor:
         ``decision_threshold`` and ``ood_threshold`` override the checkpoint's for this call.
         """
         started = time.perf_counter()
-        prepared = self._prepare(image)
+        prepared = self._prepare_one(image)
         prediction = self._run(
             [prepared], with_heatmap, cam_method, target, ood_method, decision_threshold, ood_threshold
         )[0]
         prediction.timings["total"] = time.perf_counter() - started
         return prediction
+
+    def _prepare_one(self, image: ImageSource) -> _Prepared:
+        """One image: a plain JPEG is decoded on the GPU when the predictor runs on one."""
+        if self.device.type == "cuda":
+            jpeg = jpeg_for_device(image)
+            prepared = self._prepare_on_device([jpeg]) if jpeg is not None else None
+            if prepared:
+                return prepared[0]
+        return self._prepare(image)
 
     def predict_batch(
         self,
@@ -319,21 +408,26 @@ class Predictor:
         An unreadable image yields its :class:`InvalidImage` at its place; the batch goes on.
         """
         images = list(images)
+        batch_size = max(1, int(batch_size))
         results: list[Prediction | InvalidImage | None] = [None] * len(images)
+        starts = range(0, len(images), batch_size)
 
-        def prepare(index: int) -> _Prepared | InvalidImage:
-            try:
-                return self._prepare(images[index])
-            except InvalidImage as error:
-                return error
+        # Two stages in flight: while the model scores chunk k, chunk k+1 is read and decoded
+        # (Pillow releases the GIL; on a GPU, JPEGs are decoded there in one batched call).
+        with (
+            ThreadPoolExecutor(max_workers=DECODE_THREADS) as pool,
+            ThreadPoolExecutor(max_workers=1) as ahead,
+        ):
 
-        # Decoding dominates once the forward pass runs on a GPU; Pillow releases the GIL while it
-        # decodes and resizes, so a few threads prepare a chunk in parallel.
-        with ThreadPoolExecutor(max_workers=DECODE_THREADS) as pool:
-            for start in range(0, len(images), batch_size):
-                indices = range(start, min(start + batch_size, len(images)))
+            def prepare(start: int):
+                return ahead.submit(self._prepare_chunk, images[start : start + batch_size], pool)
+
+            pending = prepare(starts[0]) if starts else None
+            for k, start in enumerate(starts):
+                chunk = pending.result()
+                pending = prepare(starts[k + 1]) if k + 1 < len(starts) else None
                 good: list[tuple[int, _Prepared]] = []
-                for index, prepared in zip(indices, pool.map(prepare, indices), strict=True):
+                for index, prepared in enumerate(chunk, start=start):
                     if isinstance(prepared, InvalidImage):
                         results[index] = prepared
                     else:

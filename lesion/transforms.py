@@ -38,6 +38,56 @@ def eval_transform(
     return v2.Compose([v2.CenterCrop(image_size), *_to_normalised(mean, std)])
 
 
+def crop_origin(width: int, height: int, crop: int) -> tuple[int, int]:
+    """(left, top) of a centre ``crop`` square, rounded as torchvision's CenterCrop rounds."""
+    return int(round((width - crop) / 2.0)), int(round((height - crop) / 2.0))
+
+
+def centre_crop_uint8(image: Image.Image | np.ndarray, crop: int) -> torch.Tensor:
+    """The centre ``crop`` square of an RGB image (already resized by ``load_image``) as C x H x W uint8.
+
+    Cropping the uint8 pixels before any float conversion is what lets the predictor normalise
+    whole batches at once (:func:`normalise_batch`), on the device, with the same numbers.
+    """
+    array = np.asarray(image)
+    height, width = array.shape[:2]
+    if min(height, width) < crop:
+        raise ValueError(f"image of {width}x{height} is smaller than the {crop} px crop")
+    left, top = crop_origin(width, height, crop)
+    window = array[top : top + crop, left : left + crop]
+    return torch.from_numpy(np.ascontiguousarray(window.transpose(2, 0, 1)))
+
+
+def normalise_batch(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 N x 3 x H x W to normalised float32, with :func:`eval_transform`'s very operations.
+
+    (ToDtype multiplies by 1/255, Normalize subtracts the mean and divides by the std; doing the
+    same in the same order gives the same floats, on whole batches and on any device.)
+    """
+    x = images.to(torch.float32).mul_(1.0 / 255)
+    mean_t = torch.as_tensor(list(mean), dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    std_t = torch.as_tensor(list(std), dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    return x.sub_(mean_t).div_(std_t)
+
+
+def resize_short_side_tensor(image: torch.Tensor, short_side: int) -> torch.Tensor:
+    """:func:`lesion.images.resize_short_side` for a C x H x W uint8 tensor on any device.
+
+    Same output size, and the same filter: bilinear with antialiasing, which torch implements
+    after Pillow's. Values are rounded back to uint8 as Pillow's are; they can differ from
+    Pillow's by a level here and there (a GPU decoder's pixels also differ slightly from libjpeg's).
+    """
+    _, height, width = image.shape
+    scale = short_side / min(width, height)
+    size = (max(short_side, round(height * scale)), max(short_side, round(width * scale)))
+    if size == (height, width):
+        return image
+    resized = torch.nn.functional.interpolate(
+        image[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False
+    )[0]
+    return resized.round_().clamp_(0, 255).to(torch.uint8)
+
+
 # Training augmentation runs in two parts. Loader workers only cut a random square of the cached
 # image (already resized to resize_size) and ship it as uint8: a slice and a copy, so a few workers
 # feed a GPU. Everything per-pixel -- rotation, random resized crop, flips, colour jitter and

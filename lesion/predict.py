@@ -9,6 +9,10 @@ P(malignant). A :class:`Predictor` holds no per-call state, so one instance can 
 Command line::
 
     python -m lesion.predict --checkpoint runs/demo/model.pt --out results.csv [--heatmaps DIR] PATH...
+    torchrun --nproc_per_node=4 -m lesion.predict --device cuda --checkpoint ... --out results.csv PATH...
+
+``predict_batch`` keeps a GPU busy: the next chunk is read and decoded (plain JPEGs on the GPU
+itself) while the current one is scored; crops travel as uint8 and are normalised per batch.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +34,7 @@ import torch
 
 from lesion import explain, ood
 from lesion.checkpoint import check_checkpoint, load_checkpoint
+from lesion.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
 from lesion.errors import InvalidCheckpoint, InvalidImage, LesionError
 from lesion.images import ImageSource, jpeg_for_device, load_image, load_image_with_size
 from lesion.model import build_model, forward_parts
@@ -528,19 +533,60 @@ def _row(path: Path, result: Prediction | InvalidImage, detector_names: list[str
     return row
 
 
+def _score(
+    predictor: Predictor, images: Sequence[Path], args: argparse.Namespace, heatmap_dir: Path | None, bar: Any
+) -> Iterator[tuple[dict[str, Any], bool]]:
+    """(CSV row, whether the image was read) per image, in order, scored ``--batch-size`` at a time."""
+    names = list(predictor.detectors)
+    # Several batches per call keep predict_batch's decode-ahead busy; few enough that rows stream
+    # out and image-sized heatmaps do not pile up in memory.
+    group = args.batch_size * (2 if heatmap_dir is not None else 16)
+    for start in range(0, len(images), group):
+        chunk = images[start : start + group]
+        results = predictor.predict_batch(
+            chunk, batch_size=args.batch_size, with_heatmap=heatmap_dir is not None, cam_method=args.cam_method
+        )
+        for path, result in zip(chunk, results, strict=True):
+            if isinstance(result, Prediction) and heatmap_dir is not None and result.heatmap is not None:
+                explain.overlay(load_image(path), result.heatmap).save(heatmap_dir / f"{path.stem}_heatmap.png")
+            bar.update(1)
+            yield _row(path, result, names), isinstance(result, Prediction)
+
+
+def _device_for(name: str, info: DistInfo) -> str:
+    """Under torchrun, a bare ``cuda`` means this process's own GPU (LOCAL_RANK)."""
+    return f"cuda:{info.local_rank}" if name == "cuda" and info.enabled else name
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 1 no image readable, 2 bad checkpoint or no inputs)."""
+    """Run the CLI; returns the exit status (0 ok, 1 no image readable, 2 bad checkpoint or no inputs).
+
+    Under ``torchrun --nproc_per_node=N`` each process scores every N-th input (a disjoint shard of
+    the sorted input list) and rank 0 writes the one CSV, rows in the same order as a single run.
+    """
     from tqdm import tqdm
 
     args = get_args_parser().parse_args(argv)
+    info = init_distributed("cuda" if args.device.startswith("cuda") else "cpu")
+    try:
+        return _main(args, info, tqdm)
+    finally:
+        cleanup(info)
+
+
+def _main(args: argparse.Namespace, info: DistInfo, tqdm: Any) -> int:
     images = find_images(args.paths)
     if not images:
-        print("error: no input images (give image files or folders containing .jpg, .png, ...)", file=sys.stderr)
+        if info.is_main:
+            print("error: no input images (give image files or folders containing .jpg, .png, ...)", file=sys.stderr)
         return 2
     try:
-        predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, ood_method=args.ood_method)
+        predictor = Predictor.from_checkpoint(
+            args.checkpoint, device=_device_for(args.device, info), ood_method=args.ood_method
+        )
     except (LesionError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        if info.is_main:
+            print(f"error: {error}", file=sys.stderr)
         return 2
     heatmap_dir = Path(args.heatmaps) if args.heatmaps else None
     if heatmap_dir:
@@ -549,26 +595,34 @@ def main(argv: list[str] | None = None) -> int:
     columns = ["path", "verdict", "p_malignant", "decision_threshold", "ood_method", "ood_score", "ood_threshold"]
     columns += ["accepted", "cam_method", "image_width", "image_height", "error"] + [f"ood_{n}" for n in names]
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    processed = 0
-    with out.open("w", newline="") as handle, tqdm(total=len(images), unit="img", file=sys.stderr) as bar:
-        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
-        writer.writeheader()
-        for start in range(0, len(images), args.batch_size):
-            chunk = images[start : start + args.batch_size]
-            results = predictor.predict_batch(
-                chunk, batch_size=args.batch_size, with_heatmap=heatmap_dir is not None, cam_method=args.cam_method
-            )
-            for path, result in zip(chunk, results, strict=True):
-                if isinstance(result, Prediction):
-                    processed += 1
-                    if heatmap_dir is not None and result.heatmap is not None:
-                        original = load_image(path)
-                        explain.overlay(original, result.heatmap).save(heatmap_dir / f"{path.stem}_heatmap.png")
-                writer.writerow(_row(path, result, names))
-            bar.update(len(chunk))
+    shard = images[info.rank :: info.world_size]
+    with tqdm(total=len(shard), unit="img", file=sys.stderr, disable=not info.is_main) as bar:
+        if not info.enabled:
+            # One process: rows are written as they come, so a long run leaves a partial CSV behind.
+            out.parent.mkdir(parents=True, exist_ok=True)
+            processed = 0
+            with out.open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+                writer.writeheader()
+                for row, ok in _score(predictor, images, args, heatmap_dir, bar):
+                    writer.writerow(row)
+                    processed += ok
+        else:
+            scored = list(_score(predictor, shard, args, heatmap_dir, bar))
+            shards = all_gather_objects(scored, info)
+            processed = sum(ok for part in shards for _, ok in part)
+            if info.is_main:
+                # Input i went to rank i % N as that rank's (i // N)-th item: interleave back.
+                rows = [shards[i % info.world_size][i // info.world_size][0] for i in range(len(images))]
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with out.open("w", newline="") as handle:
+                    writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+                    writer.writeheader()
+                    writer.writerows(rows)
+            barrier(info)
     if not processed:
-        print(f"error: none of the {len(images)} input(s) could be read as an image; see {out}", file=sys.stderr)
+        if info.is_main:
+            print(f"error: none of the {len(images)} input(s) could be read as an image; see {out}", file=sys.stderr)
         return 1
     return 0
 

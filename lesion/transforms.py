@@ -70,21 +70,33 @@ def normalise_batch(images: torch.Tensor, mean: Sequence[float], std: Sequence[f
     return x.sub_(mean_t).div_(std_t)
 
 
-def resize_short_side_tensor(image: torch.Tensor, short_side: int) -> torch.Tensor:
-    """:func:`lesion.images.resize_short_side` for a C x H x W uint8 tensor on any device.
+def _draft_step(width: int, height: int, scale: float) -> int:
+    """The 1/step scale Pillow's JPEG draft mode picks for ``load_image`` (1 when it decodes in full)."""
+    wanted = (max(1, int(width * scale)) + 1, max(1, int(height * scale)) + 1)
+    ratio = min(width // wanted[0], height // wanted[1])
+    return next(step for step in (8, 4, 2, 1) if ratio >= step)
 
-    Same output size, and the same filter: bilinear with antialiasing, which torch implements
-    after Pillow's. Values are rounded back to uint8 as Pillow's are; they can differ from
-    Pillow's by a level here and there (a GPU decoder's pixels also differ slightly from libjpeg's).
+
+def resize_short_side_tensor(image: torch.Tensor, short_side: int) -> torch.Tensor:
+    """What ``load_image(jpeg, short_side)`` makes of a JPEG, for its fully decoded C x H x W uint8 tensor.
+
+    Same output size and the same path: draft mode's 1/2, 1/4 or 1/8 scale (as block averages),
+    then bilinear with antialiasing, which torch implements after Pillow's, rounded to uint8.
+    Pixels differ from Pillow's by a fraction of a level on average (libjpeg's DCT scaling is not
+    exactly a block average, and a GPU decoder's IDCT is not libjpeg's); the geometry is the same.
     """
     _, height, width = image.shape
     scale = short_side / min(width, height)
     size = (max(short_side, round(height * scale)), max(short_side, round(width * scale)))
     if size == (height, width):
         return image
-    resized = torch.nn.functional.interpolate(
-        image[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False
-    )[0]
+    x = image[None].float()
+    step = _draft_step(width, height, scale)
+    if step > 1:
+        # Pillow decodes such JPEGs in draft mode, at 1/step scale (DCT scaling, close to a box
+        # filter); averaging step x step blocks first follows the same path to the same pixels.
+        x = torch.nn.functional.avg_pool2d(x, step, step, ceil_mode=True)
+    resized = torch.nn.functional.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)[0]
     return resized.round_().clamp_(0, 255).to(torch.uint8)
 
 

@@ -543,8 +543,19 @@ class LesionDataset(torch.utils.data.Dataset):
         path = self.paths[index]
         return self.cache.get(path) if self.cache is not None else load_image(path, self.short_side)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        # A training sampler hands (index, seed): the sample's randomness then comes from its own
+        # seed, not from whichever loader worker draws it or how long that worker has lived, so
+        # persistent workers and resumed runs see the same augmentation as a fresh run.
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        transform = self.transform
+        if seed is not None and getattr(transform, "accepts_generator", False):
+            generator = torch.Generator().manual_seed(int(seed))
+
+            def transform(image):
+                return self.transform(image, generator=generator)
+
         if self.cache is not None and getattr(self.transform, "accepts_array", False):
             # Training's worker transform slices arrays directly: no PIL image is built.
-            return self.transform(self.cache.get_array(self.paths[index])), self.labels[index]
-        return self.transform(self.load(index)), self.labels[index]
+            return transform(self.cache.get_array(self.paths[index])), self.labels[index]
+        return transform(self.load(index)), self.labels[index]

@@ -133,21 +133,23 @@ class RandomSquare:
     """A random ``side`` x ``side`` window of an image as a C x H x W uint8 tensor.
 
     Takes a PIL image or an H x W x 3 array (the cache hands arrays over directly: a slice and one
-    copy, no PIL round trip). Positions come from torch's generator, seeded per loader worker.
+    copy, no PIL round trip). Positions come from ``generator`` when given (training passes one
+    seeded per sample), else from torch's global generator.
     """
 
     accepts_array = True
+    accepts_generator = True
 
     def __init__(self, side: int) -> None:
         self.side = side
 
-    def __call__(self, image: Image.Image | np.ndarray) -> torch.Tensor:
+    def __call__(self, image: Image.Image | np.ndarray, generator: torch.Generator | None = None) -> torch.Tensor:
         array = np.asarray(image)
         height, width = array.shape[:2]
         if min(height, width) < self.side:
             raise ValueError(f"image of {width}x{height} is smaller than the {self.side} px square")
-        top = int(torch.randint(0, height - self.side + 1, ()))
-        left = int(torch.randint(0, width - self.side + 1, ()))
+        top = int(torch.randint(0, height - self.side + 1, (), generator=generator))
+        left = int(torch.randint(0, width - self.side + 1, (), generator=generator))
         window = array[top : top + self.side, left : left + self.side]
         return torch.from_numpy(np.ascontiguousarray(window.transpose(2, 0, 1)))
 

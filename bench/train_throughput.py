@@ -42,6 +42,7 @@ from lesion.transforms import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
     BatchAugment,
+    collate_squares,
     resize_size,
     train_worker_transform,
 )
@@ -92,6 +93,7 @@ def pipeline_rates(dataset: LesionDataset, batch_size: int, workers: int, passes
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=pin,
+        collate_fn=collate_squares,  # what training uses: squares stacked in their own layout
     )
     rates = []
     for _ in range(passes):

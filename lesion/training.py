@@ -39,6 +39,7 @@ from lesion.metrics import binary_metrics
 from lesion.model import backbone_parameters, build_model, forward_parts, load_backbone_weights, unwrap
 from lesion.transforms import (
     BatchAugment,
+    collate_squares,
     eval_transform,
     resize_size,
     train_worker_transform,
@@ -257,6 +258,7 @@ def make_loader(
         dataset,
         batch_size=config.batch_size,
         sampler=sampler,
+        collate_fn=collate_squares if train else None,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         drop_last=False,

@@ -13,9 +13,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [[ "${1:-}" == "--tiny" ]]; then
-    DEVICE=cpu ARCH=resnet18 SIZE=64 IMAGES=300 WORKERS=2 BATCH=16 PBATCH=8 CHUNKS=2 REPS=3 STEPS=4
+    DEVICE=cpu ARCH=resnet18 SIZE=64 IMAGES=120 WORKERS=2 BATCH=16 PBATCH=8 CHUNKS=2 REPS=3 STEPS=2 EPOCHS=2
 else
-    DEVICE=cuda ARCH=resnet50 SIZE=224 IMAGES=10000 WORKERS=14 BATCH=128 PBATCH=64 CHUNKS=8 REPS=30 STEPS=20
+    DEVICE=cuda ARCH=resnet50 SIZE=224 IMAGES=10000 WORKERS=14 BATCH=128 PBATCH=64 CHUNKS=8 REPS=30 STEPS=20 EPOCHS=3
 fi
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/lesion-gpu-pace-XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
@@ -27,7 +27,7 @@ $PY bench/predict.py --arch "$ARCH" --image-size "$SIZE" --device "$DEVICE" --re
 
 echo; echo "== 2. epochs at the step's pace ($IMAGES images, $WORKERS workers)"
 $PY bench/epoch_pace.py --images "$IMAGES" --arch "$ARCH" --image-size "$SIZE" --batch-size "$BATCH" \
-    --num-workers "$WORKERS" --epochs 3 --device "$DEVICE"
+    --num-workers "$WORKERS" --epochs "$EPOCHS" --device "$DEVICE"
 
 echo; echo "== 3. cached pipeline vs the training step"
 $PY bench/ham_folder.py "$WORK/ham" --images "$IMAGES"

@@ -214,7 +214,7 @@ class Predictor:
         try:
             encoded = [torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()) for data, _ in jpegs]
             decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
-        except RuntimeError:
+        except Exception:  # noqa: BLE001 - any refusal (nvjpeg, memory, a torchvision without it): CPU path
             return None
         decoded_at = time.perf_counter()
         prepared = []

@@ -154,7 +154,7 @@ class RandomSquare:
         window = array[top : top + self.side, left : left + self.side]
         # Copy the window as it lies (H x W x C) and only *view* it as C x H x W: a transposing copy
         # costs about 100x a plain one and bounded what a loader worker could deliver.
-        return torch.from_numpy(np.ascontiguousarray(window)).permute(2, 0, 1)
+        return torch.from_numpy(np.array(window, copy=True)).permute(2, 0, 1)
 
 
 def collate_squares(batch: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -417,15 +417,22 @@ class Predictor:
         results: list[Prediction | InvalidImage | None] = [None] * len(images)
         starts = range(0, len(images), batch_size)
 
-        # Two stages in flight: while the model scores chunk k, chunk k+1 is read and decoded
-        # (Pillow releases the GIL; on a GPU, JPEGs are decoded there in one batched call).
+        # On a GPU two stages are in flight: while the model scores chunk k, chunk k+1 is read and
+        # decoded (Pillow releases the GIL; JPEGs are decoded on the GPU in one batched call). On the
+        # CPU decoding and the forward pass share the same cores, so chunks are prepared in turn.
+        ahead_threads = 1 if self.device.type == "cuda" else 0
         with (
             ThreadPoolExecutor(max_workers=DECODE_THREADS) as pool,
-            ThreadPoolExecutor(max_workers=1) as ahead,
+            ThreadPoolExecutor(max_workers=max(1, ahead_threads)) as ahead,
         ):
 
-            def prepare(start: int):
-                return ahead.submit(self._prepare_chunk, images[start : start + batch_size], pool)
+            def prepare(start: int) -> Future:
+                chunk = images[start : start + batch_size]
+                if ahead_threads:
+                    return ahead.submit(self._prepare_chunk, chunk, pool)
+                done: Future = Future()
+                done.set_result(self._prepare_chunk(chunk, pool))
+                return done
 
             pending = prepare(starts[0]) if starts else None
             for k, start in enumerate(starts):

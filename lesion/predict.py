@@ -258,8 +258,10 @@ class Predictor:
                 moved = torch.stack([pixels[i] for i in on_host]).pin_memory().to(self.device, non_blocking=True)
                 for j, i in enumerate(on_host):
                     pixels[i] = moved[j]
-        batch = torch.stack(pixels).to(self.device)
-        return normalise_batch(batch, self.mean, self.std)
+        # Stacked in their H x W x C layout (plain copies), normalised, then made contiguous once:
+        # the one layout change happens on floats, batched, where the model runs.
+        batch = torch.stack([tensor.permute(1, 2, 0) for tensor in pixels]).permute(0, 3, 1, 2).to(self.device)
+        return normalise_batch(batch, self.mean, self.std).contiguous()
 
     def _crop_box(self, resized: tuple[int, int], original: tuple[int, int]) -> tuple[float, float, float, float]:
         """The centre crop (torchvision's rounding) in original-image pixels: left, top, right, bottom."""

@@ -370,8 +370,12 @@ def _build(checkpoint: dict[str, Any]) -> torch.nn.Module:
             f"the checkpoint names a model this version cannot build ({checkpoint['arch']!r}, "
             f"{checkpoint['head']!r} head): {error}"
         ) from None
+    state = checkpoint["state_dict"]
+    if isinstance(state, dict):
+        # Exported files store float16 weights (lesion.export); the network runs in float32 on every device.
+        state = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in state.items()}
     try:
-        model.load_state_dict(checkpoint["state_dict"], strict=True)
+        model.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, AttributeError) as error:
         first = str(error).splitlines()[1:2] or [str(error)]
         raise InvalidCheckpoint(

@@ -31,6 +31,8 @@ MODEL_FILE = "model.pt"
 METRICS_FILE = "metrics.json"
 JOB_FILE = "job.json"
 CARD_FILE = "model_card.md"
+# The model shipped with the app (python -m train.export writes it; README, "The bundled model").
+BUNDLED_MODEL = PROJECT_ROOT / "assets" / "models" / "lesion-resnet18-demo.pt"
 # Metrics shown beside a model, in this order, when the run reports them.
 HEADLINE_METRICS = ("roc_auc", "balanced_accuracy", "sensitivity", "specificity", "accuracy", "f1")
 # A run on another machine cannot be probed; it counts as running while its events keep coming.
@@ -74,7 +76,7 @@ class ModelEntry:
 
     name: str  # what the selector shows
     path: Path  # the checkpoint file
-    source: str  # "run" or "LESION_CHECKPOINT"
+    source: str  # "run", "LESION_CHECKPOINT" or "bundled"
     mtime: float  # changes whenever the file is rewritten (e.g. a saved OOD threshold)
     metrics: dict[str, float] = field(default_factory=dict)
     metrics_split: str = ""
@@ -95,6 +97,14 @@ def default_extra_checkpoint() -> Path | None:
     """$LESION_CHECKPOINT, when set."""
     value = os.environ.get("LESION_CHECKPOINT", "").strip()
     return Path(value) if value else None
+
+
+def default_bundled_checkpoint() -> Path | None:
+    """The bundled model file; $LESION_BUNDLED_MODEL names another, and set empty turns it off."""
+    value = os.environ.get("LESION_BUNDLED_MODEL")
+    if value is None:
+        return BUNDLED_MODEL
+    return Path(value.strip()) if value.strip() else None
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -215,8 +225,14 @@ def list_runs(runs_dir: str | Path | None = None) -> list[RunInfo]:
     return sorted(runs, key=lambda run: run.created, reverse=True)
 
 
-def list_models(runs_dir: str | Path | None = None, extra_checkpoint: str | Path | None = None) -> list[ModelEntry]:
-    """Usable models: LESION_CHECKPOINT first (when given and present), then complete runs, newest first."""
+def list_models(
+    runs_dir: str | Path | None = None,
+    extra_checkpoint: str | Path | None = None,
+    bundled_checkpoint: str | Path | None = None,
+) -> list[ModelEntry]:
+    """Usable models: LESION_CHECKPOINT first (when given and present), then complete runs, newest first,
+    then the bundled model (when given and present), so it is the default only when there is nothing else.
+    """
     entries: list[ModelEntry] = []
     if extra_checkpoint and Path(extra_checkpoint).is_file():
         extra = Path(extra_checkpoint).resolve()
@@ -233,6 +249,11 @@ def list_models(runs_dir: str | Path | None = None, extra_checkpoint: str | Path
         entries.append(
             ModelEntry(run.name, checkpoint, "run", checkpoint.stat().st_mtime, run.metrics, run.metrics_split, run)
         )
+    if bundled_checkpoint and Path(bundled_checkpoint).is_file():
+        bundled = Path(bundled_checkpoint).resolve()
+        if bundled not in {entry.path for entry in entries}:
+            metrics, split = _metrics_beside(bundled)
+            entries.append(ModelEntry(bundled.stem, bundled, "bundled", bundled.stat().st_mtime, metrics, split))
     return entries
 
 

@@ -12,31 +12,53 @@ which bypasses this script, so the sidebar and the active model would be missing
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import streamlit as st
 
-from lesion.app_support import DISCLAIMER, METRIC_LABELS
+from lesion.app_support import (
+    ADMIN_SESSION_KEY,
+    DISCLAIMER,
+    LOCKED_HELP,
+    METRIC_LABELS,
+    admin_password,
+    password_matches,
+)
 from lesion.jobs import active_job, read_progress
-from lesion.runs import default_extra_checkpoint, default_runs_dir, list_models
+from lesion.runs import default_bundled_checkpoint, default_extra_checkpoint, default_runs_dir, list_models
 
 st.set_page_config(page_title="lesion: skin-lesion demo", page_icon=":material/dermatology:", layout="wide")
 
 
-@st.cache_resource(max_entries=3, show_spinner="Loading the model…")
-def load_predictor(path: str, mtime: float):
-    """One Predictor per checkpoint file version, shared by every session.
-
-    ``mtime`` is part of the key so a checkpoint rewritten with a new threshold is reloaded.
-    """
+def _load_predictor(path: str):
     from lesion.predict import Predictor
 
     return Predictor.from_checkpoint(path, device=os.environ.get("LESION_DEVICE", "cpu"))
 
 
-def sidebar_model() -> None:
-    """The model selector; stores the active ModelEntry and Predictor in the session."""
-    models = list_models(default_runs_dir(), default_extra_checkpoint())
+@st.cache_resource(max_entries=3, show_spinner=False)
+def predictor_future(path: str, mtime: float) -> Future:
+    """One Predictor per checkpoint file version, shared by every session, loaded in a background thread.
+
+    The page is drawn while torch is imported and the weights are read (several seconds on a small
+    CPU), so a visitor sees the uploader at once. ``mtime`` is part of the key so a checkpoint
+    rewritten with a new threshold is reloaded.
+    """
+    loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lesion-model-loader")
+    future = loader.submit(_load_predictor, path)
+    loader.shutdown(wait=False)  # the thread ends with its one task
+    return future
+
+
+def sidebar_model(waits: bool) -> None:
+    """The model selector; stores the active ModelEntry, and the Predictor or its pending load, in the session.
+
+    ``waits``: block until the model is loaded (pages that need it at once); the Predict page
+    instead finds ``predictor_pending`` and waits only when there is an image to answer.
+    """
+    models = list_models(default_runs_dir(), default_extra_checkpoint(), default_bundled_checkpoint())
     st.session_state["models"] = models
+    st.session_state["predictor_pending"] = None
     if not models:
         st.session_state["model"] = st.session_state["predictor"] = st.session_state["model_error"] = None
         st.sidebar.info("No trained model yet: see the Train page.")
@@ -44,20 +66,44 @@ def sidebar_model() -> None:
     keys = [entry.key for entry in models]
     if st.session_state.get("model_key") not in keys:
         st.session_state["model_key"] = keys[0]
-    names = {entry.key: f"{entry.name}" + (" (LESION_CHECKPOINT)" if entry.source != "run" else "") for entry in models}
+    suffix = {"LESION_CHECKPOINT": " (LESION_CHECKPOINT)", "bundled": " (bundled with the app)"}
+    names = {entry.key: entry.name + suffix.get(entry.source, "") for entry in models}
     key = st.sidebar.selectbox("Model", keys, format_func=names.get, key="model_key")
     entry = models[keys.index(key)]
     st.session_state["model"] = entry
+    st.session_state["predictor"] = st.session_state["model_error"] = None
+    future = predictor_future(str(entry.path), entry.mtime)
+    if not future.done() and not waits:
+        st.session_state["predictor_pending"] = future
+
+        @st.fragment(run_every=1)
+        def loading() -> None:
+            if future.done():
+                st.rerun()  # a full rerun shows the loaded model's description
+            st.caption("Loading the model…")
+
+        with st.sidebar:
+            loading()
+        sidebar_metrics(entry)
+        return
     try:
-        st.session_state["predictor"] = load_predictor(str(entry.path), entry.mtime)
+        with st.spinner("Loading the model…"):
+            st.session_state["predictor"] = future.result()
     except Exception as error:  # an unreadable checkpoint must not take the whole app down
-        st.session_state["predictor"] = None
         st.session_state["model_error"] = (
             f"The model {entry.name} could not be loaded: {error} Pick another one in the sidebar."
         )
         st.sidebar.error(f"This model could not be loaded: {error}")
         return
-    st.session_state["model_error"] = None
+    if entry.source == "bundled":
+        from lesion.export import describe
+
+        st.sidebar.caption(f"**Bundled demo model.** {describe(st.session_state['predictor'].checkpoint)}")
+    sidebar_metrics(entry)
+
+
+def sidebar_metrics(entry) -> None:
+    """The headline figures stored beside the model, naming the split they come from."""
     if entry.metrics:
         split = {"test": "held-out test split", "val": "validation split"}.get(entry.metrics_split, entry.metrics_split)
         st.sidebar.caption(f"Measured on the {split}:")
@@ -66,6 +112,30 @@ def sidebar_model() -> None:
             cols[index % 2].metric(METRIC_LABELS.get(name, name), f"{value:.3f}")
     else:
         st.sidebar.caption("No measured metrics stored beside this model.")
+
+
+def sidebar_presenter() -> None:
+    """With LESION_ADMIN_PASSWORD set: the password field, once per browser session.
+
+    The value lives only in this run (the form clears it on submit); it is never stored, logged or shown.
+    """
+    expected = admin_password()
+    if expected is None:
+        return
+    if st.session_state.get(ADMIN_SESSION_KEY) is True:
+        st.sidebar.caption("Presenter mode: training and saving thresholds are unlocked in this browser.")
+        if st.sidebar.button("Lock", icon=":material/lock:"):
+            st.session_state[ADMIN_SESSION_KEY] = False
+            st.rerun()
+        return
+    with st.sidebar.form("presenter", clear_on_submit=True, border=False):
+        given = st.text_input("Presenter password", type="password", help=LOCKED_HELP)
+        submitted = st.form_submit_button("Unlock", icon=":material/lock_open:")
+    if submitted:
+        if given and password_matches(given, expected):
+            st.session_state[ADMIN_SESSION_KEY] = True
+            st.rerun()
+        st.sidebar.error("Wrong password: training and saving thresholds stay locked.")
 
 
 def sidebar_job() -> None:
@@ -86,10 +156,6 @@ def sidebar_job() -> None:
         job_progress()
 
 
-sidebar_model()
-sidebar_job()
-st.sidebar.warning(DISCLAIMER, icon=":material/info:")
-
 page = st.navigation(
     [
         st.Page("app_pages/predict.py", title="Predict", icon=":material/image_search:", default=True),
@@ -98,5 +164,10 @@ page = st.navigation(
         st.Page("app_pages/model.py", title="Model card", icon=":material/description:"),
     ]
 )
+# The Predict page draws its uploader before it needs the model; the others need it at once.
+sidebar_model(waits=page.url_path != "")
+sidebar_job()
+sidebar_presenter()
+st.sidebar.warning(DISCLAIMER, icon=":material/info:")
 st.caption(f":material/info: {DISCLAIMER}")
 page.run()

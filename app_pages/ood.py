@@ -8,12 +8,14 @@ import numpy as np
 import streamlit as st
 
 from lesion.app_support import (
+    LOCKED_HELP,
     NO_MODEL_HELP,
     UPLOAD_TYPES,
     cached_ood_scores,
     display_image,
     histogram_chart,
     list_samples,
+    may_change,
     roc_chart,
     roc_points,
     slider_range,
@@ -122,7 +124,17 @@ operating = {
 }
 right.altair_chart(roc_chart(roc_points(values[~is_ood], values[is_ood]), operating), width="stretch")
 
-if st.button(f"Save {method} at {threshold:.{decimals}f} to the model", type="primary"):
+# The bundled file is versioned with the app and its figures are re-checked by a test: it stays as shipped.
+read_only = model.source == "bundled"
+locked = not may_change(st.session_state)
+if read_only:
+    st.caption("The bundled model is kept as shipped; train your own model (Train page) to save a threshold into it.")
+elif locked:
+    st.caption(LOCKED_HELP)
+save = st.button(
+    f"Save {method} at {threshold:.{decimals}f} to the model", type="primary", disabled=read_only or locked
+)
+if save and not (read_only or locked):
     try:
         save_ood_threshold(model.path, method, threshold)
     except (LesionError, OSError) as error:

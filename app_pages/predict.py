@@ -20,7 +20,6 @@ from lesion.app_support import (
     result_row,
 )
 from lesion.errors import InvalidImage
-from lesion.explain import CAM_METHODS, heatmap_png, overlay
 
 CAM_LABELS = {
     "gradcam": "Grad-CAM",
@@ -33,7 +32,8 @@ CAM_LABELS = {
 
 st.title("Benign or malignant?")
 predictor, model = st.session_state.get("predictor"), st.session_state.get("model")
-if predictor is None:
+pending = st.session_state.get("predictor_pending")  # the model still loading in the background
+if predictor is None and pending is None:
     st.info(st.session_state.get("model_error") or NO_MODEL_HELP)
     st.page_link("app_pages/train.py", label="Open the Train page", icon=":material/model_training:")
     st.stop()
@@ -56,6 +56,16 @@ items += [(sample.path.name, sample.path.read_bytes()) for sample in picked]
 if not items:
     st.info("Upload a photo or tick a sample above to see what the model says.")
     st.stop()
+if predictor is None:
+    try:
+        with st.spinner("Loading the model…"):
+            predictor = pending.result()
+    except Exception as error:  # an unreadable checkpoint: say so, as the sidebar does on other pages
+        st.error(f"The model {model.name} could not be loaded: {error} Pick another one in the sidebar.")
+        st.stop()
+    st.session_state["predictor"] = predictor
+# Imported once an image is there: torch and the heatmap code load while the page is already shown.
+from lesion.explain import CAM_METHODS, heatmap_png, overlay  # noqa: E402
 
 
 @st.fragment

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import hmac
 import io
 import json
 import os
@@ -68,9 +69,35 @@ DX_NAMES = {
 DISPLAY_SIDE = 1024
 CACHE_ENTRIES = 64
 
+# With this variable set, training and saving a threshold need the presenter's password.
+ADMIN_ENV = "LESION_ADMIN_PASSWORD"
+ADMIN_SESSION_KEY = "presenter_unlocked"
+LOCKED_HELP = (
+    "Visitors can predict and explore; training and saving a threshold need the presenter's password (sidebar)."
+)
+
 # One model is shared by every session (st.cache_resource); Grad-CAM needs gradients through
 # it, so predictions are serialised. On a CPU they would compete for the same cores anyway.
 _PREDICT_LOCK = threading.Lock()
+
+
+# ---------------------------------------------------------------------------- presenter and visitors
+
+
+def admin_password() -> str | None:
+    """$LESION_ADMIN_PASSWORD, or None when unset or empty (then everything stays open, for local use)."""
+    return os.environ.get(ADMIN_ENV) or None
+
+
+def password_matches(given: str, expected: str) -> bool:
+    """Compare in constant time, so the answer's timing tells nothing about the password."""
+    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+
+
+def may_change(session: MutableMapping[str, Any]) -> bool:
+    """Whether this browser session may train or save a threshold: always without a password set,
+    otherwise once the presenter has unlocked it."""
+    return admin_password() is None or session.get(ADMIN_SESSION_KEY) is True
 
 
 # ---------------------------------------------------------------------------- samples

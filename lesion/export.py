@@ -107,7 +107,9 @@ def rescore(checkpoint: dict[str, Any], folds: tuple[str, ...] = ("val", "test")
         if bad:
             raise LesionError(f"{len(bad)} {fold} image(s) could not be read: {bad[0]}")
         probabilities = [p.p_malignant for p in predictions]
-        metrics = binary_metrics(part["label"].to_numpy(), probabilities, predictor.decision_threshold, part["dx"].tolist())
+        metrics = binary_metrics(
+            part["label"].to_numpy(), probabilities, predictor.decision_threshold, part["dx"].tolist()
+        )
         metrics["n_lesions"] = int(part["lesion_id"].nunique())
         metrics["ood_accepted"] = {
             name: sum(p.ood_scores[name] <= predictor.ood_thresholds[name] for p in predictions) / len(predictions)
@@ -217,7 +219,11 @@ def check_current(checkpoint: dict[str, Any], name: str = "checkpoint") -> None:
 
 def describe(checkpoint: dict[str, Any]) -> str:
     """One honest paragraph: what it was trained on, how, and what it reached on how many held-out lesions."""
-    config, data, metrics = checkpoint.get("config") or {}, checkpoint.get("data") or {}, checkpoint.get("metrics") or {}
+    config, data, metrics = (
+        checkpoint.get("config") or {},
+        checkpoint.get("data") or {},
+        checkpoint.get("metrics") or {},
+    )
     weights = config.get("weights", "")
     start = {"none": "from random weights", "imagenet": "from ImageNet weights"}.get(weights, f"from {weights}")
     arch = str(checkpoint.get("arch", "?")).replace("resnet", "ResNet-")
@@ -225,9 +231,11 @@ def describe(checkpoint: dict[str, Any]) -> str:
     trained_on = "the bundled demo set" if source == "assets/demo" else f"`{source}`"
     recipe = (checkpoint.get("export") or {}).get("recipe")
     lesions = data.get("n_lesions")
+    layout = {"isic": "ISIC archive", "ham10000": "HAM10000"}.get(str(data.get("layout")), "")
+    facts = ", ".join(part for part in (f"{lesions} lesions" if lesions else "", layout) if part)
     text = (
         f"{arch} trained {start} on {trained_on}"
-        + (f" ({lesions} lesions, ISIC archive)" if lesions else "")
+        + (f" ({facts})" if facts else "")
         + f", {checkpoint.get('image_size')} px, "
         + (f"recipe `{recipe}`." if recipe else "custom settings.")
     )

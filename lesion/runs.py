@@ -22,7 +22,6 @@ from typing import Any
 
 import psutil
 
-from lesion.checkpoint import load_checkpoint, save_checkpoint
 from lesion.errors import InvalidCheckpoint, LesionError
 from lesion.events import read_events
 
@@ -274,6 +273,9 @@ def save_ood_threshold(checkpoint_path: str | Path, method: str, threshold: floa
     The file is rewritten atomically; the change (old -> new, time) is appended to the
     checkpoint's ``threshold_history``; the model card beside it is regenerated.
     """
+    # Imported here: listing runs must not import torch (the app draws its first page without it).
+    from lesion.checkpoint import load_checkpoint, save_checkpoint
+
     checkpoint_path = Path(checkpoint_path)
     checkpoint = load_checkpoint(checkpoint_path)
     ood = dict(checkpoint.get("ood") or {})

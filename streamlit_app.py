@@ -51,10 +51,11 @@ def predictor_future(path: str, mtime: float) -> Future:
 
 
 def sidebar_model(waits: bool) -> None:
-    """The model selector; stores the active ModelEntry, and the Predictor or its pending load, in the session.
+    """The model selector; stores the active ModelEntry, and the Predictor or a way to wait for it, in the session.
 
-    ``waits``: block until the model is loaded (pages that need it at once); the Predict page
-    instead finds ``predictor_pending`` and waits only when there is an image to answer.
+    ``waits``: block until the model is loaded (pages that need it at once). Otherwise the session
+    gets ``predictor_pending``, a function the Predict page calls once its uploader is on screen:
+    it waits for the model and fills in the sidebar (description, figures, or the loading error).
     """
     models = list_models(default_runs_dir(), default_extra_checkpoint(), default_bundled_checkpoint())
     st.session_state["models"] = models
@@ -73,45 +74,42 @@ def sidebar_model(waits: bool) -> None:
     st.session_state["model"] = entry
     st.session_state["predictor"] = st.session_state["model_error"] = None
     future = predictor_future(str(entry.path), entry.mtime)
-    if not future.done() and not waits:
-        st.session_state["predictor_pending"] = future
+    slot = st.sidebar.container()
 
-        @st.fragment(run_every=1)
-        def loading() -> None:
-            if future.done():
-                st.rerun()  # a full rerun shows the loaded model's description
-            st.caption("Loading the model…")
+    def finish():
+        try:
+            with st.spinner("Loading the model…"):
+                predictor = future.result()
+        except Exception as error:  # an unreadable checkpoint must not take the whole app down
+            st.session_state["model_error"] = (
+                f"The model {entry.name} could not be loaded: {error} Pick another one in the sidebar."
+            )
+            slot.error(f"This model could not be loaded: {error}")
+            return None
+        st.session_state["predictor"] = predictor
+        show_model_facts(slot, entry, predictor)
+        return predictor
 
-        with st.sidebar:
-            loading()
-        sidebar_metrics(entry)
-        return
-    try:
-        with st.spinner("Loading the model…"):
-            st.session_state["predictor"] = future.result()
-    except Exception as error:  # an unreadable checkpoint must not take the whole app down
-        st.session_state["model_error"] = (
-            f"The model {entry.name} could not be loaded: {error} Pick another one in the sidebar."
-        )
-        st.sidebar.error(f"This model could not be loaded: {error}")
-        return
+    if waits or future.done():
+        finish()
+    else:
+        st.session_state["predictor_pending"] = finish
+
+
+def show_model_facts(slot, entry, predictor) -> None:
+    """What the model is (bundled: read from its checkpoint) and the headline figures stored beside it."""
     if entry.source == "bundled":
         from lesion.export import describe
 
-        st.sidebar.caption(f"**Bundled demo model.** {describe(st.session_state['predictor'].checkpoint)}")
-    sidebar_metrics(entry)
-
-
-def sidebar_metrics(entry) -> None:
-    """The headline figures stored beside the model, naming the split they come from."""
+        slot.caption(f"**Bundled demo model.** {describe(predictor.checkpoint)}")
     if entry.metrics:
         split = {"test": "held-out test split", "val": "validation split"}.get(entry.metrics_split, entry.metrics_split)
-        st.sidebar.caption(f"Measured on the {split}:")
-        cols = st.sidebar.columns(2)
+        slot.caption(f"Measured on the {split}:")
+        cols = slot.columns(2)
         for index, (name, value) in enumerate(list(entry.metrics.items())[:4]):
             cols[index % 2].metric(METRIC_LABELS.get(name, name), f"{value:.3f}")
     else:
-        st.sidebar.caption("No measured metrics stored beside this model.")
+        slot.caption("No measured metrics stored beside this model.")
 
 
 def sidebar_presenter() -> None:

@@ -32,8 +32,7 @@ CAM_LABELS = {
 
 st.title("Benign or malignant?")
 predictor, model = st.session_state.get("predictor"), st.session_state.get("model")
-pending = st.session_state.get("predictor_pending")  # the model still loading in the background
-if predictor is None and pending is None:
+if model is None:
     st.info(st.session_state.get("model_error") or NO_MODEL_HELP)
     st.page_link("app_pages/train.py", label="Open the Train page", icon=":material/model_training:")
     st.stop()
@@ -50,21 +49,19 @@ with st.expander("…or pick bundled samples", expanded=not uploads):
             with columns[index % 8]:
                 st.image(str(sample.path), caption=sample.caption, width="stretch")
                 st.checkbox("Use", key=f"sample-{sample.name}")
+if predictor is None and st.session_state.get("predictor_pending"):
+    # The uploader and the gallery are on screen; now wait for the model loading in the background.
+    predictor = st.session_state["predictor_pending"]()
+if predictor is None:
+    st.info(st.session_state.get("model_error") or NO_MODEL_HELP)
+    st.stop()
 picked = [s for s in samples if st.session_state.get(f"sample-{s.name}")]
 items = [(upload.name, upload.getvalue()) for upload in uploads or []]
 items += [(sample.path.name, sample.path.read_bytes()) for sample in picked]
 if not items:
     st.info("Upload a photo or tick a sample above to see what the model says.")
     st.stop()
-if predictor is None:
-    try:
-        with st.spinner("Loading the model…"):
-            predictor = pending.result()
-    except Exception as error:  # an unreadable checkpoint: say so, as the sidebar does on other pages
-        st.error(f"The model {model.name} could not be loaded: {error} Pick another one in the sidebar.")
-        st.stop()
-    st.session_state["predictor"] = predictor
-# Imported once an image is there: torch and the heatmap code load while the page is already shown.
+# Imported once an image is there: the page was drawn before torch was imported.
 from lesion.explain import CAM_METHODS, heatmap_png, overlay  # noqa: E402
 
 

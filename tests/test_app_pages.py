@@ -18,6 +18,7 @@ def open_app(runs_dir: Path, monkeypatch: pytest.MonkeyPatch) -> AppTest:
     monkeypatch.setenv("LESION_RUNS_DIR", str(runs_dir))
     monkeypatch.delenv("LESION_CHECKPOINT", raising=False)
     monkeypatch.delenv("LESION_DATA_ROOT", raising=False)
+    monkeypatch.setenv("LESION_BUNDLED_MODEL", "")  # no bundled model either: the app as without assets/models
     at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=120).run()
     assert not at.exception
     return at
@@ -58,6 +59,7 @@ def test_model_card_page_names_the_split_and_shows_plots(trained_run: Path, monk
 def test_extra_checkpoint_is_offered_first(trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LESION_CHECKPOINT", str(trained_run / "model.pt"))
     monkeypatch.setenv("LESION_RUNS_DIR", str(tmp_path / "empty"))
+    monkeypatch.setenv("LESION_BUNDLED_MODEL", "")
     at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=120).run()
     assert not at.exception
     model = at.sidebar.selectbox[0]

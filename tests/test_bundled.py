@@ -67,7 +67,9 @@ def test_shipped_model_still_scores_what_it_stores() -> None:
 def test_shipped_model_works_with_the_predict_command(tmp_path: Path) -> None:
     shipped()
     out = tmp_path / "results.csv"
-    result = run_cli(["--checkpoint", str(BUNDLED_MODEL), "--out", str(out), str(SAMPLE_LESIONS)], module="lesion.predict")
+    result = run_cli(
+        ["--checkpoint", str(BUNDLED_MODEL), "--out", str(out), str(SAMPLE_LESIONS)], module="lesion.predict"
+    )
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(out.open()))
     assert rows and all(row["verdict"] in ("benign", "malignant", "unknown") and not row["error"] for row in rows)

@@ -27,8 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.covariance import ledoit_wolf_shrinkage
-from sklearn.metrics import roc_auc_score
 
 #: The notebook rejected images whose max softmax was below 0.8; in score units (1 - max softmax,
 #: higher = more OOD) that is "reject when score > 0.2".
@@ -106,6 +104,9 @@ def fit_mahalanobis(features: torch.Tensor, labels: torch.Tensor, shrinkage: flo
     means = torch.stack([x[labels == c].mean(dim=0) for c in classes])
     centred = x - means[torch.searchsorted(classes, labels)]
     if shrinkage is None:
+        # Imported here: scikit-learn takes seconds to import and only fitting needs it, not the app's predictor.
+        from sklearn.covariance import ledoit_wolf_shrinkage
+
         shrinkage = float(ledoit_wolf_shrinkage(centred.numpy(), assume_centered=True)) if len(x) > 1 else 1.0
     covariance = centred.T @ centred / max(len(x), 1)
     dim = covariance.shape[0]
@@ -200,6 +201,8 @@ def evaluate(lesion_scores: Any, ood_scores: Any, threshold: float) -> dict[str,
     result: dict[str, float | int] = {"roc_auc": float("nan"), "fpr_at_95_tpr": float("nan")}
     if len(lesions) and len(ood):
         truth = np.r_[np.zeros(len(lesions)), np.ones(len(ood))]
+        from sklearn.metrics import roc_auc_score
+
         result["roc_auc"] = float(roc_auc_score(truth, np.r_[lesions, ood]))
         at_95 = float(np.quantile(lesions, 0.95))
         result["fpr_at_95_tpr"] = float(np.mean(ood <= at_95))

@@ -12,7 +12,6 @@ which bypasses this script, so the sidebar and the active model would be missing
 from __future__ import annotations
 
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import streamlit as st
 
@@ -30,32 +29,25 @@ from lesion.runs import default_bundled_checkpoint, default_extra_checkpoint, de
 st.set_page_config(page_title="lesion: skin-lesion demo", page_icon=":material/dermatology:", layout="wide")
 
 
-def _load_predictor(path: str):
+@st.cache_resource(max_entries=3, show_spinner=False)
+def load_predictor(path: str, mtime: float):
+    """One Predictor per checkpoint file version, shared by every session.
+
+    ``mtime`` is part of the key so a checkpoint rewritten with a new threshold is reloaded. Imported
+    here, not at the top: torch is imported only once the page is on screen (see sidebar_model).
+    """
     from lesion.predict import Predictor
 
     return Predictor.from_checkpoint(path, device=os.environ.get("LESION_DEVICE", "cpu"))
 
 
-@st.cache_resource(max_entries=3, show_spinner=False)
-def predictor_future(path: str, mtime: float) -> Future:
-    """One Predictor per checkpoint file version, shared by every session, loaded in a background thread.
-
-    The page is drawn while torch is imported and the weights are read (several seconds on a small
-    CPU), so a visitor sees the uploader at once. ``mtime`` is part of the key so a checkpoint
-    rewritten with a new threshold is reloaded.
-    """
-    loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lesion-model-loader")
-    future = loader.submit(_load_predictor, path)
-    loader.shutdown(wait=False)  # the thread ends with its one task
-    return future
-
-
 def sidebar_model(waits: bool) -> None:
     """The model selector; stores the active ModelEntry, and the Predictor or a way to wait for it, in the session.
 
-    ``waits``: block until the model is loaded (pages that need it at once). Otherwise the session
-    gets ``predictor_pending``, a function the Predict page calls once its uploader is on screen:
-    it waits for the model and fills in the sidebar (description, figures, or the loading error).
+    ``waits``: load the model now (pages that need it at once). Otherwise the session gets
+    ``predictor_pending``, a function the Predict page calls once its uploader is on screen (the
+    first load imports torch and reads the weights: seconds on a small CPU): it loads the model
+    and fills in the sidebar (description, figures, or the loading error).
     """
     models = list_models(default_runs_dir(), default_extra_checkpoint(), default_bundled_checkpoint())
     st.session_state["models"] = models
@@ -73,13 +65,12 @@ def sidebar_model(waits: bool) -> None:
     entry = models[keys.index(key)]
     st.session_state["model"] = entry
     st.session_state["predictor"] = st.session_state["model_error"] = None
-    future = predictor_future(str(entry.path), entry.mtime)
     slot = st.sidebar.container()
 
     def finish():
         try:
             with st.spinner("Loading the model…"):
-                predictor = future.result()
+                predictor = load_predictor(str(entry.path), entry.mtime)
         except Exception as error:  # an unreadable checkpoint must not take the whole app down
             st.session_state["model_error"] = (
                 f"The model {entry.name} could not be loaded: {error} Pick another one in the sidebar."
@@ -90,7 +81,7 @@ def sidebar_model(waits: bool) -> None:
         show_model_facts(slot, entry, predictor)
         return predictor
 
-    if waits or future.done():
+    if waits:
         finish()
     else:
         st.session_state["predictor_pending"] = finish

@@ -41,6 +41,10 @@ def load_predictor(path: str, mtime: float):
     return Predictor.from_checkpoint(path, device=os.environ.get("LESION_DEVICE", "cpu"))
 
 
+def _picked() -> None:
+    st.session_state["model_picked"] = True
+
+
 def sidebar_model(waits: bool) -> None:
     """The model selector; stores the active ModelEntry, and the Predictor or a way to wait for it, in the session.
 
@@ -57,11 +61,12 @@ def sidebar_model(waits: bool) -> None:
         st.sidebar.info("No trained model yet: see the Train page.")
         return
     keys = [entry.key for entry in models]
-    if st.session_state.get("model_key") not in keys:
+    # Until the visitor picks a model, the first one is in use: a run that just finished replaces the bundled one.
+    if st.session_state.get("model_key") not in keys or not st.session_state.get("model_picked"):
         st.session_state["model_key"] = keys[0]
     suffix = {"LESION_CHECKPOINT": " (LESION_CHECKPOINT)", "bundled": " (bundled with the app)"}
     names = {entry.key: entry.name + suffix.get(entry.source, "") for entry in models}
-    key = st.sidebar.selectbox("Model", keys, format_func=names.get, key="model_key")
+    key = st.sidebar.selectbox("Model", keys, format_func=names.get, key="model_key", on_change=_picked)
     entry = models[keys.index(key)]
     st.session_state["model"] = entry
     st.session_state["predictor"] = st.session_state["model_error"] = None

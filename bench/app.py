@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             upload = page.locator('[data-testid="stFileUploaderDropzoneInput"]')
             upload.wait_for(state="attached", timeout=180_000)
             shown = time.perf_counter() - started
-            upload.set_input_files(str(LESION))
+            upload.set_input_files(str(LESION), timeout=180_000)  # enabled once the first script run ends
             page.get_by_text(VERDICT).first.wait_for(timeout=180_000)
             wait_new_overlay(page, "", timeout_s=180)
             first = time.perf_counter() - started

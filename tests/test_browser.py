@@ -119,7 +119,10 @@ def test_upload_lesion_and_photo_in_a_real_browser(app_run: tuple[Path, Path, Pa
             page = browser.new_page(viewport={"width": 1400, "height": 2400})
             page.goto(f"http://127.0.0.1:{port}/", timeout=120_000)
             page.get_by_text("Benign or malignant?").wait_for(timeout=120_000)
-            page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files([str(lesion), str(photo)])
+            # The uploader is drawn before the model has loaded; it accepts files once that first run ends.
+            page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(
+                [str(lesion), str(photo)], timeout=120_000
+            )
             lesion_block = result_block(page, lesion.name, photo.name)
             photo_block = result_block(page, photo.name, lesion.name)
             lesion_block.get_by_text("Result JSON").wait_for(timeout=120_000)

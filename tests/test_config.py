@@ -43,7 +43,7 @@ def test_bad_overrides_are_refused_with_the_key_named(override: str, message: st
 
 
 def test_unknown_recipe_lists_the_known_ones() -> None:
-    with pytest.raises(ConfigError, match="known recipes: demo, notebook, recommended"):
+    with pytest.raises(ConfigError, match="known recipes: bundled, demo, notebook, recommended"):
         build_config("fastest")
 
 

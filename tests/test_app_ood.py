@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from lesion.app_support import list_samples
 from lesion.checkpoint import load_checkpoint
 from lesion.predict import Predictor
+from lesion_app.support import list_samples
 
 REPO = Path(__file__).resolve().parent.parent
 CAR = REPO / "assets" / "samples" / "ood" / "car_image1.jpg"

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from lesion.app_support import DISCLAIMER, NO_MODEL_HELP
 from lesion.card import INTENDED_USE
+from lesion_app.support import DISCLAIMER, NO_MODEL_HELP
 
 REPO = Path(__file__).resolve().parent.parent
 PAGES = ["app_pages/predict.py", "app_pages/ood.py", "app_pages/train.py", "app_pages/model.py"]

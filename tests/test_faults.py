@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import lesion.checkpoint
+import lesion.files
 from lesion.checkpoint import load_checkpoint, save_checkpoint
 from lesion.events import iter_events
 from lesion.runs import list_runs
@@ -174,7 +175,9 @@ def test_failed_checkpoint_write_leaves_the_previous_one_intact(
     changed = {**previous, "epoch": previous.get("epoch", 0) + 1, "decision_threshold": 0.123}
 
     module, name = target.split(".")
-    monkeypatch.setattr(getattr(lesion.checkpoint, module), name, fault)
+    # torch.save is called by lesion.checkpoint, os.replace by the shared atomic writer (lesion.files).
+    owner = lesion.checkpoint if module == "torch" else lesion.files
+    monkeypatch.setattr(getattr(owner, module), name, fault)
     with pytest.raises(OSError) as raised:
         save_checkpoint(changed, path)
     monkeypatch.undo()

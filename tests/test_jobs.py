@@ -1,4 +1,4 @@
-"""lesion.jobs: data folders confined to the data root, the one-job lock, stopping, progress, log tail."""
+"""lesion_app.jobs: data folders confined to the data root, the one-job lock, stopping, progress, log tail."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import pytest
 
 from lesion.errors import ConfigError, DataError
 from lesion.events import EventWriter
-from lesion.jobs import (
+from lesion.runs import read_run
+from lesion_app.jobs import (
     DEMO_DATA,
     JobAlreadyRunning,
     active_job,
@@ -26,7 +27,6 @@ from lesion.jobs import (
     start_training,
     stop_training,
 )
-from lesion.runs import read_run
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from dataclasses import fields
 from typing import Any
 
 from lesion.config import TrainConfig, build_config, field_help
+from lesion.files import METRICS_FILE
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 def _print_summary(path) -> None:
     import json
 
-    report = json.loads((path.parent / "metrics.json").read_text())
+    report = json.loads((path.parent / METRICS_FILE).read_text())
     head = report["headline"]
     print(f"run folder: {path.parent}")
     print(f"model: {path}")

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 from lesion.errors import LesionError
+from lesion.files import SPLIT_FILE
+from lesion.metrics import HEADLINE_METRICS
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -45,7 +47,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
     df, summary = lesion_data.read_metadata(args.data, args.metadata, skip_bad=args.skip_bad)
     if args.split:
-        split_file = Path(args.split_file) if args.split_file else Path(args.checkpoint).parent / "split.csv"
+        split_file = Path(args.split_file) if args.split_file else Path(args.checkpoint).parent / SPLIT_FILE
         if not split_file.is_file():
             raise LesionError(f"--split {args.split} needs a split.csv; none at {split_file}")
         folds = lesion_data.read_split(split_file)[["image_id", "fold"]]
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(metrics))
         return 0
     print(f"{metrics['n']} images ({metrics['n_malignant']} malignant) from {args.data}, {metrics['split']}")
-    for key in ("roc_auc", "pr_auc", "balanced_accuracy", "accuracy", "sensitivity", "specificity", "precision", "f1"):
+    for key in HEADLINE_METRICS:
         value = metrics.get(key)
         print(f"  {key:18s} {value:.4f}" if isinstance(value, float) else f"  {key:18s} n/a")
     print(f"  threshold          {metrics['threshold']:.4f}")

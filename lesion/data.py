@@ -205,7 +205,7 @@ def read_metadata(
     # Without a lesion id an image can only be its own lesion.
     table["lesion_id"] = table["lesion_id"].where(table["lesion_id"] != "", table["image_id"])
 
-    skip_hint = "; pass --skip_bad_images=true to leave them out"
+    skip_hint = "; pass --skip-bad-images=true to leave them out"
     unknown = table.loc[table["label_name"].isna(), "image_id"].tolist()
     if unknown and not skip_bad:
         shown = table.loc[table["label_name"].isna(), "written"].unique().tolist()
@@ -500,7 +500,7 @@ def check_images(
         shown = "; ".join(f"{i} ({m})" for i, m in unreadable[:_FIRST])
         raise DataError(
             f"{len(unreadable)} of {len(df)} image(s) could not be read: {shown}"
-            f"{'; ...' if len(unreadable) > _FIRST else ''}; pass --skip_bad_images=true to leave them out"
+            f"{'; ...' if len(unreadable) > _FIRST else ''}; pass --skip-bad-images=true to leave them out"
         )
     bad = {i for i, _ in unreadable}
     return df[~df["image_id"].isin(bad)].copy(), unreadable

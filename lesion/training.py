@@ -32,7 +32,7 @@ from lesion import data as lesion_data
 from lesion.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from lesion.config import TrainConfig
 from lesion.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed, mean_across_ranks
-from lesion.errors import LesionError
+from lesion.errors import DataError, LesionError
 from lesion.events import EventWriter
 from lesion.files import BEST_FILE, CONFIG_FILE, LAST_FILE, MODEL_FILE, SPLIT_FILE, write_text_atomic
 from lesion.finalize import finalize
@@ -116,10 +116,22 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def locate_data(path: str) -> str:
-    """A relative data path is looked up from the working folder, then from the repository (assets/demo)."""
+    """A relative data path is looked up from the working folder, then from the repository (assets/demo).
+
+    A folder found in neither raises DataError saying to pass --data; the bundled demo set ships
+    with the repository checkout, not with an installed package, and the message says so.
+    """
     candidate = Path(path).expanduser()
     if not candidate.exists() and not candidate.is_absolute() and (REPO_ROOT / candidate).exists():
         return str(REPO_ROOT / candidate)
+    if not candidate.exists():
+        if path == TrainConfig.data:
+            raise DataError(
+                f"the bundled demo set ({path}) is not here: it ships with the repository checkout, not with "
+                "the installed package. Pass --data DIR with a HAM10000 or ISIC archive folder "
+                "(or the checkout's assets/demo)."
+            )
+        raise DataError(f"dataset folder not found: {path}. Pass --data DIR with a HAM10000 or ISIC archive folder.")
     return str(candidate)
 
 
@@ -222,6 +234,7 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LambdaLR,
     criterion: nn.Module,
+    *,
     device: torch.device,
     config: TrainConfig,
     epoch: int,
@@ -389,7 +402,16 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
         loader.generator.manual_seed(config.seed * 1_000_003 + epoch)
         torch.manual_seed(config.seed * 1_000_003 + epoch)
         train_loss, seen, stopped = train_one_epoch(
-            train_model, loader, optimizer, scheduler, criterion, device, config, epoch, events, stop
+            train_model,
+            loader,
+            optimizer,
+            scheduler,
+            criterion,
+            device=device,
+            config=config,
+            epoch=epoch,
+            events=events,
+            stop=stop,
         )
         if stopped:
             break  # keep the last complete epoch's checkpoint: a partial epoch would break resume

@@ -218,7 +218,7 @@ def _format_value(value: Any) -> str:
 def training_command(data_dir: Path, run_dir: Path, recipe: str, overrides: dict[str, Any]) -> list[str]:
     """The command line of a training job (the same CLI a person would type)."""
     command = [sys.executable, "-m", "train", "--data", str(data_dir), "--out", str(run_dir), "--recipe", recipe]
-    return command + [f"--{key}={_format_value(value)}" for key, value in overrides.items()]
+    return command + [f"--{key.replace('_', '-')}={_format_value(value)}" for key, value in overrides.items()]
 
 
 def start_training(

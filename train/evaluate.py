@@ -1,9 +1,11 @@
 """``python -m train.evaluate``: measure any checkpoint on any dataset (HAM10000 or ISIC layout).
 
     python -m train.evaluate --checkpoint runs/demo/model.pt --data DIR [--split test] [--json]
+    lesion-evaluate ...                           # the same, once the package is installed
 
 Images are preprocessed by the predictor's own path (lesion.images.load_image, then the evaluation
-transform), so the figures are those the app would give on the same files.
+transform), so the figures are those the app would give on the same files. Exit status, as for
+``python -m train``: 0 done, 1 failed (checkpoint, data or split unusable), 2 usage (bad command line).
 """
 
 from __future__ import annotations
@@ -31,7 +33,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split-file", default=None, help="split.csv of a run (default: beside the checkpoint)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--skip-bad", action="store_true", help="skip missing or unreadable images (reported)")
+    parser.add_argument(
+        "--skip-bad-images",
+        "--skip-bad",
+        dest="skip_bad",
+        action="store_true",
+        help="skip missing or unreadable images (reported), as python -m train --skip-bad-images=true does",
+    )
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     return parser
 
@@ -70,11 +78,20 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    if args.batch_size < 1:
+        print(f"error: --batch-size must be at least 1, not {args.batch_size}", file=sys.stderr)
+        return 2
+    if args.split and args.split not in ("train", "val", "test"):
+        print(f"error: --split must be train, val or test, not {args.split!r}", file=sys.stderr)
+        return 2
     try:
         metrics = evaluate(args)
-    except LesionError as error:
+    except (LesionError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(metrics))
         return 0

@@ -17,7 +17,6 @@ from pathlib import Path
 
 from lesion.errors import LesionError
 from lesion.files import SPLIT_FILE
-from lesion.metrics import HEADLINE_METRICS
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -96,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(metrics))
         return 0
     print(f"{metrics['n']} images ({metrics['n_malignant']} malignant) from {args.data}, {metrics['split']}")
+    from lesion.metrics import HEADLINE_METRICS  # here, not at the top: --help stays free of sklearn
+
     for key in HEADLINE_METRICS:
         value = metrics.get(key)
         print(f"  {key:18s} {value:.4f}" if isinstance(value, float) else f"  {key:18s} n/a")

@@ -15,7 +15,9 @@ import os
 
 import streamlit as st
 
-from lesion.app_support import (
+from lesion.runs import default_bundled_checkpoint, default_extra_checkpoint, default_runs_dir, list_models
+from lesion_app.jobs import active_job, read_progress
+from lesion_app.support import (
     ADMIN_SESSION_KEY,
     DISCLAIMER,
     LOCKED_HELP,
@@ -23,8 +25,6 @@ from lesion.app_support import (
     admin_password,
     password_matches,
 )
-from lesion.jobs import active_job, read_progress
-from lesion.runs import default_bundled_checkpoint, default_extra_checkpoint, default_runs_dir, list_models
 
 st.set_page_config(page_title="lesion: skin-lesion demo", page_icon=":material/dermatology:", layout="wide")
 

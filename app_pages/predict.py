@@ -7,7 +7,9 @@ from collections import OrderedDict
 
 import streamlit as st
 
-from lesion.app_support import (
+from lesion.errors import InvalidImage
+from lesion_app.guards import require_model
+from lesion_app.support import (
     NO_MODEL_HELP,
     UPLOAD_TYPES,
     VERDICT_DETAIL,
@@ -19,7 +21,6 @@ from lesion.app_support import (
     result_json,
     result_row,
 )
-from lesion.errors import InvalidImage
 
 CAM_LABELS = {
     "gradcam": "Grad-CAM",
@@ -33,9 +34,7 @@ CAM_LABELS = {
 st.title("Benign or malignant?")
 predictor, model = st.session_state.get("predictor"), st.session_state.get("model")
 if model is None:
-    st.info(st.session_state.get("model_error") or NO_MODEL_HELP)
-    st.page_link("app_pages/train.py", label="Open the Train page", icon=":material/model_training:")
-    st.stop()
+    require_model()  # says what to do next and stops
 if "predictions" not in st.session_state:
     st.session_state["predictions"] = OrderedDict()
 
@@ -50,7 +49,7 @@ with st.expander("…or pick bundled samples", expanded=not uploads):
                 st.image(str(sample.path), caption=sample.caption, width="stretch")
                 st.checkbox("Use", key=f"sample-{sample.name}")
 if predictor is None and st.session_state.get("predictor_pending"):
-    # The uploader and the gallery are on screen; now wait for the model loading in the background.
+    # The uploader and the gallery are on screen; now load the model (torch is imported here, once).
     predictor = st.session_state["predictor_pending"]()
 if predictor is None:
     st.info(st.session_state.get("model_error") or NO_MODEL_HELP)

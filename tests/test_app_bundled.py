@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from lesion.app_support import LOCKED_HELP, VERDICT_TEXT, list_samples
 from lesion.export import describe
 from lesion.predict import Predictor
 from lesion.runs import BUNDLED_MODEL
+from lesion_app.support import LOCKED_HELP, VERDICT_TEXT, list_samples
 from tests.test_bundled import shipped
 
 REPO = Path(__file__).resolve().parent.parent

@@ -55,7 +55,15 @@ with numbers:
         st.caption("No metrics are stored with this model.")
     st.markdown("**Out-of-distribution detectors** (higher score = less like a lesion; above the threshold = rejected)")
     st.dataframe(
-        [{"detector": m, "threshold": t, "in use": m == method} for m, t in info["ood_thresholds"].items()],
+        [
+            {
+                "detector": m,
+                "threshold": t,
+                "in use": m == method,
+                "new lesions rejected (bootstrap, 95 % range)": info["ood_rejection_spread"].get(m, ""),
+            }
+            for m, t in info["ood_thresholds"].items()
+        ],
         hide_index=True,
     )
     if info["threshold_history"]:

@@ -8,7 +8,7 @@ import numpy as np
 import streamlit as st
 
 from lesion.errors import InvalidImage, LesionError
-from lesion.ood import NOTEBOOK_MSP_THRESHOLD, evaluate
+from lesion.ood import DETECTORS, NOTEBOOK_MSP_THRESHOLD, evaluate
 from lesion.runs import save_ood_threshold
 from lesion_app.charts import histogram_chart, roc_chart
 from lesion_app.guards import require_model
@@ -24,12 +24,7 @@ from lesion_app.support import (
     training_folds,
 )
 
-METHOD_NOTES = {
-    "mahalanobis": "Mahalanobis distance to the training features",
-    "knn": "distance to the nearest training features",
-    "energy": "energy of the logits",
-    "msp": "max softmax — the notebook's baseline",
-}
+METHOD_NOTES = {name: detector.note for name, detector in DETECTORS.items()}
 
 st.title("Out-of-distribution threshold")
 predictor, model = require_model()
@@ -97,6 +92,14 @@ counts[0].metric("OOD photos accepted", f"{ours['ood_accepted']} of {int(is_ood.
 counts[1].metric("Lesions rejected", f"{ours['lesions_rejected']} of {int((~is_ood).sum())}")
 counts[2].metric("Separation (ROC-AUC)", f"{ours['roc_auc']:.3f}")
 counts[3].metric("Saved threshold", f"{thresholds[method]:.{decimals}f}")
+spread = (predictor.detectors.get(method) or {}).get("rejection_spread") or {}
+if spread.get("median") is not None:
+    st.caption(
+        f"The saved threshold was fitted to reject {spread['target']:.0%} of validation lesions. Refitted on "
+        f"bootstrap resamples of the validation split, it rejects {spread['median']:.1%} of the lesions each "
+        f"resample left out (95 % of resamples: {spread['low']:.1%} to {spread['high']:.1%}): expect about "
+        "that share of new lesions answered *Not a skin lesion*."
+    )
 
 if "msp" in thresholds:
     msp = np.array([scores[g[0]]["msp"] for g in gallery])

@@ -38,7 +38,18 @@ OPTIMIZERS = ("adamw", "adam")
 BALANCES = ("class_weights", "sampler", "none")
 AUGMENTS = ("dermoscopy", "notebook", "none")
 THRESHOLD_RULES = ("youden", "sensitivity")
-OOD_METHODS = ("mahalanobis", "knn", "energy", "msp")
+OOD_METHODS = (
+    "mahalanobis",
+    "mahalanobis_layers",
+    "mahalanobis_layers_max",
+    "knn",
+    "knn_layers",
+    "vim",
+    "ash",
+    "scale",
+    "energy",
+    "msp",
+)
 SCHEDULES = ("cosine", "constant")
 
 
@@ -73,7 +84,7 @@ class TrainConfig:
     test_fraction: float = 0.15  # share of lesions in the test split
     threshold_rule: str = "youden"  # youden, or sensitivity (reach target_sensitivity on validation)
     target_sensitivity: float = 0.90  # used when threshold_rule = sensitivity
-    ood_method: str = "mahalanobis"  # default OOD detector stored in the checkpoint
+    ood_method: str = "mahalanobis_layers_max"  # default OOD detector stored in the checkpoint (see lesion.ood)
     ood_keep: float = 0.95  # share of validation lesions the OOD threshold accepts
     knn_k: int = 10  # k of the knn OOD detector
     num_workers: int = 2  # data loader worker processes

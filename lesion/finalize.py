@@ -29,11 +29,17 @@ from lesion.metrics import (
     expected_calibration_error,
     fit_temperature,
 )
+from lesion.model import LAYER_NAMES, unwrap
 
 
 def _outputs(model, frame, cache, config, device) -> dict[str, torch.Tensor]:
     loader = make_loader(config, frame, cache, DistInfo(), train=False, device=device)
     return collect_outputs(model, loader, device, config, features=True)
+
+
+def _layers(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The per-stage statistics collect_outputs kept beside the features."""
+    return {name: out[name] for name in LAYER_NAMES if name in out}
 
 
 def _probabilities(logits: torch.Tensor, temperature: float = 1.0) -> np.ndarray:
@@ -71,6 +77,7 @@ def finalize(
         config.threshold_rule,
         config.target_sensitivity,
     )
+    head = ood.cpu_copy(unwrap(model).fc)  # the features are on the CPU
     detectors = ood.fit_detectors(
         outs["train"]["features"],
         outs["train"]["labels"],
@@ -79,15 +86,22 @@ def finalize(
         val["logits"],
         keep=config.ood_keep,
         k=config.knn_k,
+        train_layers=_layers(outs["train"]),
+        val_layers=_layers(val),
+        head=head,
     )
     metrics = {
         "val": _split_metrics(val, frames["val"], temperature, threshold),
         "test": _split_metrics(test, frames["test"], temperature, threshold),
     }
-    metrics["ood_test_lesions_accepted"] = {
-        name: float((ood.score(name, stats, test["features"], test["logits"]) <= stats["threshold"]).float().mean())
+    test_scores = {
+        name: ood.score(name, stats, test["features"], test["logits"], layers=_layers(test), head=head)
         for name, stats in detectors.items()
     }
+    metrics["ood_test_lesions_accepted"] = {
+        name: float((test_scores[name] <= detectors[name]["threshold"]).float().mean()) for name in detectors
+    }
+    metrics["ood_rejection_spread"] = {name: stats["rejection_spread"] for name, stats in detectors.items()}
     best_epoch = max(history, key=lambda r: r["val_roc_auc"] if r["val_roc_auc"] is not None else -1)["epoch"]
     report = {
         "headline_split": "test",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+from contextlib import nullcontext
 
 import numpy as np
 import pandas as pd
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader, Sampler
 from lesion import data as lesion_data
 from lesion.config import TrainConfig
 from lesion.distributed import DistInfo
-from lesion.model import forward_parts, unwrap
+from lesion.model import LayerStatistics, forward_parts, unwrap
 from lesion.transforms import eval_transform, resize_size, train_worker_transform
 
 
@@ -119,16 +120,27 @@ def autocast_for(device: torch.device, enabled: bool) -> torch.autocast:
 def collect_outputs(
     model: nn.Module, loader: DataLoader, device: torch.device, config: TrainConfig, *, features: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Logits (and pooled features) of every image in the loader's order, on the CPU."""
+    """Logits (and pooled features) of every image in the loader's order, on the CPU.
+
+    With ``features`` the result also holds, under ``layer1`` .. ``layer4``, the pooled channel
+    statistics of each stage from the same pass (:class:`lesion.model.LayerStatistics`).
+    """
     model = unwrap(model).eval()
     outputs: dict[str, list[torch.Tensor]] = {"logits": [], "labels": [], "features": []}
     memory_format = torch.channels_last if config.channels_last and device.type == "cuda" else torch.contiguous_format
-    for images, labels in loader:
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
-        with autocast_for(device, config.amp):
-            _, pooled, logits = forward_parts(model, images)
-        outputs["logits"].append(logits.float().cpu())
-        outputs["labels"].append(labels)
-        if features:
-            outputs["features"].append(pooled.float().cpu())
+    tap = LayerStatistics(model) if features else None  # hooks only when the stages are wanted
+    try:
+        for images, labels in loader:
+            images = images.to(device, non_blocking=True, memory_format=memory_format)
+            with autocast_for(device, config.amp), tap.capture() if tap else nullcontext({}) as layers:
+                _, pooled, logits = forward_parts(model, images)
+            outputs["logits"].append(logits.float().cpu())
+            outputs["labels"].append(labels)
+            if features:
+                outputs["features"].append(pooled.float().cpu())
+                for name, values in layers.items():
+                    outputs.setdefault(name, []).append(values.float().cpu())
+    finally:
+        if tap is not None:
+            tap.close()
     return {k: torch.cat(v) if v else torch.empty(0) for k, v in outputs.items()}

@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from lesion import explain, ood
 from lesion.checkpoint import check_checkpoint, load_checkpoint
 from lesion.errors import InvalidCheckpoint, InvalidImage, LesionError
 from lesion.images import ImageSource, load_image, load_image_with_size
-from lesion.model import build_model, forward_parts
+from lesion.model import LayerStatistics, build_model, forward_parts
 from lesion.transforms import eval_transform
 
 DECODE_THREADS = min(4, os.cpu_count() or 1)
@@ -139,7 +140,24 @@ class Predictor:
         self.ood_available = bool(self.detectors)
         self.ood_thresholds: dict[str, float] = {name: float(s["threshold"]) for name, s in self.detectors.items()}
         self.ood_method = self._check_ood_method(ood_method or ood_entry.get("method") or "mahalanobis")
+        # Layer statistics cost a little per pass: collect them only when a fitted detector uses them.
+        self._needs_layers = any(getattr(ood.DETECTORS.get(name), "needs_layers", False) for name in self.detectors)
+        self._layer_tap = LayerStatistics(self.model) if self._needs_layers else None
         self._check_detectors_fit()
+
+    def _forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict | None]:
+        """The single pass: (layer4 activations, features, logits, layer statistics or None)."""
+        capture = self._layer_tap.capture() if self._layer_tap is not None else nullcontext(None)
+        with torch.no_grad(), capture as layers:
+            activations, features, logits = forward_parts(self.model, batch)
+        return activations, features, logits, layers
+
+    def _ood_scores(self, features: torch.Tensor, logits: torch.Tensor, layers: dict | None) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return {
+                name: ood.score(name, stats, features, logits, layers=layers, head=self.model.fc)
+                for name, stats in self.detectors.items()
+            }
 
     def _check_detectors_fit(self) -> None:
         """Score one blank image now, so OOD statistics that do not fit the network are refused at load.
@@ -150,10 +168,8 @@ class Predictor:
             return
         blank = torch.zeros(1, 3, self.image_size, self.image_size, device=self.device)
         try:
-            with torch.no_grad():
-                _, features, logits = forward_parts(self.model, blank)
-                for name, stats in self.detectors.items():
-                    ood.score(name, stats, features, logits)
+            _, features, logits, layers = self._forward(blank)
+            self._ood_scores(features, logits, layers)
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as error:
             raise InvalidCheckpoint(f"the checkpoint's OOD statistics do not fit its network ({error})") from None
 
@@ -210,8 +226,7 @@ class Predictor:
         batch = torch.stack([item.tensor for item in prepared]).to(self.device)
 
         started = time.perf_counter()
-        with torch.no_grad():
-            activations, features, logits = forward_parts(self.model, batch)
+        activations, features, logits, layers = self._forward(batch)
         probabilities = torch.softmax(logits.float() / self.temperature, dim=1).cpu()
         p_malignant = probabilities[:, self.malignant_index]
         forward_s = time.perf_counter() - started
@@ -227,8 +242,7 @@ class Predictor:
         cam_s = time.perf_counter() - started
 
         started = time.perf_counter()
-        with torch.no_grad():
-            scores = {name: ood.score(name, stats, features, logits).cpu() for name, stats in self.detectors.items()}
+        scores = {name: values.cpu() for name, values in self._ood_scores(features, logits, layers).items()}
         ood_s = time.perf_counter() - started
 
         threshold = self.ood_thresholds.get(method, float("nan")) if ood_threshold is None else float(ood_threshold)

@@ -439,6 +439,13 @@ def _scalar(value: Any) -> float | None:
     return round(float(value), 4) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def _spread_text(spread: dict | None) -> str:
+    """'4.8 % (1.2-9.6 %)': the bootstrap share of new lesions a threshold rejects, or '' when unknown."""
+    if not spread or spread.get("median") is None:
+        return ""
+    return f"{spread['median']:.1%} ({spread['low']:.1%}-{spread['high']:.1%})"
+
+
 def checkpoint_summary(checkpoint: dict[str, Any], name: str) -> dict[str, Any]:
     """Plain values the Model page shows (no tensors): thresholds, detectors, history, data.
 
@@ -455,6 +462,9 @@ def checkpoint_summary(checkpoint: dict[str, Any], name: str) -> dict[str, Any]:
         "temperature": float(checkpoint["temperature"]),
         "ood_method": ood.get("method"),
         "ood_thresholds": {name: float(stats["threshold"]) for name, stats in (ood.get("detectors") or {}).items()},
+        "ood_rejection_spread": {
+            name: _spread_text(stats.get("rejection_spread")) for name, stats in (ood.get("detectors") or {}).items()
+        },
         "threshold_history": list(checkpoint.get("threshold_history") or []),
         "metrics": json.loads(json.dumps(checkpoint.get("metrics") or {}, default=_plain)),
     }

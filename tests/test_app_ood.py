@@ -10,6 +10,7 @@ from streamlit.testing.v1 import AppTest
 
 import lesion_app.support
 from lesion.checkpoint import load_checkpoint
+from lesion.config import TrainConfig
 from lesion.predict import Predictor
 from lesion_app.support import Sample, list_samples
 
@@ -100,9 +101,10 @@ def test_save_threshold_then_predict_uses_it(run_copy: Path, monkeypatch: pytest
     save = next(b for b in at.button if b.label.startswith("Save"))
     save.click().run()
     assert not at.exception
-    assert any("Saved: mahalanobis" in s.value for s in at.success)
+    default = TrainConfig().ood_method  # the detector the page opens with
+    assert any(f"Saved: {default} with" in s.value for s in at.success)
     fresh = Predictor.from_checkpoint(run_copy / "model.pt")
-    assert fresh.ood_method == "mahalanobis" and fresh.ood_thresholds["mahalanobis"] == pytest.approx(chosen)
+    assert fresh.ood_method == default and fresh.ood_thresholds[default] == pytest.approx(chosen)
     history = load_checkpoint(run_copy / "model.pt")["threshold_history"]
     assert history[-1]["new_threshold"] == pytest.approx(chosen)
     assert float(metric(at, "Saved threshold")) == pytest.approx(chosen, abs=slider.step / 2)

@@ -9,6 +9,7 @@ from streamlit.testing.v1 import AppTest
 
 from lesion.card import INTENDED_USE
 from lesion.config import build_config, recipe_measurement
+from lesion.ood import DETECTORS
 from lesion_app.support import DISCLAIMER, NO_MODEL_HELP, format_duration, measured_duration
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,7 +63,7 @@ def test_model_card_page_names_the_split_and_shows_plots(trained_run: Path, monk
     metrics = at.dataframe[0].value
     assert list(metrics.columns) == ["metric", "validation", "test"] and "roc_auc" in set(metrics["metric"])
     detectors = at.dataframe[1].value
-    assert set(detectors["detector"]) == {"msp", "energy", "mahalanobis", "knn"} and detectors["in use"].sum() == 1
+    assert set(detectors["detector"]) == set(DETECTORS) and detectors["in use"].sum() == 1
     captions = [c for image in at.image for c in image.captions]
     assert "ROC curve (test split)" in captions and "Training and validation curves" in captions
     assert any(m.value.strip() == INTENDED_USE.strip() for m in at.markdown)  # its own tab

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from lesion.checkpoint import REQUIRED_KEYS
-from lesion.config import build_config
+from lesion.config import TrainConfig, build_config
 from lesion.errors import WeightsUnavailable
 from lesion.events import iter_events
+from lesion.ood import DETECTORS
 from lesion.training import run_training
 from tests.conftest import DEMO, REPO, TINY_TRAINING, run_cli
 
@@ -36,7 +37,10 @@ def test_cli_writes_a_complete_run_folder(trained_run: Path) -> None:
     assert set(REQUIRED_KEYS) <= set(checkpoint)
     assert "training" not in checkpoint  # the final model carries no optimizer state
     assert checkpoint["config"]["arch"] == "resnet18" and checkpoint["config"]["image_size"] == 64
-    assert set(checkpoint["ood"]["detectors"]) == {"msp", "energy", "mahalanobis", "knn"}
+    assert set(checkpoint["ood"]["detectors"]) == set(DETECTORS)
+    assert checkpoint["ood"]["method"] == TrainConfig().ood_method
+    spread = checkpoint["metrics"]["ood_rejection_spread"][checkpoint["ood"]["method"]]
+    assert spread["low"] <= spread["median"] <= spread["high"]
     assert 0.0 < checkpoint["decision_threshold"] < 1.0 and checkpoint["temperature"] > 0
     assert checkpoint["metrics"]["headline_split"] == "test"
     assert "roc_auc" in checkpoint["metrics"]["test"] and "roc_auc" in checkpoint["metrics"]["val"]

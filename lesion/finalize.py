@@ -69,12 +69,13 @@ def finalize(
         config.threshold_rule,
         config.target_sensitivity,
     )
+    # OOD sees the un-flipped pass, as in the predictor (the same as "logits" without test-time flips).
     detectors = ood.fit_detectors(
         outs["train"]["features"],
         outs["train"]["labels"],
-        outs["train"]["logits"],
+        outs["train"]["plain_logits"],
         val["features"],
-        val["logits"],
+        val["plain_logits"],
         keep=config.ood_keep,
         k=config.knn_k,
     )
@@ -83,7 +84,7 @@ def finalize(
         "test": _split_metrics(test, frames["test"], temperature, threshold),
     }
     metrics["ood_test_lesions_accepted"] = {
-        name: float((ood.score(name, stats, test["features"], test["logits"]) <= stats["threshold"]).float().mean())
+        name: float((ood.score(name, stats, test["features"], test["plain_logits"]) <= stats["threshold"]).float().mean())
         for name, stats in detectors.items()
     }
     best_epoch = max(history, key=lambda r: r["val_roc_auc"] if r["val_roc_auc"] is not None else -1)["epoch"]

@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {name: VARIANTS[name] for name in chosen}
     from lesion.config import build_config
 
-    for name, changes in overrides.items():  # refuse a bad override before any run starts
+    for changes in overrides.values():  # refuse a bad override before any run starts
         recipe = changes.get("recipe", args.base)
         build_config(recipe, {k: v for k, v in changes.items() if k != "recipe"})
     sizes = {TINY["image_size"]} if args.tiny else {int(build_config(args.base).image_size)}

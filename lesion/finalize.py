@@ -84,7 +84,9 @@ def finalize(
         "test": _split_metrics(test, frames["test"], temperature, threshold),
     }
     metrics["ood_test_lesions_accepted"] = {
-        name: float((ood.score(name, stats, test["features"], test["plain_logits"]) <= stats["threshold"]).float().mean())
+        name: float(
+            (ood.score(name, stats, test["features"], test["plain_logits"]) <= stats["threshold"]).float().mean()
+        )
         for name, stats in detectors.items()
     }
     best_epoch = max(history, key=lambda r: r["val_roc_auc"] if r["val_roc_auc"] is not None else -1)["epoch"]

@@ -217,9 +217,9 @@ def roc_auc_interval(auc: float, n_positive: int, n_negative: int, level: float 
     if not 0.0 <= auc <= 1.0 or n_positive < 1 or n_negative < 1:
         raise ValueError(f"need an AUC in [0, 1] and both classes; got {auc}, {n_positive}, {n_negative}")
     q1, q2 = auc / (2.0 - auc), 2.0 * auc * auc / (1.0 + auc)
-    variance = (
-        auc * (1.0 - auc) + (n_positive - 1) * (q1 - auc * auc) + (n_negative - 1) * (q2 - auc * auc)
-    ) / (n_positive * n_negative)
+    variance = (auc * (1.0 - auc) + (n_positive - 1) * (q1 - auc * auc) + (n_negative - 1) * (q2 - auc * auc)) / (
+        n_positive * n_negative
+    )
     from statistics import NormalDist
 
     z = NormalDist().inv_cdf(0.5 + level / 2.0)

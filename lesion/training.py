@@ -579,9 +579,7 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
     return run_dir / "model.pt"
 
 
-def _resume(
-    path: Path, model: nn.Module, optimizer, scheduler, regularizer: Regularizer | None = None
-) -> TrainState:
+def _resume(path: Path, model: nn.Module, optimizer, scheduler, regularizer: Regularizer | None = None) -> TrainState:
     """Restore weights, optimizer, schedule, EMA, RNG and early-stopping state from last.pt."""
     checkpoint = load_checkpoint(path)
     training = checkpoint.get("training")

@@ -39,22 +39,29 @@ sys.path.insert(0, str(REPO))
 VARIANTS: dict[str, dict[str, Any]] = {
     "demo": {"recipe": "demo"},  # the in-app recipe, as the baseline
     "base": {},
-    "size128": {"image_size": 128},
+    "size160": {"image_size": 160},
     "size192": {"image_size": 192},
-    "ep24": {"epochs": 24},
-    "ep60": {"epochs": 60},
-    "no_ema": {"ema_decay": 0.0},
-    "ema998": {"ema_decay": 0.998},
-    "no_tta": {"tta": False},
-    "mixup": {"mixup_alpha": 0.2},
+    "ep40": {"epochs": 40},
+    "ep90": {"epochs": 90},
+    "ema": {"ema_decay": 0.99},
+    "tta": {"tta": True},
+    "no_mixup": {"mixup_alpha": 0.0},
     "cutmix": {"cutmix_alpha": 1.0, "mix_prob": 0.5},
-    "no_ls": {"label_smoothing": 0.0},
+    "ls": {"label_smoothing": 0.1},
     "aug_strong": {"augment": "strong"},
     "aug_notebook": {"augment": "notebook"},
     "lr3e-3": {"lr": 3e-3},
+    "first_guess": {  # the recipe guessed on a CPU before the first search on a GPU
+        "image_size": 160,
+        "epochs": 40,
+        "label_smoothing": 0.1,
+        "ema_decay": 0.99,
+        "tta": True,
+        "mixup_alpha": 0.0,
+    },
 }
 # Run only when named in --variants: the default set fits about 5 minutes on one H100.
-OPTIONAL = ("ep24", "aug_notebook", "lr3e-3")
+OPTIONAL = ("aug_notebook", "lr3e-3", "first_guess")
 TINY = {"image_size": 64, "epochs": 1, "max_images": 120, "batch_size": 16}
 
 
@@ -243,7 +250,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-workers", type=int, default=3, help="loader workers per training process")
     parser.add_argument("--threads", type=int, default=0, help="OMP threads per process (0 = cores / parallel)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--top", type=int, default=3, help="variants trained again with more seeds")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds of stage 1 (each also draws its split)")
+    parser.add_argument("--top", type=int, default=3, help="variants trained again with more seeds (0 = no stage 2)")
     parser.add_argument("--extra-seeds", type=int, default=1, help="seeds added for the top variants")
     parser.add_argument("--budget-s", type=float, default=300, help="no run starts that would end past this; 0 = none")
     parser.add_argument("--run-timeout-s", type=float, default=900, help="a run taking longer is killed")
@@ -278,20 +286,23 @@ def main(argv: list[str] | None = None) -> int:
         return Run(name, seed, overrides[name], folder=str(out / f"{name}-s{seed}"))
 
     durations: list[float] = []
-    print(f"stage 1: {len(chosen)} variants, seed 0, {args.parallel} at once")
-    stage1 = [make(name, 0) for name in chosen]
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    print(f"stage 1: {len(chosen)} variants, seeds {seeds}, {args.parallel} at once")
+    stage1 = [make(name, seed) for seed in seeds for name in chosen]
     run_all(stage1, args, cache, started, durations)
-    by_variant: dict[str, list[Run]] = {name: [r] for name, r in zip(chosen, stage1, strict=True)}
+    by_variant: dict[str, list[Run]] = {name: [r for r in stage1 if r.variant == name] for name in chosen}
 
-    combo = combined_variant(by_variant)
+    combo = combined_variant(by_variant) if args.top else None
     stage2: list[Run] = []
     if combo is not None:
         overrides["combined"] = combo
         by_variant["combined"] = []
-        stage2 += [make("combined", seed) for seed in range(args.extra_seeds + 1)]
-    ranked = sorted((n for n in chosen if by_variant[n][0].status == "ok"), key=lambda n: -mean_val(by_variant[n]))
+        stage2 += [
+            make("combined", seed) for seed in [*seeds, *range(max(seeds) + 1, max(seeds) + 1 + args.extra_seeds)]
+        ]
+    ranked = sorted((n for n in chosen if mean_val(by_variant[n]) >= 0), key=lambda n: -mean_val(by_variant[n]))
     for name in ranked[: args.top]:
-        stage2 += [make(name, seed) for seed in range(1, args.extra_seeds + 1)]
+        stage2 += [make(name, max(seeds) + i) for i in range(1, args.extra_seeds + 1)]
     if stage2:
         print(f"stage 2: {len(stage2)} runs (more seeds for {', '.join(ranked[: args.top])}; combined: {combo})")
         run_all(stage2, args, cache, started, durations)

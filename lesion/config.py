@@ -56,7 +56,7 @@ class TrainConfig:
     mixup_alpha: float = 0.0  # mixup strength, Beta(alpha, alpha) blend of two images and their labels; 0 = off
     cutmix_alpha: float = 0.0  # cutmix strength, Beta(alpha, alpha) share of a pasted box; 0 = off
     mix_prob: float = 1.0  # probability that a batch is mixed (mixup or cutmix, one at random when both are on)
-    ema_decay: float = 0.0  # EMA of the weights, validated and kept as the model (e.g. 0.998); 0 = off
+    ema_decay: float = 0.0  # EMA of the weights, validated and kept (e.g. 0.99, capped at (1+n)/(10+n)); 0 = off
     tta: bool = False  # test-time flips: average the logits over horizontal and vertical flips when evaluating
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
     channels_last: bool = True  # channels_last memory format on CUDA (ignored on CPU)

@@ -10,7 +10,7 @@ from tests.conftest import run_cli
 
 
 def test_recipes_load_and_validate() -> None:
-    for name in ("demo", "notebook", "recommended"):
+    for name in ("demo", "bundled", "notebook", "recommended"):
         config = build_config(name)
         assert isinstance(config, TrainConfig)
     notebook = build_config("notebook")
@@ -35,6 +35,10 @@ def test_overrides_come_after_the_recipe_and_are_typed() -> None:
         ("--arch=vgg16", "arch must be one of"),
         ("--learning_rate=0.1", "unknown option"),
         ("--image_size=8", "image_size must be at least 32"),
+        ("--mix_prob=1.5", "mix_prob must lie in"),
+        ("--ema_decay=1", "ema_decay must lie in"),
+        ("--mixup_alpha=-1", "mixup_alpha and cutmix_alpha"),
+        ("--augment=wild", "augment must be one of"),
     ],
 )
 def test_bad_overrides_are_refused_with_the_key_named(override: str, message: str) -> None:
@@ -43,7 +47,7 @@ def test_bad_overrides_are_refused_with_the_key_named(override: str, message: st
 
 
 def test_unknown_recipe_lists_the_known_ones() -> None:
-    with pytest.raises(ConfigError, match="known recipes: demo, notebook, recommended"):
+    with pytest.raises(ConfigError, match="known recipes: bundled, demo, notebook, recommended"):
         build_config("fastest")
 
 

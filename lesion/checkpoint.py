@@ -19,6 +19,7 @@ metrics             ``{"val": {...}, "test": {...}}`` plain floats and lists
 data                summary of the data and split (layout, counts per split and label, skipped)
 config              the training config as a dict
 epoch               epochs completed
+tta                 optional bool (default false): average the logits over flips (test-time augmentation)
 training            optional: optimizer / scheduler / scaler / RNG state for resume (last.pt)
 created             ISO time
 ==================  =================================================================
@@ -177,6 +178,8 @@ def _value_problem(checkpoint: dict[str, Any]) -> str:
             return f"{key} {values!r}"
     if any(value <= 0 for value in checkpoint["std"]):
         return f"std {checkpoint['std']!r}"
+    if not isinstance(checkpoint.get("tta", False), bool):
+        return f"tta {checkpoint['tta']!r}"
     names = checkpoint["class_names"]
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
         return f"class_names {names!r}"
@@ -191,6 +194,7 @@ def make_checkpoint(
     Used by the training loop (best.pt, last.pt) and by finalize (model.pt), so both write one shape.
     """
     extra.setdefault("ood", {"method": config.ood_method, "detectors": {}, "keep": config.ood_keep})
+    extra.setdefault("tta", config.tta)
     return new_checkpoint(
         model,
         config.arch,

@@ -36,7 +36,7 @@ ARCHS = ("resnet50", "resnet34", "resnet18")
 HEADS = ("linear", "mlp")
 OPTIMIZERS = ("adamw", "adam")
 BALANCES = ("class_weights", "sampler", "none")
-AUGMENTS = ("dermoscopy", "notebook", "none")
+AUGMENTS = ("dermoscopy", "strong", "notebook", "none")
 THRESHOLD_RULES = ("youden", "sensitivity")
 OOD_METHODS = (
     "mahalanobis",
@@ -72,10 +72,15 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine (after warmup) or constant
     warmup_epochs: float = 1.0  # linear warmup length, in epochs
     balance: str = "class_weights"  # class_weights, sampler (balanced sampling) or none
-    augment: str = "dermoscopy"  # dermoscopy, notebook or none
+    augment: str = "dermoscopy"  # dermoscopy, strong (tighter crops, more colour), notebook or none
     freeze_backbone_epochs: int = 0  # train only the head for this many first epochs
     patience: int = 5  # early stopping on validation ROC-AUC; 0 = never stop early
     label_smoothing: float = 0.0  # cross-entropy label smoothing
+    mixup_alpha: float = 0.0  # mixup strength, Beta(alpha, alpha) blend of two images and their labels; 0 = off
+    cutmix_alpha: float = 0.0  # cutmix strength, Beta(alpha, alpha) share of a pasted box; 0 = off
+    mix_prob: float = 1.0  # probability that a batch is mixed (mixup or cutmix, one at random when both are on)
+    ema_decay: float = 0.0  # EMA of the weights, validated and kept (e.g. 0.99, capped at (1+n)/(10+n)); 0 = off
+    tta: bool = False  # test-time flips: average the logits over horizontal and vertical flips when evaluating
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
     channels_last: bool = True  # channels_last memory format on CUDA (ignored on CPU)
     compile: bool = False  # torch.compile the model (CUDA only)
@@ -170,6 +175,14 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ConfigError(f"ood_keep must lie in [0.5, 1); got {config.ood_keep}")
     if not 0 < config.target_sensitivity < 1:
         raise ConfigError(f"target_sensitivity must lie in (0, 1); got {config.target_sensitivity}")
+    if config.mixup_alpha < 0 or config.cutmix_alpha < 0:
+        raise ConfigError("mixup_alpha and cutmix_alpha must be 0 (off) or positive")
+    if not 0 <= config.mix_prob <= 1:
+        raise ConfigError(f"mix_prob must lie in [0, 1]; got {config.mix_prob}")
+    if not 0 <= config.ema_decay < 1:
+        raise ConfigError(f"ema_decay must lie in [0, 1) (0 = off); got {config.ema_decay}")
+    if not 0 <= config.label_smoothing < 1:
+        raise ConfigError(f"label_smoothing must lie in [0, 1); got {config.label_smoothing}")
     if config.lr <= 0:
         raise ConfigError(f"lr must be positive; got {config.lr}")
     return config

@@ -78,12 +78,13 @@ def finalize(
         config.target_sensitivity,
     )
     head = ood.cpu_copy(unwrap(model).fc)  # the features are on the CPU
+    # OOD sees the un-flipped pass, as in the predictor (the same as "logits" without test-time flips).
     detectors = ood.fit_detectors(
         outs["train"]["features"],
         outs["train"]["labels"],
-        outs["train"]["logits"],
+        outs["train"]["plain_logits"],
         val["features"],
-        val["logits"],
+        val["plain_logits"],
         keep=config.ood_keep,
         k=config.knn_k,
         train_layers=_layers(outs["train"]),
@@ -95,7 +96,7 @@ def finalize(
         "test": _split_metrics(test, frames["test"], temperature, threshold),
     }
     test_scores = {
-        name: ood.score(name, stats, test["features"], test["logits"], layers=_layers(test), head=head)
+        name: ood.score(name, stats, test["features"], test["plain_logits"], layers=_layers(test), head=head)
         for name, stats in detectors.items()
     }
     metrics["ood_test_lesions_accepted"] = {

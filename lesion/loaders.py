@@ -21,6 +21,7 @@ from lesion import data as lesion_data
 from lesion.config import TrainConfig
 from lesion.distributed import DistInfo
 from lesion.model import LayerStatistics, forward_parts, unwrap
+from lesion.regularize import flip_logits
 from lesion.transforms import eval_transform, resize_size, train_worker_transform
 
 
@@ -124,16 +125,23 @@ def collect_outputs(
 
     With ``features`` the result also holds, under ``layer1`` .. ``layer4``, the pooled channel
     statistics of each stage from the same pass (:class:`lesion.model.LayerStatistics`).
+    With ``config.tta`` the logits are averaged over flips; ``plain_logits`` (and the features)
+    always come from the un-flipped pass, which is what the OOD detectors see in the predictor.
     """
     model = unwrap(model).eval()
-    outputs: dict[str, list[torch.Tensor]] = {"logits": [], "labels": [], "features": []}
+    outputs: dict[str, list[torch.Tensor]] = {"logits": [], "labels": [], "features": [], "plain_logits": []}
     memory_format = torch.channels_last if config.channels_last and device.type == "cuda" else torch.contiguous_format
     tap = LayerStatistics(model) if features else None  # hooks only when the stages are wanted
     try:
         for images, labels in loader:
             images = images.to(device, non_blocking=True, memory_format=memory_format)
-            with autocast_for(device, config.amp), tap.capture() if tap else nullcontext({}) as layers:
-                _, pooled, logits = forward_parts(model, images)
+            with autocast_for(device, config.amp):
+                with tap.capture() if tap else nullcontext({}) as layers:
+                    _, pooled, logits = forward_parts(model, images)
+                outputs["plain_logits"].append(logits.float().cpu())
+                if config.tta:
+                    # after the capture: the flipped passes must not overwrite the stages' statistics
+                    logits = flip_logits(model, images, logits)
             outputs["logits"].append(logits.float().cpu())
             outputs["labels"].append(labels)
             if features:

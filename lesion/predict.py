@@ -4,7 +4,8 @@ An image goes through :func:`lesion.images.load_image` and the checkpoint's eval
 (exactly what ``train.evaluate`` uses), then :func:`lesion.model.forward_parts` once. The layer4
 activations give the heatmap (only the head is differentiated, see :mod:`lesion.explain`), the
 pooled features and logits give every fitted OOD score, and the temperature-scaled softmax gives
-P(malignant). A :class:`Predictor` holds no per-call state, so one instance can serve many threads.
+P(malignant). A checkpoint saved with ``tta`` adds one batched pass over the flipped images and
+averages the logits for P(malignant) only. A :class:`Predictor` holds no per-call state, so one instance can serve many threads.
 
 Command line::
 
@@ -38,6 +39,7 @@ from lesion.checkpoint import check_checkpoint, load_checkpoint
 from lesion.errors import InvalidCheckpoint, InvalidImage, LesionError
 from lesion.images import ImageSource, load_image, load_image_with_size
 from lesion.model import LayerStatistics, build_model, forward_parts
+from lesion.regularize import flip_logits
 from lesion.transforms import eval_transform
 
 DECODE_THREADS = min(4, os.cpu_count() or 1)
@@ -127,6 +129,8 @@ class Predictor:
         self.resize_size = int(checkpoint["resize_size"])
         self.temperature = float(checkpoint["temperature"])
         self.decision_threshold = float(checkpoint["decision_threshold"])
+        # Test-time flips for the probability; the heatmap and OOD scores stay on the plain pass.
+        self.tta = bool(checkpoint.get("tta", False))
         self.transform = eval_transform(self.image_size, checkpoint["mean"], checkpoint["std"])
         self.model = _build(checkpoint).to(self.device).eval()
         ood_entry = checkpoint.get("ood") or {}
@@ -227,7 +231,12 @@ class Predictor:
 
         started = time.perf_counter()
         activations, features, logits, layers = self._forward(batch)
-        probabilities = torch.softmax(logits.float() / self.temperature, dim=1).cpu()
+        if self.tta:
+            with torch.no_grad():  # after the tapped pass: flips change neither the heatmap nor the OOD scores
+                class_logits = flip_logits(self.model, batch, logits)
+        else:
+            class_logits = logits
+        probabilities = torch.softmax(class_logits.float() / self.temperature, dim=1).cpu()
         p_malignant = probabilities[:, self.malignant_index]
         forward_s = time.perf_counter() - started
 

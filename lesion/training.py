@@ -49,6 +49,7 @@ from lesion.loaders import (  # noqa: F401
 )
 from lesion.metrics import binary_metrics
 from lesion.model import backbone_parameters, build_model, load_backbone_weights
+from lesion.regularize import Regularizer, SoftTargetCrossEntropy
 from lesion.transforms import BatchAugment, resize_size
 
 EventCallback = Callable[[dict[str, Any]], None]
@@ -215,8 +216,9 @@ def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
 # ---------------------------------------------------------------- checkpoints
 
 
-def training_state(optimizer, scheduler, state: TrainState) -> dict[str, Any]:
+def training_state(optimizer, scheduler, state: TrainState, regularizer: Regularizer | None = None) -> dict[str, Any]:
     return {
+        **(regularizer.state_dict() if regularizer is not None else {}),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "state": {k: v for k, v in asdict(state).items() if k != "history"},
@@ -240,6 +242,7 @@ def train_one_epoch(
     epoch: int,
     events: EventWriter,
     stop: StopFlag,
+    regularizer: Regularizer | None = None,
 ) -> tuple[float, int, bool]:
     """One pass over the training loader; returns (mean loss, images seen, stopped early)."""
     model.train()
@@ -254,12 +257,15 @@ def train_one_epoch(
             break
         images = augment(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
+        images, targets = regularizer.mix(images, labels) if regularizer is not None else (images, labels)
         with autocast_for(device, config.amp):
-            loss = criterion(model(images), labels)
+            loss = criterion(model(images), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if regularizer is not None:
+            regularizer.after_step(model)
         total_loss += loss.item() * len(labels)
         seen += len(labels)
         window_images += len(labels)
@@ -373,13 +379,14 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
         optimizer, lambda step: lr_factor(step, total_steps, warmup, config.schedule)
     )
     weight = class_weights(train_df["label"].to_numpy()).to(device) if config.balance == "class_weights" else None
-    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
+    criterion = SoftTargetCrossEntropy(weight=weight, label_smoothing=config.label_smoothing)
+    regularizer = Regularizer(config, model)
     val_criterion = nn.CrossEntropyLoss(weight=weight.cpu() if weight is not None else None)
 
     state = TrainState()
     last_path, best_path = run_dir / LAST_FILE, run_dir / BEST_FILE
     if config.resume and last_path.is_file():
-        state = _resume(last_path, model, optimizer, scheduler)
+        state = _resume(last_path, model, optimizer, scheduler, regularizer)
     events.emit(
         "start",
         config=asdict(config),
@@ -412,11 +419,12 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
             epoch=epoch,
             events=events,
             stop=stop,
+            regularizer=regularizer,
         )
         if stopped:
             break  # keep the last complete epoch's checkpoint: a partial epoch would break resume
         train_loss = mean_across_ranks(train_loss, seen, info)
-        val = validate(model, val_df, cache, config, info, device, val_criterion)
+        val = validate(regularizer.eval_model(model), val_df, cache, config, info, device, val_criterion)
         auc = val["roc_auc"] if val["roc_auc"] is not None else -1.0
         improved = auc > state.best_auc
         state.epoch = epoch
@@ -441,10 +449,11 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
         events.emit("epoch", **record)
         if info.is_main:
             if improved:
-                save_checkpoint(make_checkpoint(config, model, summary, epoch, history=state.history), best_path)
+                kept = regularizer.eval_model(model)  # the EMA weights when enabled
+                save_checkpoint(make_checkpoint(config, kept, summary, epoch, history=state.history), best_path)
                 events.emit("checkpoint", path=str(best_path), kind="best", epoch=epoch)
             last = make_checkpoint(config, model, summary, epoch, history=state.history)
-            last["training"] = training_state(optimizer, scheduler, state)
+            last["training"] = training_state(optimizer, scheduler, state, regularizer)
             save_checkpoint(last, last_path)
             events.emit("checkpoint", path=str(last_path), kind="last", epoch=epoch)
         barrier(info)
@@ -469,8 +478,8 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
     return run_dir / MODEL_FILE
 
 
-def _resume(path: Path, model: nn.Module, optimizer, scheduler) -> TrainState:
-    """Restore weights, optimizer, schedule, RNG and early-stopping state from last.pt."""
+def _resume(path: Path, model: nn.Module, optimizer, scheduler, regularizer: Regularizer | None = None) -> TrainState:
+    """Restore weights, optimizer, schedule, EMA, RNG and early-stopping state from last.pt."""
     checkpoint = load_checkpoint(path)
     training = checkpoint.get("training")
     if not training:
@@ -479,6 +488,8 @@ def _resume(path: Path, model: nn.Module, optimizer, scheduler) -> TrainState:
     optimizer.load_state_dict(training["optimizer"])
     scheduler.load_state_dict(training["scheduler"])
     torch.set_rng_state(training["torch_rng"])
+    if regularizer is not None:
+        regularizer.load_state_dict(training)
     state = TrainState(**training["state"])
     state.history = json.loads(training["history_json"])
     return state

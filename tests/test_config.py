@@ -11,7 +11,7 @@ from train.cli import get_args_parser
 
 
 def test_recipes_load_and_validate() -> None:
-    for name in ("demo", "notebook", "recommended"):
+    for name in ("demo", "bundled", "notebook", "recommended"):
         config = build_config(name)
         assert isinstance(config, TrainConfig)
     notebook = build_config("notebook")
@@ -36,6 +36,10 @@ def test_overrides_come_after_the_recipe_and_are_typed() -> None:
         ("--arch=vgg16", "arch must be one of"),
         ("--learning_rate=0.1", "unknown option"),
         ("--image_size=8", "image_size must be at least 32"),
+        ("--mix_prob=1.5", "mix_prob must lie in"),
+        ("--ema_decay=1", "ema_decay must lie in"),
+        ("--mixup_alpha=-1", "mixup_alpha and cutmix_alpha"),
+        ("--augment=wild", "augment must be one of"),
     ],
 )
 def test_bad_overrides_are_refused_with_the_key_named(override: str, message: str) -> None:

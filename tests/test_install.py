@@ -34,7 +34,12 @@ def test_the_installed_copy_imports_and_reads_recipes_from_where_it_was_installe
     lesion_file, train_file, recipes, arch = json.loads(result.stdout)
     for path in (lesion_file, train_file, recipes):
         assert Path(path).is_relative_to(installed_package), path  # not the checkout
-    assert sorted(p.name for p in Path(recipes).glob("*.toml")) == ["demo.toml", "notebook.toml", "recommended.toml"]
+    assert sorted(p.name for p in Path(recipes).glob("*.toml")) == [
+        "bundled.toml",
+        "demo.toml",
+        "notebook.toml",
+        "recommended.toml",
+    ]
     assert arch == "resnet18"
 
 

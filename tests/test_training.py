@@ -69,14 +69,19 @@ class _Crash(BaseException):
     """Stands in for a process killed between epochs (not an Exception: nothing catches it)."""
 
 
-def test_resume_gives_the_same_model_as_an_uninterrupted_run(tmp_path: Path, cache_dir: Path) -> None:
-    run_training(_tiny_config(tmp_path / "straight", cache_dir))
+# The second case resumes mixup / cutmix draws and the EMA of the weights (kept in last.pt) too.
+REGULARISED = {"mixup_alpha": 0.4, "cutmix_alpha": 1.0, "mix_prob": 0.8, "ema_decay": 0.9, "tta": True}
+
+
+@pytest.mark.parametrize("changes", [{}, REGULARISED], ids=["plain", "mix-ema-tta"])
+def test_resume_gives_the_same_model_as_an_uninterrupted_run(tmp_path: Path, cache_dir: Path, changes: dict) -> None:
+    run_training(_tiny_config(tmp_path / "straight", cache_dir, **changes))
 
     def crash_after_first_epoch(event: dict) -> None:
         if event["event"] == "checkpoint" and event["kind"] == "last" and event["epoch"] == 1:
             raise _Crash
 
-    interrupted = _tiny_config(tmp_path / "resumed", cache_dir)
+    interrupted = _tiny_config(tmp_path / "resumed", cache_dir, **changes)
     with pytest.raises(_Crash):
         run_training(interrupted, on_event=crash_after_first_epoch)
     assert not (tmp_path / "resumed" / "model.pt").exists()
@@ -89,6 +94,13 @@ def test_resume_gives_the_same_model_as_an_uninterrupted_run(tmp_path: Path, cac
     for key, tensor in straight["state_dict"].items():
         assert torch.equal(tensor, resumed["state_dict"][key]), key
     assert straight["metrics"]["test"]["roc_auc"] == resumed["metrics"]["test"]["roc_auc"]
+    assert resumed["tta"] is bool(changes.get("tta", False))
+    if changes.get("ema_decay"):
+        runs = ("straight", "resumed")
+        emas = [torch.load(tmp_path / run / "last.pt", weights_only=True)["training"]["ema"] for run in runs]
+        assert emas[0]["updates"] == emas[1]["updates"] > 0
+        for key, tensor in emas[0]["state_dict"].items():
+            assert torch.equal(tensor, emas[1]["state_dict"][key]), key
 
 
 def test_torchrun_two_processes_on_cpu(tmp_path: Path, cache_dir: Path) -> None:

@@ -28,13 +28,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         prog="python -m train",
         description="Fine-tune a ResNet on dermoscopic images (benign vs malignant). A demonstration, not a diagnosis.",
         add_help=add_help,
-        epilog="Recipes: demo, notebook, recommended (train/recipes/*.toml) or a path to a .toml file. "
+        epilog="Recipes: demo, bundled, notebook, recommended (train/recipes/*.toml) or a path to a .toml file. "
         "Options given on the command line override the recipe.",
     )
     parser.add_argument(
         "--recipe",
         default=None,
-        help="recipe name (demo, notebook, recommended) or .toml file applied before the options",
+        help="recipe name (demo, bundled, notebook, recommended) or .toml file applied before the options",
     )
     helps = field_help()
     defaults = TrainConfig()

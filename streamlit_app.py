@@ -15,57 +15,121 @@ import os
 
 import streamlit as st
 
-from lesion.app_support import DISCLAIMER, METRIC_LABELS
-from lesion.jobs import active_job, read_progress
-from lesion.runs import default_extra_checkpoint, default_runs_dir, list_models
+from lesion.runs import default_bundled_checkpoint, default_extra_checkpoint, default_runs_dir, list_models
+from lesion_app.jobs import active_job, read_progress
+from lesion_app.support import (
+    ADMIN_SESSION_KEY,
+    DISCLAIMER,
+    LOCKED_HELP,
+    METRIC_LABELS,
+    admin_password,
+    password_matches,
+)
 
 st.set_page_config(page_title="lesion: skin-lesion demo", page_icon=":material/dermatology:", layout="wide")
 
 
-@st.cache_resource(max_entries=3, show_spinner="Loading the model…")
+@st.cache_resource(max_entries=3, show_spinner=False)
 def load_predictor(path: str, mtime: float):
     """One Predictor per checkpoint file version, shared by every session.
 
-    ``mtime`` is part of the key so a checkpoint rewritten with a new threshold is reloaded.
+    ``mtime`` is part of the key so a checkpoint rewritten with a new threshold is reloaded. Imported
+    here, not at the top: torch is imported only once the page is on screen (see sidebar_model).
     """
     from lesion.predict import Predictor
 
     return Predictor.from_checkpoint(path, device=os.environ.get("LESION_DEVICE", "cpu"))
 
 
-def sidebar_model() -> None:
-    """The model selector; stores the active ModelEntry and Predictor in the session."""
-    models = list_models(default_runs_dir(), default_extra_checkpoint())
+def _picked() -> None:
+    st.session_state["model_picked"] = True
+
+
+def sidebar_model(waits: bool) -> None:
+    """The model selector; stores the active ModelEntry, and the Predictor or a way to wait for it, in the session.
+
+    ``waits``: load the model now (pages that need it at once). Otherwise the session gets
+    ``predictor_pending``, a function the Predict page calls once its uploader is on screen (the
+    first load imports torch and reads the weights: seconds on a small CPU): it loads the model
+    and fills in the sidebar (description, figures, or the loading error).
+    """
+    models = list_models(default_runs_dir(), default_extra_checkpoint(), default_bundled_checkpoint())
     st.session_state["models"] = models
+    st.session_state["predictor_pending"] = None
     if not models:
         st.session_state["model"] = st.session_state["predictor"] = st.session_state["model_error"] = None
         st.sidebar.info("No trained model yet: see the Train page.")
         return
     keys = [entry.key for entry in models]
-    if st.session_state.get("model_key") not in keys:
+    # Until the visitor picks a model, the first one is in use: a run that just finished replaces the bundled one.
+    if st.session_state.get("model_key") not in keys or not st.session_state.get("model_picked"):
         st.session_state["model_key"] = keys[0]
-    names = {entry.key: f"{entry.name}" + (" (LESION_CHECKPOINT)" if entry.source != "run" else "") for entry in models}
-    key = st.sidebar.selectbox("Model", keys, format_func=names.get, key="model_key")
+    suffix = {"LESION_CHECKPOINT": " (LESION_CHECKPOINT)", "bundled": " (bundled with the app)"}
+    names = {entry.key: entry.name + suffix.get(entry.source, "") for entry in models}
+    key = st.sidebar.selectbox("Model", keys, format_func=names.get, key="model_key", on_change=_picked)
     entry = models[keys.index(key)]
     st.session_state["model"] = entry
-    try:
-        st.session_state["predictor"] = load_predictor(str(entry.path), entry.mtime)
-    except Exception as error:  # an unreadable checkpoint must not take the whole app down
-        st.session_state["predictor"] = None
-        st.session_state["model_error"] = (
-            f"The model {entry.name} could not be loaded: {error} Pick another one in the sidebar."
-        )
-        st.sidebar.error(f"This model could not be loaded: {error}")
-        return
-    st.session_state["model_error"] = None
+    st.session_state["predictor"] = st.session_state["model_error"] = None
+    slot = st.sidebar.container()
+
+    def finish():
+        try:
+            with st.spinner("Loading the model…"):
+                predictor = load_predictor(str(entry.path), entry.mtime)
+        except Exception as error:  # an unreadable checkpoint must not take the whole app down
+            st.session_state["model_error"] = (
+                f"The model {entry.name} could not be loaded: {error} Pick another one in the sidebar."
+            )
+            slot.error(f"This model could not be loaded: {error}")
+            return None
+        st.session_state["predictor"] = predictor
+        show_model_facts(slot, entry, predictor)
+        return predictor
+
+    if waits:
+        finish()
+    else:
+        st.session_state["predictor_pending"] = finish
+
+
+def show_model_facts(slot, entry, predictor) -> None:
+    """What the model is (bundled: read from its checkpoint) and the headline figures stored beside it."""
+    if entry.source == "bundled":
+        from lesion.export import describe
+
+        slot.caption(f"**Bundled demo model.** {describe(predictor.checkpoint)}")
     if entry.metrics:
         split = {"test": "held-out test split", "val": "validation split"}.get(entry.metrics_split, entry.metrics_split)
-        st.sidebar.caption(f"Measured on the {split}:")
-        cols = st.sidebar.columns(2)
+        slot.caption(f"Measured on the {split}:")
+        cols = slot.columns(2)
         for index, (name, value) in enumerate(list(entry.metrics.items())[:4]):
             cols[index % 2].metric(METRIC_LABELS.get(name, name), f"{value:.3f}")
     else:
-        st.sidebar.caption("No measured metrics stored beside this model.")
+        slot.caption("No measured metrics stored beside this model.")
+
+
+def sidebar_presenter() -> None:
+    """With LESION_ADMIN_PASSWORD set: the password field, once per browser session.
+
+    The value lives only in this run (the form clears it on submit); it is never stored, logged or shown.
+    """
+    expected = admin_password()
+    if expected is None:
+        return
+    if st.session_state.get(ADMIN_SESSION_KEY) is True:
+        st.sidebar.caption("Presenter mode: training and saving thresholds are unlocked in this browser.")
+        if st.sidebar.button("Lock", icon=":material/lock:"):
+            st.session_state[ADMIN_SESSION_KEY] = False
+            st.rerun()
+        return
+    with st.sidebar.form("presenter", clear_on_submit=True, border=False):
+        given = st.text_input("Presenter password", type="password", help=LOCKED_HELP)
+        submitted = st.form_submit_button("Unlock", icon=":material/lock_open:")
+    if submitted:
+        if given and password_matches(given, expected):
+            st.session_state[ADMIN_SESSION_KEY] = True
+            st.rerun()
+        st.sidebar.error("Wrong password: training and saving thresholds stay locked.")
 
 
 def sidebar_job() -> None:
@@ -86,10 +150,6 @@ def sidebar_job() -> None:
         job_progress()
 
 
-sidebar_model()
-sidebar_job()
-st.sidebar.warning(DISCLAIMER, icon=":material/info:")
-
 page = st.navigation(
     [
         st.Page("app_pages/predict.py", title="Predict", icon=":material/image_search:", default=True),
@@ -98,5 +158,10 @@ page = st.navigation(
         st.Page("app_pages/model.py", title="Model card", icon=":material/description:"),
     ]
 )
+# The Predict page draws its uploader before it needs the model; the others need it at once.
+sidebar_model(waits=page.url_path != "")
+sidebar_job()
+sidebar_presenter()
+st.sidebar.warning(DISCLAIMER, icon=":material/info:")
 st.caption(f":material/info: {DISCLAIMER}")
 page.run()

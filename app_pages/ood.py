@@ -7,35 +7,27 @@ from collections import OrderedDict
 import numpy as np
 import streamlit as st
 
-from lesion.app_support import (
-    NO_MODEL_HELP,
+from lesion.errors import InvalidImage, LesionError
+from lesion.ood import DETECTORS, NOTEBOOK_MSP_THRESHOLD, evaluate
+from lesion.runs import save_ood_threshold
+from lesion_app.charts import histogram_chart, roc_chart
+from lesion_app.guards import require_model
+from lesion_app.support import (
+    LOCKED_HELP,
     UPLOAD_TYPES,
     cached_ood_scores,
     display_image,
-    histogram_chart,
     list_samples,
-    roc_chart,
+    may_change,
     roc_points,
     slider_range,
     training_folds,
 )
-from lesion.errors import InvalidImage, LesionError
-from lesion.ood import NOTEBOOK_MSP_THRESHOLD, evaluate
-from lesion.runs import save_ood_threshold
 
-METHOD_NOTES = {
-    "mahalanobis": "Mahalanobis distance to the training features",
-    "knn": "distance to the nearest training features",
-    "energy": "energy of the logits",
-    "msp": "max softmax — the notebook's baseline",
-}
+METHOD_NOTES = {name: detector.note for name, detector in DETECTORS.items()}
 
 st.title("Out-of-distribution threshold")
-predictor, model = st.session_state.get("predictor"), st.session_state.get("model")
-if predictor is None:
-    st.info(st.session_state.get("model_error") or NO_MODEL_HELP)
-    st.page_link("app_pages/train.py", label="Open the Train page", icon=":material/model_training:")
-    st.stop()
+predictor, model = require_model()
 thresholds = dict(predictor.ood_thresholds or {})
 if not thresholds:
     st.info("This model has no fitted out-of-distribution detectors, so there is no threshold to tune.")
@@ -78,6 +70,12 @@ for uploads, kind in ((own_ood, "OOD photo"), (own_lesions, "lesion")):
 with st.spinner("Scoring the gallery once…"):
     scores = cached_ood_scores(st.session_state["ood_scores"], predictor, model, [(g[0], g[1]) for g in gallery])
 gallery = [g for g in gallery if g[0] in scores]  # an image the network could not read has no score
+if not gallery:
+    st.warning(
+        "None of the gallery images could be read, so there is nothing to set the threshold against. "
+        "Upload readable photos and lesion images above."
+    )
+    st.stop()
 values = np.array([scores[g[0]][method] for g in gallery])
 is_ood = np.array([g[2] == "OOD photo" for g in gallery])
 
@@ -94,8 +92,16 @@ counts[0].metric("OOD photos accepted", f"{ours['ood_accepted']} of {int(is_ood.
 counts[1].metric("Lesions rejected", f"{ours['lesions_rejected']} of {int((~is_ood).sum())}")
 counts[2].metric("Separation (ROC-AUC)", f"{ours['roc_auc']:.3f}")
 counts[3].metric("Saved threshold", f"{thresholds[method]:.{decimals}f}")
+spread = (predictor.detectors.get(method) or {}).get("rejection_spread") or {}
+if spread.get("median") is not None:
+    st.caption(
+        f"The saved threshold was fitted to reject {spread['target']:.0%} of validation lesions. Refitted on "
+        f"bootstrap resamples of the validation split, it rejects {spread['median']:.1%} of the lesions each "
+        f"resample left out (95 % of resamples: {spread['low']:.1%} to {spread['high']:.1%}): expect about "
+        "that share of new lesions answered *Not a skin lesion*."
+    )
 
-if "msp" in scores[gallery[0][0]]:
+if "msp" in thresholds:
     msp = np.array([scores[g[0]]["msp"] for g in gallery])
     notebook = evaluate(msp[~is_ood], msp[is_ood], NOTEBOOK_MSP_THRESHOLD)
     st.table(
@@ -122,7 +128,17 @@ operating = {
 }
 right.altair_chart(roc_chart(roc_points(values[~is_ood], values[is_ood]), operating), width="stretch")
 
-if st.button(f"Save {method} at {threshold:.{decimals}f} to the model", type="primary"):
+# The bundled file is versioned with the app and its figures are re-checked by a test: it stays as shipped.
+read_only = model.source == "bundled"
+locked = not may_change(st.session_state)
+if read_only:
+    st.caption("The bundled model is kept as shipped; train your own model (Train page) to save a threshold into it.")
+elif locked:
+    st.caption(LOCKED_HELP)
+save = st.button(
+    f"Save {method} at {threshold:.{decimals}f} to the model", type="primary", disabled=read_only or locked
+)
+if save and not (read_only or locked):
     try:
         save_ood_threshold(model.path, method, threshold)
     except (LesionError, OSError) as error:

@@ -7,7 +7,9 @@ from collections import OrderedDict
 
 import streamlit as st
 
-from lesion.app_support import (
+from lesion.errors import InvalidImage
+from lesion_app.guards import require_model
+from lesion_app.support import (
     NO_MODEL_HELP,
     UPLOAD_TYPES,
     VERDICT_DETAIL,
@@ -19,8 +21,6 @@ from lesion.app_support import (
     result_json,
     result_row,
 )
-from lesion.errors import InvalidImage
-from lesion.explain import CAM_METHODS, heatmap_png, overlay
 
 CAM_LABELS = {
     "gradcam": "Grad-CAM",
@@ -33,10 +33,8 @@ CAM_LABELS = {
 
 st.title("Benign or malignant?")
 predictor, model = st.session_state.get("predictor"), st.session_state.get("model")
-if predictor is None:
-    st.info(st.session_state.get("model_error") or NO_MODEL_HELP)
-    st.page_link("app_pages/train.py", label="Open the Train page", icon=":material/model_training:")
-    st.stop()
+if model is None:
+    require_model()  # says what to do next and stops
 if "predictions" not in st.session_state:
     st.session_state["predictions"] = OrderedDict()
 
@@ -50,12 +48,20 @@ with st.expander("…or pick bundled samples", expanded=not uploads):
             with columns[index % 8]:
                 st.image(str(sample.path), caption=sample.caption, width="stretch")
                 st.checkbox("Use", key=f"sample-{sample.name}")
+if predictor is None and st.session_state.get("predictor_pending"):
+    # The uploader and the gallery are on screen; now load the model (torch is imported here, once).
+    predictor = st.session_state["predictor_pending"]()
+if predictor is None:
+    st.info(st.session_state.get("model_error") or NO_MODEL_HELP)
+    st.stop()
 picked = [s for s in samples if st.session_state.get(f"sample-{s.name}")]
 items = [(upload.name, upload.getvalue()) for upload in uploads or []]
 items += [(sample.path.name, sample.path.read_bytes()) for sample in picked]
 if not items:
     st.info("Upload a photo or tick a sample above to see what the model says.")
     st.stop()
+# Imported once an image is there: the page was drawn before torch was imported.
+from lesion.explain import CAM_METHODS, heatmap_png, overlay  # noqa: E402
 
 
 @st.fragment

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import streamlit as st
 
-from lesion.app_support import DEMO_TRAIN_MINUTES, format_duration, recipe_names, run_rows
-from lesion.config import ARCHS, RECIPES_DIR, build_config
+from lesion.config import ARCHS, build_config, recipes_dir
 from lesion.errors import LesionError
-from lesion.jobs import (
+from lesion.runs import default_runs_dir, list_runs, read_run
+from lesion_app.jobs import (
     active_job,
     default_data_root,
     list_datasets,
@@ -18,12 +18,15 @@ from lesion.jobs import (
     start_training,
     stop_training,
 )
-from lesion.runs import default_runs_dir, list_runs, read_run
+from lesion_app.support import LOCKED_HELP, format_duration, may_change, measured_duration, recipe_names, run_rows
 
 RUNS_DIR = default_runs_dir()
 DATA_ROOT = default_data_root()
 
 st.title("Train a model")
+locked = not may_change(st.session_state)
+if locked:
+    st.info(LOCKED_HELP, icon=":material/lock:")
 
 
 @st.fragment(run_every=2)
@@ -39,7 +42,7 @@ def live_progress(run_path: str) -> None:
     else:
         where = "Preparing the data and the model"
     st.progress(progress["fraction"], text=f"{where}{eta}")
-    if not progress["stop_requested"] and st.button("Stop training", icon=":material/stop_circle:"):
+    if not progress["stop_requested"] and st.button("Stop training", icon=":material/stop_circle:", disabled=locked):
         progress["stop_requested"] = stop_training(run)
     if progress["stop_requested"]:
         st.warning("Stopping: the trainer finishes its batch, then keeps the best epoch as the model.")
@@ -74,8 +77,8 @@ else:
         "Recipe",
         recipes,
         index=recipes.index("demo") if "demo" in recipes else 0,
-        help=f"demo: minutes on a CPU (about {DEMO_TRAIN_MINUTES} on 2 cores); notebook: the original settings; "
-        f"recommended: our choice for a GPU. Files in {RECIPES_DIR}.",
+        help=f"demo: minutes on a CPU ({measured_duration('demo')}); notebook: the original settings; "
+        f"recommended: our choice for a GPU. Files in {recipes_dir()}.",
     )
     base = build_config(recipe)
     cols = st.columns(5)
@@ -107,7 +110,7 @@ else:
         "Use at most this many images (0 = all)", 0, 10_000_000, base.max_images, key=f"max-{recipe}"
     )
 
-    if st.button("Start training", type="primary", icon=":material/play_arrow:"):
+    if st.button("Start training", type="primary", icon=":material/play_arrow:", disabled=locked) and not locked:
         try:
             data_dir = resolve_data_dir(DATA_ROOT, other) if other.strip() else datasets[choice].path
             source = str(resolve_data_file(DATA_ROOT, weights_file)) if weights == "local file" else weights

@@ -1,6 +1,6 @@
 """The app as a presenter meets it: start-up to first verdict, slider reruns, and resident memory.
 
-    python bench/app.py [--checkpoint runs/x/model.pt | --arch resnet50] [--moves 5]
+    python bench/app.py [--bundled | --checkpoint runs/x/model.pt | --arch resnet50] [--moves 5]
 
 Launches Chromium first (Playwright, the Debian package), then starts ``streamlit run
 streamlit_app.py`` and measures, in one run:
@@ -14,7 +14,8 @@ streamlit_app.py`` and measures, in one run:
 - resident memory (psutil RSS) of the server process and its children with the model loaded
   (goal: under 1.5 GB).
 
-Without ``--checkpoint`` it uses the newest runs/*/model.pt, or trains the tiny test model; with
+With ``--bundled`` the app starts as on a fresh clone: no runs, no LESION_CHECKPOINT, so it answers
+with the bundled model (assets/models). Without ``--checkpoint`` it uses the newest runs/*/model.pt, or trains the tiny test model; with
 ``--arch resnet50`` it trains a throwaway ResNet-50 (1 epoch, 60 images, 224 px) to measure memory
 with the full-size network. The server is always stopped at the end.
 """
@@ -48,8 +49,8 @@ def train_throwaway(arch: str) -> Path:
     run_dir = Path(tempfile.mkdtemp(prefix="lesion-bench-app-")) / arch
     print(f"training a throwaway {arch} into {run_dir} ...", file=sys.stderr, flush=True)
     command = [sys.executable, "-m", "train", f"--data={REPO / 'assets' / 'demo'}", f"--out={run_dir}", "--recipe=demo"]
-    command += [f"--arch={arch}", "--image_size=224", "--epochs=1", "--max_images=60", "--batch_size=16"]
-    command += ["--num_workers=0", "--weights=none"]
+    command += [f"--arch={arch}", "--image-size=224", "--epochs=1", "--max-images=60", "--batch-size=16"]
+    command += ["--num-workers=0", "--weights=none"]
     subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     return run_dir / "model.pt"
 
@@ -92,14 +93,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default=None, help="model.pt (default: newest runs/*/model.pt, or train one)")
     parser.add_argument("--arch", default=None, help="without --checkpoint: train a throwaway model of this arch")
+    parser.add_argument("--bundled", action="store_true", help="a fresh clone: the bundled model, no runs")
     parser.add_argument("--moves", type=int, default=5, help="opacity slider moves to time")
     args = parser.parse_args(argv)
     if not shutil.which("chromium"):
         print("error: no chromium on PATH (apt install chromium)", file=sys.stderr)
         return 2
-    checkpoint = (
-        Path(args.checkpoint) if args.checkpoint else (train_throwaway(args.arch) if args.arch else ensure_checkpoint())
-    )
+    if args.bundled:
+        from lesion.runs import BUNDLED_MODEL
+
+        checkpoint = BUNDLED_MODEL
+    elif args.checkpoint:
+        checkpoint = Path(args.checkpoint)
+    else:
+        checkpoint = train_throwaway(args.arch) if args.arch else ensure_checkpoint()
     from lesion.checkpoint import load_checkpoint
 
     info = load_checkpoint(checkpoint)
@@ -113,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         page = browser.new_page(viewport={"width": 1400, "height": 1800})
         port = free_port()
         started = time.perf_counter()
-        server = start_app(checkpoint, port, Path(scratch))
+        server = start_app(None if args.bundled else checkpoint, port, Path(scratch))
         try:
             wait_healthy(server, port, timeout=180)
             healthy = time.perf_counter() - started
@@ -121,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             upload = page.locator('[data-testid="stFileUploaderDropzoneInput"]')
             upload.wait_for(state="attached", timeout=180_000)
             shown = time.perf_counter() - started
-            upload.set_input_files(str(LESION))
+            upload.set_input_files(str(LESION), timeout=180_000)  # enabled once the first script run ends
             page.get_by_text(VERDICT).first.wait_for(timeout=180_000)
             wait_new_overlay(page, "", timeout_s=180)
             first = time.perf_counter() - started

@@ -39,7 +39,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-# The verdict box's detail line (lesion.app_support.VERDICT_DETAIL): present only once a prediction is shown.
+# The verdict box's detail line (lesion_app.support.VERDICT_DETAIL): present only once a prediction is shown.
 VERDICT = re.compile(
     r"The model leans towards a (benign|malignant) lesion|The model was not trained on photos like this"
 )
@@ -67,9 +67,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_app(checkpoint: Path, port: int, runs_dir: Path) -> subprocess.Popen:
-    """The app in its own process group; its output goes to runs_dir/streamlit.log (a pipe could fill and block it)."""
-    env = {**os.environ, "LESION_CHECKPOINT": str(checkpoint.resolve()), "LESION_RUNS_DIR": str(runs_dir)}
+def start_app(checkpoint: Path | None, port: int, runs_dir: Path) -> subprocess.Popen:
+    """The app in its own process group; its output goes to runs_dir/streamlit.log (a pipe could fill and block it).
+
+    ``checkpoint`` None: no LESION_CHECKPOINT, as on a fresh clone (the app picks the bundled model).
+    """
+    env = {
+        **os.environ,
+        "LESION_CHECKPOINT": str(checkpoint.resolve()) if checkpoint else "",
+        "LESION_RUNS_DIR": str(runs_dir),
+    }
     command = [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.headless", "true"]
     command += ["--server.port", str(port), "--browser.gatherUsageStats", "false"]
     log = runs_dir / "streamlit.log"

@@ -9,9 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lesion.checkpoint import load_checkpoint
-
-MODEL_FILE = "model.pt"
-CARD_FILE = "model_card.md"
+from lesion.files import CARD_FILE, MODEL_FILE, write_text_atomic
 
 INTENDED_USE = """\
 **Intended use.** A demonstration and research tool: it shows how a convolutional network, a
@@ -120,6 +118,12 @@ def render_model_card(checkpoint: dict[str, Any], name: str = "model") -> str:
     for method, stats in ood.get("detectors", {}).items():
         accepted = metrics.get("ood_test_lesions_accepted", {}).get(method)
         note = f"; accepts {accepted:.1%} of test lesions" if accepted is not None else ""
+        spread = stats.get("rejection_spread") or {}
+        if spread.get("median") is not None:
+            note += (
+                f"; rejects {spread['median']:.1%} of new lesions (bootstrap 95 % range "
+                f"{spread['low']:.1%}-{spread['high']:.1%}, target {spread['target']:.0%})"
+            )
         lines.append(f"  - {method}: threshold {float(stats['threshold']):.4f}{note}")
     for change in checkpoint.get("threshold_history", []):
         lines.append(f"  - {_describe_change(change)}")
@@ -145,8 +149,6 @@ def write_model_card(target: str | Path) -> Path:
     target = Path(target)
     checkpoint_path = target / MODEL_FILE if target.is_dir() else target
     checkpoint = load_checkpoint(checkpoint_path)
-    card = checkpoint_path.parent / CARD_FILE
-    temporary = card.with_suffix(".md.tmp")
-    temporary.write_text(render_model_card(checkpoint, checkpoint_path.parent.name))
-    temporary.replace(card)
-    return card
+    return write_text_atomic(
+        checkpoint_path.parent / CARD_FILE, render_model_card(checkpoint, checkpoint_path.parent.name)
+    )

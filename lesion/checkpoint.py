@@ -19,6 +19,7 @@ metrics             ``{"val": {...}, "test": {...}}`` plain floats and lists
 data                summary of the data and split (layout, counts per split and label, skipped)
 config              the training config as a dict
 epoch               epochs completed
+tta                 optional bool (default false): average the logits over flips (test-time augmentation)
 training            optional: optimizer / scheduler / scaler / RNG state for resume (last.pt)
 created             ISO time
 ==================  =================================================================
@@ -26,19 +27,22 @@ created             ISO time
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import os
 import pickle
-import tempfile
 import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from lesion.errors import InvalidCheckpoint
+from lesion.files import atomic_write
+
+if TYPE_CHECKING:  # only for the annotation: lesion.config needs nothing from here
+    from lesion.config import TrainConfig
 
 FORMAT = "lesion-checkpoint"
 FORMAT_VERSION = 1
@@ -109,19 +113,9 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> Path:
 
     If the write fails (disk full, killed process) the previous file at ``path`` is untouched.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(checkpoint, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_write(path, "wb", fsync=True) as stream:
+        torch.save(checkpoint, stream)
+    return Path(path)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -184,20 +178,30 @@ def _value_problem(checkpoint: dict[str, Any]) -> str:
             return f"{key} {values!r}"
     if any(value <= 0 for value in checkpoint["std"]):
         return f"std {checkpoint['std']!r}"
+    if not isinstance(checkpoint.get("tta", False), bool):
+        return f"tta {checkpoint['tta']!r}"
     names = checkpoint["class_names"]
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
         return f"class_names {names!r}"
     return ""
 
 
-def update_checkpoint(path: str | Path, **changes: Any) -> dict[str, Any]:
-    """Load, change top-level keys, and write back atomically (e.g. a new OOD threshold)."""
-    checkpoint = load_checkpoint(path)
-    checkpoint.update(changes)
-    save_checkpoint(checkpoint, path)
-    return checkpoint
+def make_checkpoint(
+    config: TrainConfig, model: nn.Module, summary: dict[str, Any], epoch: int, **extra: Any
+) -> dict[str, Any]:
+    """A checkpoint of a training run: its config, data summary and epoch; finalize adds calibration and OOD.
 
-
-def without_training_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """A copy without optimizer and RNG state (what best.pt and exported models carry)."""
-    return {key: value for key, value in checkpoint.items() if key != "training"}
+    Used by the training loop (best.pt, last.pt) and by finalize (model.pt), so both write one shape.
+    """
+    extra.setdefault("ood", {"method": config.ood_method, "detectors": {}, "keep": config.ood_keep})
+    extra.setdefault("tta", config.tta)
+    return new_checkpoint(
+        model,
+        config.arch,
+        config.head,
+        config.image_size,
+        data=summary,
+        config=dataclasses.asdict(config),
+        epoch=epoch,
+        **extra,
+    )

@@ -1,13 +1,16 @@
 """Training configuration: a dataclass, recipe files, and ``--key=value`` overrides.
 
-A recipe is a TOML file of ``key = value`` lines (``train/recipes/<name>.toml``); overrides
-from the command line come after it. Unknown keys and values of the wrong type are refused
+A recipe is a TOML file of ``key = value`` lines (``train/recipes/<name>.toml``, shipped as package
+data of ``train`` and found with :mod:`importlib.resources`, so an installed copy finds them too) and
+an optional ``[measured]`` table (how long the recipe took when we ran it: figures, not settings);
+overrides from the command line come after it. Unknown keys and values of the wrong type are refused
 with a message that names them, so a typo never trains for hours with a default.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import inspect
 import re
 import tomllib
@@ -18,15 +21,35 @@ from typing import Any
 
 from lesion.errors import ConfigError
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "train" / "recipes"
+# A recipe's table of measured figures (not settings): read by recipe_measurement, ignored by load_recipe.
+MEASURED_TABLE = "measured"
+
+
+def recipes_dir() -> Path:
+    """The folder of the named recipes: ``train/recipes`` as installed (package data of ``train``)."""
+    return Path(str(importlib.resources.files("train").joinpath("recipes")))
+
+
+RECIPES_DIR = recipes_dir()  # kept for callers that read it; new code calls recipes_dir()
 
 ARCHS = ("resnet50", "resnet34", "resnet18")
 HEADS = ("linear", "mlp")
 OPTIMIZERS = ("adamw", "adam")
 BALANCES = ("class_weights", "sampler", "none")
-AUGMENTS = ("dermoscopy", "notebook", "none")
+AUGMENTS = ("dermoscopy", "strong", "notebook", "none")
 THRESHOLD_RULES = ("youden", "sensitivity")
-OOD_METHODS = ("mahalanobis", "knn", "energy", "msp")
+OOD_METHODS = (
+    "mahalanobis",
+    "mahalanobis_layers",
+    "mahalanobis_layers_max",
+    "knn",
+    "knn_layers",
+    "vim",
+    "ash",
+    "scale",
+    "energy",
+    "msp",
+)
 SCHEDULES = ("cosine", "constant")
 
 
@@ -49,10 +72,15 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine (after warmup) or constant
     warmup_epochs: float = 1.0  # linear warmup length, in epochs
     balance: str = "class_weights"  # class_weights, sampler (balanced sampling) or none
-    augment: str = "dermoscopy"  # dermoscopy, notebook or none
+    augment: str = "dermoscopy"  # dermoscopy, strong (tighter crops, more colour), notebook or none
     freeze_backbone_epochs: int = 0  # train only the head for this many first epochs
     patience: int = 5  # early stopping on validation ROC-AUC; 0 = never stop early
     label_smoothing: float = 0.0  # cross-entropy label smoothing
+    mixup_alpha: float = 0.0  # mixup strength, Beta(alpha, alpha) blend of two images and their labels; 0 = off
+    cutmix_alpha: float = 0.0  # cutmix strength, Beta(alpha, alpha) share of a pasted box; 0 = off
+    mix_prob: float = 1.0  # probability that a batch is mixed (mixup or cutmix, one at random when both are on)
+    ema_decay: float = 0.0  # EMA of the weights, validated and kept (e.g. 0.99, capped at (1+n)/(10+n)); 0 = off
+    tta: bool = False  # test-time flips: average the logits over horizontal and vertical flips when evaluating
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
     channels_last: bool = True  # channels_last memory format on CUDA (ignored on CPU)
     compile: bool = False  # torch.compile the model (CUDA only)
@@ -61,7 +89,7 @@ class TrainConfig:
     test_fraction: float = 0.15  # share of lesions in the test split
     threshold_rule: str = "youden"  # youden, or sensitivity (reach target_sensitivity on validation)
     target_sensitivity: float = 0.90  # used when threshold_rule = sensitivity
-    ood_method: str = "mahalanobis"  # default OOD detector stored in the checkpoint
+    ood_method: str = "mahalanobis_layers_max"  # default OOD detector stored in the checkpoint (see lesion.ood)
     ood_keep: float = 0.95  # share of validation lesions the OOD threshold accepts
     knn_k: int = 10  # k of the knn OOD detector
     num_workers: int = 2  # data loader worker processes
@@ -147,6 +175,14 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ConfigError(f"ood_keep must lie in [0.5, 1); got {config.ood_keep}")
     if not 0 < config.target_sensitivity < 1:
         raise ConfigError(f"target_sensitivity must lie in (0, 1); got {config.target_sensitivity}")
+    if config.mixup_alpha < 0 or config.cutmix_alpha < 0:
+        raise ConfigError("mixup_alpha and cutmix_alpha must be 0 (off) or positive")
+    if not 0 <= config.mix_prob <= 1:
+        raise ConfigError(f"mix_prob must lie in [0, 1]; got {config.mix_prob}")
+    if not 0 <= config.ema_decay < 1:
+        raise ConfigError(f"ema_decay must lie in [0, 1) (0 = off); got {config.ema_decay}")
+    if not 0 <= config.label_smoothing < 1:
+        raise ConfigError(f"label_smoothing must lie in [0, 1); got {config.label_smoothing}")
     if config.lr <= 0:
         raise ConfigError(f"lr must be positive; got {config.lr}")
     return config
@@ -169,21 +205,31 @@ def recipe_path(name_or_file: str) -> Path:
         if not path.is_file():
             raise ConfigError(f"recipe file not found: {path}")
         return path
-    candidate = RECIPES_DIR / f"{name_or_file}.toml"
+    candidate = recipes_dir() / f"{name_or_file}.toml"
     if not candidate.is_file():
-        known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.toml")))
+        known = ", ".join(sorted(p.stem for p in recipes_dir().glob("*.toml")))
         raise ConfigError(f"unknown recipe {name_or_file!r}; known recipes: {known}")
     return candidate
 
 
-def load_recipe(name_or_file: str) -> dict[str, Any]:
-    """Read a recipe's key/value pairs."""
+def _read_recipe(name_or_file: str) -> dict[str, Any]:
     path = recipe_path(name_or_file)
     try:
         with path.open("rb") as handle:
             return tomllib.load(handle)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"recipe {path} is not valid TOML: {error}") from None
+
+
+def load_recipe(name_or_file: str) -> dict[str, Any]:
+    """Read a recipe's settings (its key/value pairs, without the ``[measured]`` table)."""
+    return {key: value for key, value in _read_recipe(name_or_file).items() if key != MEASURED_TABLE}
+
+
+def recipe_measurement(name_or_file: str) -> dict[str, Any]:
+    """The recipe's ``[measured]`` table (e.g. ``seconds``, ``machine``, ``date``); {} when it has none."""
+    measured = _read_recipe(name_or_file).get(MEASURED_TABLE)
+    return measured if isinstance(measured, dict) else {}
 
 
 def parse_override(text: str) -> tuple[str, str]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 
-import matplotlib
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -177,6 +176,8 @@ def reference_cam(
 
 def colorize(heatmap: np.ndarray, colormap: str = "jet") -> np.ndarray:
     """A [0, 1] heatmap as an (H, W, 3) uint8 RGB array through a matplotlib colormap."""
+    import matplotlib  # here, not at import: the app loads its model before it draws a heatmap
+
     colours = matplotlib.colormaps[colormap](np.clip(np.asarray(heatmap, dtype=np.float32), 0, 1))[..., :3]
     return (colours * 255).round().astype(np.uint8)
 

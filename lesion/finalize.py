@@ -17,19 +17,29 @@ from torch import nn
 
 from lesion import data as lesion_data
 from lesion import ood
-from lesion.checkpoint import save_checkpoint
+from lesion.checkpoint import make_checkpoint, save_checkpoint
 from lesion.config import TrainConfig
 from lesion.distributed import DistInfo
-from lesion.metrics import binary_metrics, choose_threshold, expected_calibration_error, fit_temperature
-
-HEADLINE = ("roc_auc", "balanced_accuracy", "sensitivity", "specificity", "accuracy", "precision", "f1", "pr_auc")
+from lesion.files import METRICS_FILE, MODEL_FILE, write_text_atomic
+from lesion.loaders import collect_outputs, make_loader
+from lesion.metrics import (
+    HEADLINE_METRICS,
+    binary_metrics,
+    choose_threshold,
+    expected_calibration_error,
+    fit_temperature,
+)
+from lesion.model import LAYER_NAMES, unwrap
 
 
 def _outputs(model, frame, cache, config, device) -> dict[str, torch.Tensor]:
-    from lesion.training import collect_outputs, make_loader
-
     loader = make_loader(config, frame, cache, DistInfo(), train=False, device=device)
     return collect_outputs(model, loader, device, config, features=True)
+
+
+def _layers(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The per-stage statistics collect_outputs kept beside the features."""
+    return {name: out[name] for name in LAYER_NAMES if name in out}
 
 
 def _probabilities(logits: torch.Tensor, temperature: float = 1.0) -> np.ndarray:
@@ -56,8 +66,6 @@ def finalize(
     stopped: bool = False,
 ) -> dict[str, Any]:
     """Write model.pt, metrics.json, plots/ and model_card.md; return paths and headline metrics."""
-    from lesion.training import make_checkpoint
-
     frames = {fold: df[df["fold"] == fold].reset_index(drop=True) for fold in ("train", "val", "test")}
     outs = {fold: _outputs(model, frame, cache, config, device) for fold, frame in frames.items()}
     val, test = outs["val"], outs["test"]
@@ -69,27 +77,36 @@ def finalize(
         config.threshold_rule,
         config.target_sensitivity,
     )
+    head = ood.cpu_copy(unwrap(model).fc)  # the features are on the CPU
+    # OOD sees the un-flipped pass, as in the predictor (the same as "logits" without test-time flips).
     detectors = ood.fit_detectors(
         outs["train"]["features"],
         outs["train"]["labels"],
-        outs["train"]["logits"],
+        outs["train"]["plain_logits"],
         val["features"],
-        val["logits"],
+        val["plain_logits"],
         keep=config.ood_keep,
         k=config.knn_k,
+        train_layers=_layers(outs["train"]),
+        val_layers=_layers(val),
+        head=head,
     )
     metrics = {
         "val": _split_metrics(val, frames["val"], temperature, threshold),
         "test": _split_metrics(test, frames["test"], temperature, threshold),
     }
-    metrics["ood_test_lesions_accepted"] = {
-        name: float((ood.score(name, stats, test["features"], test["logits"]) <= stats["threshold"]).float().mean())
+    test_scores = {
+        name: ood.score(name, stats, test["features"], test["plain_logits"], layers=_layers(test), head=head)
         for name, stats in detectors.items()
     }
+    metrics["ood_test_lesions_accepted"] = {
+        name: float((test_scores[name] <= detectors[name]["threshold"]).float().mean()) for name in detectors
+    }
+    metrics["ood_rejection_spread"] = {name: stats["rejection_spread"] for name, stats in detectors.items()}
     best_epoch = max(history, key=lambda r: r["val_roc_auc"] if r["val_roc_auc"] is not None else -1)["epoch"]
     report = {
         "headline_split": "test",
-        "headline": {key: metrics["test"].get(key) for key in HEADLINE},
+        "headline": {key: metrics["test"].get(key) for key in HEADLINE_METRICS},
         "decision_threshold": threshold,
         "threshold_rule": config.threshold_rule,
         "temperature": temperature,
@@ -112,8 +129,8 @@ def finalize(
         metrics=json.loads(json.dumps(report)),
         history=history,
     )
-    path = save_checkpoint(checkpoint, run_dir / "model.pt")
-    (run_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    path = save_checkpoint(checkpoint, run_dir / MODEL_FILE)
+    write_text_atomic(run_dir / METRICS_FILE, json.dumps(report, indent=2) + "\n")
     _plots(run_dir, test, temperature, threshold, report["test"]["confusion"], history)
     from lesion.card import write_model_card
 

@@ -18,6 +18,18 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 FALLBACK_THRESHOLD = 0.5
+# The headline figures of a run, in the order every report shows them (metrics.json's ``headline``,
+# the model list, the model card, ``python -m train.evaluate``).
+HEADLINE_METRICS = (
+    "roc_auc",
+    "balanced_accuracy",
+    "sensitivity",
+    "specificity",
+    "accuracy",
+    "precision",
+    "f1",
+    "pr_auc",
+)
 # Thresholds are kept strictly inside (0, 1) so "p >= threshold" always means something.
 _EPS = 1e-6
 
@@ -205,3 +217,23 @@ def choose_threshold(y_true: Any, p_malignant: Any, rule: str = "youden", target
         reached = np.flatnonzero(tpr >= target_sensitivity - 1e-12)
         index = int(reached[0])  # tpr reaches 1.0 at the last point, so this is never empty
     return float(np.clip(thresholds[index], _EPS, 1.0 - _EPS))
+
+
+def roc_auc_interval(auc: float, n_positive: int, n_negative: int, level: float = 0.95) -> tuple[float, float]:
+    """Confidence interval of a ROC-AUC from its value and the class counts (Hanley & McNeil, 1982).
+
+    The standard error uses the exponential approximation Q1 = A/(2-A), Q2 = 2A^2/(1+A); the
+    interval is the normal one, clipped to [0, 1]. It needs no per-image scores, so it can be
+    given for any run's metrics.json; it is slightly narrower than a bootstrap on small sets.
+    """
+    if not 0.0 <= auc <= 1.0 or n_positive < 1 or n_negative < 1:
+        raise ValueError(f"need an AUC in [0, 1] and both classes; got {auc}, {n_positive}, {n_negative}")
+    q1, q2 = auc / (2.0 - auc), 2.0 * auc * auc / (1.0 + auc)
+    variance = (auc * (1.0 - auc) + (n_positive - 1) * (q1 - auc * auc) + (n_negative - 1) * (q2 - auc * auc)) / (
+        n_positive * n_negative
+    )
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.5 + level / 2.0)
+    half = z * math.sqrt(max(variance, 0.0))
+    return max(0.0, auc - half), min(1.0, auc + half)

@@ -2,12 +2,15 @@
 
 :func:`forward_parts` runs the network once and returns the last convolutional activations
 (for Grad-CAM), the pooled penultimate features (for OOD) and the logits, so the predictor
-never needs a second pass.
+never needs a second pass. :class:`LayerStatistics` adds, to that same pass, the channel means and
+standard deviations of every residual stage (layer1..layer4) that the multi-layer OOD detectors use.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -130,3 +133,62 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The plain module under DistributedDataParallel and torch.compile wrappers."""
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)
+
+
+LAYER_NAMES = ("layer1", "layer2", "layer3", "layer4")
+
+
+def pooled_statistics(activations: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N, 2C) float32: each channel's spatial mean, then its spatial standard deviation."""
+    # float32 whatever the autocast dtype: bf16 sums over 56 x 56 positions lose too many digits.
+    std, mean = torch.std_mean(activations.float(), dim=(2, 3), correction=0)
+    return torch.cat([mean, std], dim=1)
+
+
+class LayerStatistics:
+    """Forward hooks on layer1..layer4 that keep :func:`pooled_statistics` of the pass being run.
+
+    Hooks fire in the thread that runs the forward pass, and each thread collects into its own
+    dict, so one instance on a shared model serves several threads at once. Outside
+    :meth:`capture` the hooks do nothing (training passes pay nothing). ``close`` (or leaving the
+    ``with`` block) removes the hooks.
+
+        with LayerStatistics(model) as tap, tap.capture() as layers:
+            activations, features, logits = forward_parts(model, x)
+        layers["layer1"]  # (N, 2 * channels of layer1)
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        model = unwrap(model)
+        self._local = threading.local()
+        self._handles = [getattr(model, name).register_forward_hook(self._hook(name)) for name in LAYER_NAMES]
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def keep(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            store = getattr(self._local, "store", None)
+            if store is not None:
+                store[name] = pooled_statistics(output.detach())
+
+        return keep
+
+    @contextmanager
+    def capture(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Collect the statistics of the passes run inside the block into the yielded dict."""
+        store: dict[str, torch.Tensor] = {}
+        self._local.store = store
+        try:
+            yield store
+        finally:
+            self._local.store = None
+
+    def close(self) -> None:
+        """Remove the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> LayerStatistics:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

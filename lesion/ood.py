@@ -1,9 +1,16 @@
 """Out-of-distribution detectors: is this photo like the lesions the model was trained on?
 
-Every detector maps (penultimate features, logits) to a score where HIGHER means LESS like the
-training lesions; an image is rejected when its score is above the detector's threshold.
-Thresholds are fitted so that a chosen share (``keep``, 95 % by default) of VALIDATION lesions
-is accepted, so every detector is compared at the same cost to real lesions.
+Every detector maps what one forward pass gives (:class:`Observed`: penultimate features, logits,
+and, where captured, the pooled statistics of layer1..layer4 and the classifier head) to a score
+where HIGHER means LESS like the training lesions; an image is rejected when its score is above the
+detector's threshold. Statistics are fitted on TRAINING lesions; thresholds are set so that a chosen
+share (``keep``, 95 % by default) of VALIDATION lesions is accepted, with the Harrell-Davis quantile
+(a smooth weighted average of all order statistics, steadier than one order statistic when the
+validation split is small), so every detector is compared at the same cost to real lesions. The
+bootstrap spread of the share of NEW lesions a threshold rejects (out-of-bag validation lesions)
+is kept beside each threshold.
+
+Penultimate features only:
 
 - ``msp``: 1 - max softmax (Hendrycks & Gimpel 2017), the notebook's baseline. With two classes
   the max softmax never drops below 0.5, so this score lives in [0, 0.5] and separates little.
@@ -12,9 +19,30 @@ is accepted, so every detector is compared at the same cost to real lesions.
   covariance shared by the classes (Lee et al. 2018), shrunk towards a scaled identity
   (Ledoit-Wolf) because a few hundred images cannot estimate a 2048 x 2048 covariance.
 - ``knn``: cosine distance to the k-th nearest L2-normalised training feature (Sun et al. 2022).
+- ``vim``: virtual-logit matching (Wang et al. 2022): the norm of the feature's part outside the
+  principal subspace of the training features (origin -pinv(W) b of a linear head), scaled to the
+  logits, minus the logsumexp of the logits.
+- ``ash``, ``scale``: activation shaping (Djurisic et al. 2023, ASH-S at the 90th percentile; Xu et
+  al. 2024, SCALE at the 85th): the features are pruned (ASH) or not (SCALE) and scaled by
+  exp(sum of all / sum of the top ones) before the head; the score is the energy of those logits.
+
+Every residual stage (the feature ensemble of Lee et al. 2018, on the channel means and standard
+deviations of layer1..layer4 from :class:`lesion.model.LayerStatistics`, same pass):
+
+- ``mahalanobis_layers``: one Mahalanobis distance per stage to the training lesions (one Gaussian
+  for all classes: low-level statistics are not class-specific, and a diagnosis with a dozen images
+  would give a noisy class mean), each standardised on validation lesions, averaged.
+- ``mahalanobis_layers_max``: the same distances, the largest standardised one.
+- ``knn_layers``: cosine distance to the k-th nearest training image in each stage's whitened
+  principal subspace, standardised on validation lesions, averaged.
+
+Compact statistics: a stage's covariance is kept as its top ``LAYER_RANK`` principal directions
+(float16) plus one isotropic variance for the rest (Ledoit-Wolf shrinkage applied to both), which
+is the exact shrunk covariance when the stage has no more dimensions than that.
 
 Logits are the raw network outputs (before temperature scaling): the detectors are fitted and
-applied on the same quantity, so calibration never shifts an OOD threshold.
+applied on the same quantity, so calibration never shifts an OOD threshold. Nothing assumes two
+classes: every logit-based score works with any number of columns.
 
 Fitted statistics are tensors and plain values only, so they live in a ``weights_only`` checkpoint.
 These are our own short implementations; pytorch-ood is not a dependency.
@@ -23,12 +51,12 @@ These are our own short implementations; pytorch-ood is not a dependency.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from sklearn.covariance import ledoit_wolf_shrinkage
-from sklearn.metrics import roc_auc_score
+from torch import nn
 
 #: The notebook rejected images whose max softmax was below 0.8; in score units (1 - max softmax,
 #: higher = more OOD) that is "reject when score > 0.2".
@@ -36,63 +64,188 @@ NOTEBOOK_MSP_THRESHOLD = 0.2
 ENERGY_TEMPERATURE = 1.0
 KNN_BANK_SIZE = 4096
 KNN_SEED = 0
+LAYER_RANK = 64  # principal directions kept per stage for the layer Mahalanobis distances
+KNN_LAYER_RANK = 24  # whitened directions per stage for knn_layers
+VIM_RANK = 64  # principal subspace of ViM (at most half the feature width)
+ASH_PERCENTILE = 90.0
+SCALE_PERCENTILE = 85.0
+BOOTSTRAP_ROUNDS = 500
+BOOTSTRAP_SEED = 0
 
 Stats = dict[str, Any]
 
 
-# --- scorers: (stats, features, logits) -> scores (N,), higher = more OOD ----------------------
+@dataclass
+class Observed:
+    """What one forward pass gives the detectors, for N images."""
+
+    features: torch.Tensor  # (N, D) pooled penultimate features
+    logits: torch.Tensor  # (N, C) raw logits
+    layers: dict[str, torch.Tensor] | None = None  # stage name -> (N, 2 * channels), LayerStatistics
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None  # the classifier head, features -> logits
 
 
-def _score_msp(stats: Stats, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    return 1.0 - torch.softmax(logits.float(), dim=1).max(dim=1).values
+# --- shared pieces ---------------------------------------------------------------------------
 
 
-def _score_energy(stats: Stats, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+def _needs_head(seen: Observed, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if seen.head is None:
+        raise ValueError(f"the {name} detector needs the classifier head (pass head=model.fc)")
+    return seen.head
+
+
+def _layer(seen: Observed, name: str) -> torch.Tensor:
+    if seen.layers is None or name not in seen.layers:
+        raise ValueError(f"this detector needs the {name} statistics of the pass (lesion.model.LayerStatistics)")
+    return seen.layers[name].float()
+
+
+def fit_gaussian(x: torch.Tensor, rank: int = LAYER_RANK, shrinkage: float | None = None) -> Stats:
+    """One Ledoit-Wolf-shrunk Gaussian, its covariance kept as ``rank`` principal directions + an isotropic rest.
+
+    Returns ``mean`` (1, D), ``basis`` (D, r) float16, ``weights`` (r,) and ``residual_precision`` so that
+    distance^2 = residual_precision * |c|^2 + sum_j weights_j * (basis_j . c)^2 with c = x - mean.
+    """
+    x = x.detach().cpu().double()
+    rows, dim = x.shape
+    mean = x.mean(dim=0, keepdim=True)
+    centred = x - mean
+    if shrinkage is None:
+        from sklearn.covariance import ledoit_wolf_shrinkage  # here: only fitting needs sklearn (app start-up)
+
+        shrinkage = float(ledoit_wolf_shrinkage(centred.numpy(), assume_centered=True)) if rows > 1 else 1.0
+    _, singular, vt = torch.linalg.svd(centred, full_matrices=False)
+    eigen = singular**2 / max(rows, 1)
+    trace = float(eigen.sum())
+    mu = trace / dim or 1.0
+    kept = min(rank, len(eigen), dim)
+    # A tiny ridge so that a direction with no spread (a constant channel) never divides by zero.
+    top = (1 - shrinkage) * eigen[:kept] + shrinkage * mu + 1e-6 * mu
+    rest_dims = dim - kept
+    if rest_dims:
+        rest = (1 - shrinkage) * (trace - float(eigen[:kept].sum())) / rest_dims + shrinkage * mu + 1e-6 * mu
+        residual_precision, weights = 1.0 / rest, 1.0 / top - 1.0 / rest
+    else:
+        residual_precision, weights = 0.0, 1.0 / top
+    return {
+        "mean": mean.float(),
+        "basis": vt[:kept].T.contiguous().half(),  # float16 halves the file; distances move by ~1e-3
+        "weights": weights.float(),
+        "residual_precision": float(residual_precision),
+        "shrinkage": float(shrinkage),
+    }
+
+
+def gaussian_distance(stats: Stats, x: torch.Tensor, prefix: str = "") -> torch.Tensor:
+    """Mahalanobis distance (N,) of ``x`` to a Gaussian from :func:`fit_gaussian` (keys under ``prefix``)."""
+    centred = x.float() - stats[prefix + "mean"].float().to(x.device)
+    projected = centred @ stats[prefix + "basis"].float().to(x.device)
+    squared = float(stats[prefix + "residual_precision"]) * (centred * centred).sum(dim=1)
+    squared = squared + (projected * projected) @ stats[prefix + "weights"].float().to(x.device)
+    return squared.clamp_min(0).sqrt()
+
+
+def _standardise(stats: Stats, name: str, distances: torch.Tensor) -> torch.Tensor:
+    return (distances - float(stats[f"{name}.loc"])) / float(stats[f"{name}.scale"])
+
+
+def _set_standardisation(stats: Stats, name: str, validation_distances: torch.Tensor) -> None:
+    """Location and scale of one stage's distances on validation lesions, so stages can be combined."""
+    values = validation_distances.double()
+    stats[f"{name}.loc"] = float(values.mean())
+    spread = float(values.std()) if len(values) > 1 else 0.0
+    stats[f"{name}.scale"] = spread if spread > 1e-12 else 1.0
+
+
+# --- scorers: (stats, observed) -> scores (N,), higher = more OOD ----------------------------------
+
+
+def _score_msp(stats: Stats, seen: Observed) -> torch.Tensor:
+    return 1.0 - torch.softmax(seen.logits.float(), dim=1).max(dim=1).values
+
+
+def _score_energy(stats: Stats, seen: Observed) -> torch.Tensor:
     temperature = float(stats.get("temperature", ENERGY_TEMPERATURE))
-    return -temperature * torch.logsumexp(logits.float() / temperature, dim=1)
+    return -temperature * torch.logsumexp(seen.logits.float() / temperature, dim=1)
 
 
-def _score_mahalanobis(stats: Stats, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+def _score_mahalanobis(stats: Stats, seen: Observed) -> torch.Tensor:
+    features = seen.features.float()
     means = stats["means"].float().to(features.device)  # (C, D)
     precision = stats["precision"].float().to(features.device)  # (D, D)
-    centred = features.float()[:, None, :] - means[None, :, :]  # (N, C, D)
+    centred = features[:, None, :] - means[None, :, :]  # (N, C, D)
     squared = torch.einsum("ncd,de,nce->nc", centred, precision, centred)
     # Rounding can make a distance of ~0 slightly negative; clamp before the square root.
     return squared.clamp_min(0).sqrt().min(dim=1).values
 
 
-def _score_knn(stats: Stats, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    bank = stats["bank"].float().to(features.device)  # (M, D), rows already L2-normalised
-    k = min(int(stats["k"]), bank.shape[0])
-    similarity = torch.nn.functional.normalize(features.float(), dim=1) @ bank.T  # (N, M)
-    kth = similarity.topk(k, dim=1).values[:, -1]
-    return 1.0 - kth
+def _knn_distance(bank: torch.Tensor, queries: torch.Tensor, k: int) -> torch.Tensor:
+    bank = bank.float().to(queries.device)  # (M, D), rows already L2-normalised
+    similarity = torch.nn.functional.normalize(queries.float(), dim=1) @ bank.T  # (N, M)
+    return 1.0 - similarity.topk(min(k, bank.shape[0]), dim=1).values[:, -1]
 
 
-SCORERS: dict[str, Callable[[Stats, torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "msp": _score_msp,
-    "energy": _score_energy,
-    "mahalanobis": _score_mahalanobis,
-    "knn": _score_knn,
-}
+def _score_knn(stats: Stats, seen: Observed) -> torch.Tensor:
+    return _knn_distance(stats["bank"], seen.features, int(stats["k"]))
 
 
-def score(method: str, stats: Stats, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """OOD scores (N,) for ``method``: higher = less like the training lesions."""
-    if method not in SCORERS:
-        raise ValueError(f"unknown OOD method {method!r}; choose one of {', '.join(SCORERS)}")
-    return SCORERS[method](stats, features, logits)
+def _score_vim(stats: Stats, seen: Observed) -> torch.Tensor:
+    centred = seen.features.float() - stats["origin"].float().to(seen.features.device)
+    projected = centred @ stats["basis"].float().to(centred.device)
+    residual = ((centred * centred).sum(dim=1) - (projected * projected).sum(dim=1)).clamp_min(0).sqrt()
+    return float(stats["alpha"]) * residual - torch.logsumexp(seen.logits.float(), dim=1)
 
 
-# --- fitting -------------------------------------------------------------------------------
+def _shaped_energy(seen: Observed, percentile: float, prune: bool, name: str) -> torch.Tensor:
+    """Energy of the head's logits on features scaled by exp(sum / sum of the top (100 - percentile) %)."""
+    head = _needs_head(seen, name)
+    features = seen.features.float().clamp_min(0)  # post-ReLU averages: already >= 0
+    keep = max(1, round(features.shape[1] * (1 - percentile / 100)))
+    top, index = features.topk(keep, dim=1)
+    ratio = features.sum(dim=1) / top.sum(dim=1).clamp_min(1e-12)
+    shaped = torch.zeros_like(features).scatter(1, index, top) if prune else features
+    logits = head(shaped * torch.exp(ratio)[:, None]).float()
+    return -torch.logsumexp(logits, dim=1)
 
 
-def _fit_msp(features: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor, k: int) -> Stats:
-    return {}
+def _score_ash(stats: Stats, seen: Observed) -> torch.Tensor:
+    return _shaped_energy(seen, float(stats.get("percentile", ASH_PERCENTILE)), prune=True, name="ash")
 
 
-def _fit_energy(features: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor, k: int) -> Stats:
-    return {"temperature": ENERGY_TEMPERATURE}
+def _score_scale(stats: Stats, seen: Observed) -> torch.Tensor:
+    return _shaped_energy(seen, float(stats.get("percentile", SCALE_PERCENTILE)), prune=False, name="scale")
+
+
+def _layer_mahalanobis(stats: Stats, seen: Observed) -> torch.Tensor:
+    """(N, stages) standardised distances."""
+    return torch.stack(
+        [_standardise(stats, n, gaussian_distance(stats, _layer(seen, n), f"{n}.")) for n in stats["layers"]], dim=1
+    )
+
+
+def _score_mahalanobis_layers(stats: Stats, seen: Observed) -> torch.Tensor:
+    return _layer_mahalanobis(stats, seen).mean(dim=1)
+
+
+def _score_mahalanobis_layers_max(stats: Stats, seen: Observed) -> torch.Tensor:
+    return _layer_mahalanobis(stats, seen).max(dim=1).values
+
+
+def _whiten(stats: Stats, name: str, x: torch.Tensor) -> torch.Tensor:
+    centred = x.float() - stats[f"{name}.mean"].float().to(x.device)
+    return (centred @ stats[f"{name}.basis"].float().to(x.device)) * stats[f"{name}.scale_inv"].float().to(x.device)
+
+
+def _knn_layer_distances(stats: Stats, seen: Observed, name: str) -> torch.Tensor:
+    return _knn_distance(stats[f"{name}.bank"], _whiten(stats, name, _layer(seen, name)), int(stats["k"]))
+
+
+def _score_knn_layers(stats: Stats, seen: Observed) -> torch.Tensor:
+    parts = [_standardise(stats, n, _knn_layer_distances(stats, seen, n)) for n in stats["layers"]]
+    return torch.stack(parts, dim=1).mean(dim=1)
+
+
+# --- fitting: (train, train labels, validation, k) -> stats ---------------------------------------
 
 
 def fit_mahalanobis(features: torch.Tensor, labels: torch.Tensor, shrinkage: float | None = None) -> Stats:
@@ -106,6 +259,9 @@ def fit_mahalanobis(features: torch.Tensor, labels: torch.Tensor, shrinkage: flo
     means = torch.stack([x[labels == c].mean(dim=0) for c in classes])
     centred = x - means[torch.searchsorted(classes, labels)]
     if shrinkage is None:
+        # Imported here: scikit-learn takes seconds to import and only fitting needs it, not the app's predictor.
+        from sklearn.covariance import ledoit_wolf_shrinkage
+
         shrinkage = float(ledoit_wolf_shrinkage(centred.numpy(), assume_centered=True)) if len(x) > 1 else 1.0
     covariance = centred.T @ centred / max(len(x), 1)
     dim = covariance.shape[0]
@@ -123,33 +279,189 @@ def fit_mahalanobis(features: torch.Tensor, labels: torch.Tensor, shrinkage: flo
     }
 
 
-def _fit_mahalanobis(features: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor, k: int) -> Stats:
-    return fit_mahalanobis(features, labels)
-
-
 def _fit_knn(features: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor, k: int) -> Stats:
+    return {"bank": _knn_bank(features), "k": int(k)}
+
+
+def _knn_bank(features: torch.Tensor) -> torch.Tensor:
     rows = features.shape[0]
     if rows > KNN_BANK_SIZE:
         # A seeded choice, so refitting on the same features gives the same bank.
         generator = torch.Generator().manual_seed(KNN_SEED)
         keep = torch.randperm(rows, generator=generator)[:KNN_BANK_SIZE].sort().values
         features = features[keep]
-    bank = torch.nn.functional.normalize(features.float(), dim=1)
     # float16 halves the checkpoint; cosine similarities change by ~1e-3 at most.
-    return {"bank": bank.half(), "k": int(k)}
+    return torch.nn.functional.normalize(features.float(), dim=1).half()
 
 
-FITTERS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], Stats]] = {
-    "msp": _fit_msp,
-    "energy": _fit_energy,
-    "mahalanobis": _fit_mahalanobis,
-    "knn": _fit_knn,
+def _fit_vim(train: Observed, labels: torch.Tensor, val: Observed, k: int) -> Stats:
+    x = train.features.double()
+    head = train.head
+    if isinstance(head, nn.Linear) and head.bias is not None:
+        # Wang et al.: the origin where the linear head's logits vanish, -pinv(W) b.
+        weight, bias = head.weight.detach().cpu().double(), head.bias.detach().cpu().double()
+        origin = -(torch.linalg.pinv(weight) @ bias)
+    else:  # no linear head to take it from: the training mean
+        origin = x.mean(dim=0)
+    centred = x - origin
+    rank = max(1, min(VIM_RANK, x.shape[1] // 2, x.shape[0] - 1))
+    _, _, vt = torch.linalg.svd(centred, full_matrices=False)
+    basis = vt[:rank].T.contiguous()
+    residual = (centred - centred @ basis @ basis.T).norm(dim=1)
+    max_logits = train.logits.double().max(dim=1).values
+    # alpha scales the residual norm to the size of the logits (the paper's sum of max logits / sum of norms).
+    alpha = float(max_logits.abs().mean() / residual.mean().clamp_min(1e-12))
+    return {"origin": origin.float(), "basis": basis.half(), "alpha": alpha}
+
+
+def _fit_mahalanobis_layers(train: Observed, labels: torch.Tensor, val: Observed, k: int) -> Stats:
+    names = sorted(train.layers or {})
+    stats: Stats = {"layers": names}
+    for name in names:
+        for key, value in fit_gaussian(_layer(train, name), LAYER_RANK).items():
+            stats[f"{name}.{key}"] = value
+        _set_standardisation(stats, name, gaussian_distance(stats, _layer(val, name), f"{name}."))
+    return stats
+
+
+def _fit_knn_layers(train: Observed, labels: torch.Tensor, val: Observed, k: int) -> Stats:
+    names = sorted(train.layers or {})
+    stats: Stats = {"layers": names, "k": int(k)}
+    for name in names:
+        x = _layer(train, name).double()
+        mean = x.mean(dim=0, keepdim=True)
+        _, singular, vt = torch.linalg.svd(x - mean, full_matrices=False)
+        rank = max(1, min(KNN_LAYER_RANK, len(x) - 1, len(singular)))
+        variance = singular[:rank] ** 2 / max(len(x) - 1, 1)
+        # A floor of 1 % of the largest variance: whitening must not blow up directions of pure noise.
+        spread = (variance + 0.01 * variance[0]).clamp_min(1e-12).sqrt()
+        stats[f"{name}.mean"] = mean.float()
+        stats[f"{name}.basis"] = vt[:rank].T.contiguous().half()
+        stats[f"{name}.scale_inv"] = (1.0 / spread).float()
+        stats[f"{name}.bank"] = _knn_bank(_whiten(stats, name, x.float()))
+        _set_standardisation(stats, name, _knn_layer_distances(stats, val, name))
+    return stats
+
+
+@dataclass(frozen=True)
+class Detector:
+    """How to fit one detector and score with it, and what of the pass it needs."""
+
+    fit: Callable[[Observed, torch.Tensor, Observed, int], Stats]
+    score: Callable[[Stats, Observed], torch.Tensor]
+    note: str  # a few words for the OOD page
+    needs_layers: bool = False
+    needs_head: bool = False
+
+
+DETECTORS: dict[str, Detector] = {
+    "msp": Detector(lambda t, y, v, k: {}, _score_msp, "max softmax — the notebook's baseline"),
+    "energy": Detector(lambda t, y, v, k: {"temperature": ENERGY_TEMPERATURE}, _score_energy, "energy of the logits"),
+    "mahalanobis": Detector(
+        lambda t, y, v, k: fit_mahalanobis(t.features, y), _score_mahalanobis, "distance to the training features"
+    ),
+    "knn": Detector(
+        lambda t, y, v, k: _fit_knn(t.features, y, t.logits, k), _score_knn, "distance to the nearest training features"
+    ),
+    "vim": Detector(_fit_vim, _score_vim, "feature residual beside the logits (ViM)"),
+    "ash": Detector(
+        lambda t, y, v, k: {"percentile": ASH_PERCENTILE},
+        _score_ash,
+        "energy after pruning activations (ASH)",
+        needs_head=True,
+    ),
+    "scale": Detector(
+        lambda t, y, v, k: {"percentile": SCALE_PERCENTILE},
+        _score_scale,
+        "energy after scaling activations (SCALE)",
+        needs_head=True,
+    ),
+    "mahalanobis_layers": Detector(
+        _fit_mahalanobis_layers,
+        _score_mahalanobis_layers,
+        "distance to the training lesions at every stage",
+        needs_layers=True,
+    ),
+    "mahalanobis_layers_max": Detector(
+        _fit_mahalanobis_layers, _score_mahalanobis_layers_max, "the farthest stage's distance", needs_layers=True
+    ),
+    "knn_layers": Detector(
+        _fit_knn_layers, _score_knn_layers, "nearest training lesions at every stage", needs_layers=True
+    ),
 }
+#: name -> scorer (stats, Observed) -> scores; kept for callers that list the detectors.
+SCORERS: dict[str, Callable[[Stats, Observed], torch.Tensor]] = {n: d.score for n, d in DETECTORS.items()}
+
+
+@torch.no_grad()
+def score(
+    method: str,
+    stats: Stats,
+    features: torch.Tensor,
+    logits: torch.Tensor,
+    layers: dict[str, torch.Tensor] | None = None,
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """OOD scores (N,) for ``method``: higher = less like the training lesions.
+
+    ``layers`` (from :class:`lesion.model.LayerStatistics`) and ``head`` (the model's ``fc``) are
+    needed by the multi-layer and the activation-shaping detectors; a missing one raises ValueError.
+    """
+    if method not in DETECTORS:
+        raise ValueError(f"unknown OOD method {method!r}; choose one of {', '.join(DETECTORS)}")
+    return DETECTORS[method].score(stats, Observed(features, logits, layers, head))
+
+
+# --- thresholds ---------------------------------------------------------------------------------
+
+
+def harrell_davis_quantile(values: Any, q: float) -> float:
+    """The Harrell-Davis estimate of the ``q`` quantile: all order statistics, Beta-weighted.
+
+    Smoother than one order statistic, so a threshold set on a small validation split moves less
+    from one split to the next (Harrell & Davis 1982).
+    """
+    ordered = np.sort(_as_numpy(values))
+    n = len(ordered)
+    if n == 0:
+        raise ValueError("a quantile needs at least one value")
+    if n == 1:
+        return float(ordered[0])
+    a, b = q * (n + 1), (1 - q) * (n + 1)
+    from scipy.stats import beta as beta_distribution  # here: only fitting needs scipy (app start-up)
+
+    weights = np.diff(beta_distribution.cdf(np.arange(n + 1) / n, a, b))
+    return float(weights @ ordered)
 
 
 def keep_threshold(scores: torch.Tensor, keep: float) -> float:
-    """The score at the ``keep`` quantile: images with score <= it are accepted."""
-    return float(torch.quantile(scores.double().flatten(), keep))
+    """The threshold accepting ``keep`` of these lesions (Harrell-Davis): score <= it is accepted."""
+    return harrell_davis_quantile(scores, keep)
+
+
+def rejection_spread(
+    scores: Any, keep: float, rounds: int = BOOTSTRAP_ROUNDS, seed: int = BOOTSTRAP_SEED
+) -> dict[str, float]:
+    """Bootstrap spread of the share of NEW lesions a threshold fitted like ours rejects.
+
+    Each round refits the threshold on a resample of the validation scores and counts the
+    validation lesions left out of that resample (out-of-bag, so unseen by that threshold) that
+    it rejects. Returns the median and the 2.5 % / 97.5 % percentiles of that share, and the target.
+    """
+    values = _as_numpy(scores)
+    rng = np.random.default_rng(seed)
+    shares = []
+    for _ in range(rounds):
+        drawn = rng.integers(0, len(values), len(values))
+        left_out = np.ones(len(values), dtype=bool)
+        left_out[drawn] = False
+        if left_out.any():
+            threshold = harrell_davis_quantile(values[drawn], keep)
+            shares.append(float(np.mean(values[left_out] > threshold)))
+    if not shares:
+        return {"target": 1 - keep, "median": float("nan"), "low": float("nan"), "high": float("nan")}
+    low, median, high = np.percentile(shares, [2.5, 50, 97.5])
+    return {"target": float(1 - keep), "median": float(median), "low": float(low), "high": float(high)}
 
 
 def fit_detectors(
@@ -160,25 +472,64 @@ def fit_detectors(
     val_logits: torch.Tensor,
     keep: float = 0.95,
     k: int = 10,
+    *,
+    train_layers: dict[str, torch.Tensor] | None = None,
+    val_layers: dict[str, torch.Tensor] | None = None,
+    head: nn.Module | None = None,
+    names: Sequence[str] | None = None,
 ) -> dict[str, dict]:
-    """Fit every detector on training features and set its threshold on validation lesions.
+    """Fit every detector on training lesions and set its threshold on validation lesions.
 
-    Returns ``{name: {"threshold": float, ...stats}}`` for msp, energy, mahalanobis and knn; each
-    threshold accepts ``keep`` of the validation lesions.
+    Returns ``{name: {"threshold": float, "rejection_spread": {...}, ...stats}}``; each threshold
+    accepts ``keep`` of the validation lesions. Detectors that need the layer statistics or the
+    head are fitted only when ``train_layers``/``val_layers`` or ``head`` are given; ``names``
+    restricts the set. ``head`` is used on the CPU (a copy is made).
     """
     if not 0 < keep < 1:
         raise ValueError(f"keep must lie in (0, 1); got {keep}")
     if len(val_features) == 0:
         raise ValueError("fitting OOD thresholds needs at least one validation image")
-    train_features, train_logits = train_features.detach().cpu().float(), train_logits.detach().cpu().float()
-    val_features, val_logits = val_features.detach().cpu().float(), val_logits.detach().cpu().float()
+    head = cpu_copy(head)
+
+    def observed(features, logits, layers) -> Observed:
+        layers = {n: v.detach().cpu().float() for n, v in layers.items()} if layers else None
+        return Observed(features.detach().cpu().float(), logits.detach().cpu().float(), layers, head)
+
+    train = observed(train_features, train_logits, train_layers)
+    val = observed(val_features, val_logits, val_layers)
     train_labels = train_labels.detach().cpu().long()
     detectors: dict[str, dict] = {}
-    for name, fit in FITTERS.items():
-        stats = fit(train_features, train_labels, train_logits, k)
-        stats["threshold"] = keep_threshold(score(name, stats, val_features, val_logits), keep)
+    fitted: dict[Callable, Stats] = {}
+    for name in names or DETECTORS:
+        detector = DETECTORS[name]
+        if (detector.needs_layers and not (train.layers and val.layers)) or (detector.needs_head and head is None):
+            continue
+        with torch.no_grad():
+            if detector.fit not in fitted:
+                fitted[detector.fit] = detector.fit(train, train_labels, val, k)
+            # Detectors fitted alike share the tensors: torch.save writes a shared tensor once.
+            stats = dict(fitted[detector.fit])
+            val_scores = detector.score(stats, val)
+        stats["threshold"] = keep_threshold(val_scores, keep)
+        stats["rejection_spread"] = rejection_spread(val_scores, keep)
         detectors[name] = stats
     return detectors
+
+
+def cpu_copy(head: nn.Module | None) -> nn.Module | None:
+    """A float32 CPU copy of a head (the model's own may sit on a GPU, in training)."""
+    if head is None:
+        return None
+    import copy
+
+    from lesion.model import unwrap
+
+    return copy.deepcopy(unwrap(head)).cpu().float().eval()
+
+
+def stats_bytes(stats: Stats) -> int:
+    """Bytes of the tensors in one detector's statistics (what it adds to a checkpoint)."""
+    return sum(v.numel() * v.element_size() for v in stats.values() if torch.is_tensor(v))
 
 
 # --- evaluation ----------------------------------------------------------------------------
@@ -200,6 +551,8 @@ def evaluate(lesion_scores: Any, ood_scores: Any, threshold: float) -> dict[str,
     result: dict[str, float | int] = {"roc_auc": float("nan"), "fpr_at_95_tpr": float("nan")}
     if len(lesions) and len(ood):
         truth = np.r_[np.zeros(len(lesions)), np.ones(len(ood))]
+        from sklearn.metrics import roc_auc_score
+
         result["roc_auc"] = float(roc_auc_score(truth, np.r_[lesions, ood]))
         at_95 = float(np.quantile(lesions, 0.95))
         result["fpr_at_95_tpr"] = float(np.mean(ood <= at_95))

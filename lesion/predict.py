@@ -4,12 +4,16 @@ An image goes through :func:`lesion.images.load_image` and the checkpoint's eval
 (exactly what ``train.evaluate`` uses), then :func:`lesion.model.forward_parts` once. The layer4
 activations give the heatmap (only the head is differentiated, see :mod:`lesion.explain`), the
 pooled features and logits give every fitted OOD score, and the temperature-scaled softmax gives
-P(malignant). A :class:`Predictor` holds no per-call state, so one instance can serve many threads.
+P(malignant). A checkpoint saved with ``tta`` adds one batched pass over the flipped images and
+averages the logits for P(malignant) only. A :class:`Predictor` holds no per-call state, so one instance can serve many threads.
 
 Command line::
 
     python -m lesion.predict --checkpoint runs/demo/model.pt --out results.csv [--heatmaps DIR] PATH...
     torchrun --nproc_per_node=4 -m lesion.predict --device cuda --checkpoint ... --out results.csv PATH...
+
+Exit status, as for ``python -m train`` and ``python -m train.evaluate``: 0 done, 1 failed (the
+checkpoint cannot be used, or no input could be read), 2 usage (the command line itself is wrong).
 
 ``predict_batch`` keeps a GPU busy: the next chunk is read and decoded (plain JPEGs on the GPU
 itself) while the current one is scored; crops travel as uint8 and are normalised per batch.
@@ -19,12 +23,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import math
 import os
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +43,8 @@ from lesion.checkpoint import check_checkpoint, load_checkpoint
 from lesion.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
 from lesion.errors import InvalidCheckpoint, InvalidImage, LesionError
 from lesion.images import ImageSource, jpeg_for_device, load_image, load_image_with_size
-from lesion.model import build_model, forward_parts
+from lesion.model import LayerStatistics, build_model, forward_parts
+from lesion.regularize import flip_logits
 from lesion.transforms import (
     centre_crop_uint8,
     crop_origin,
@@ -135,6 +142,8 @@ class Predictor:
         self.decision_threshold = float(checkpoint["decision_threshold"])
         self.mean = [float(v) for v in checkpoint["mean"]]
         self.std = [float(v) for v in checkpoint["std"]]
+        # Test-time flips for the probability; the heatmap and OOD scores stay on the plain pass.
+        self.tta = bool(checkpoint.get("tta", False))
         # Kept for callers that preprocess one PIL image themselves; the predictor crops uint8 pixels
         # and normalises whole batches with the same operations (see lesion.transforms.normalise_batch).
         self.transform = eval_transform(self.image_size, self.mean, self.std)
@@ -150,7 +159,24 @@ class Predictor:
         self.ood_available = bool(self.detectors)
         self.ood_thresholds: dict[str, float] = {name: float(s["threshold"]) for name, s in self.detectors.items()}
         self.ood_method = self._check_ood_method(ood_method or ood_entry.get("method") or "mahalanobis")
+        # Layer statistics cost a little per pass: collect them only when a fitted detector uses them.
+        self._needs_layers = any(getattr(ood.DETECTORS.get(name), "needs_layers", False) for name in self.detectors)
+        self._layer_tap = LayerStatistics(self.model) if self._needs_layers else None
         self._check_detectors_fit()
+
+    def _forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict | None]:
+        """The single pass: (layer4 activations, features, logits, layer statistics or None)."""
+        capture = self._layer_tap.capture() if self._layer_tap is not None else nullcontext(None)
+        with torch.no_grad(), capture as layers:
+            activations, features, logits = forward_parts(self.model, batch)
+        return activations, features, logits, layers
+
+    def _ood_scores(self, features: torch.Tensor, logits: torch.Tensor, layers: dict | None) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return {
+                name: ood.score(name, stats, features, logits, layers=layers, head=self.model.fc)
+                for name, stats in self.detectors.items()
+            }
 
     def _check_detectors_fit(self) -> None:
         """Score one blank image now, so OOD statistics that do not fit the network are refused at load.
@@ -161,10 +187,8 @@ class Predictor:
             return
         blank = torch.zeros(1, 3, self.image_size, self.image_size, device=self.device)
         try:
-            with torch.no_grad():
-                _, features, logits = forward_parts(self.model, blank)
-                for name, stats in self.detectors.items():
-                    ood.score(name, stats, features, logits)
+            _, features, logits, layers = self._forward(blank)
+            self._ood_scores(features, logits, layers)
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as error:
             raise InvalidCheckpoint(f"the checkpoint's OOD statistics do not fit its network ({error})") from None
 
@@ -275,6 +299,7 @@ class Predictor:
     def _run(
         self,
         prepared: Sequence[_Prepared],
+        *,
         with_heatmap: bool,
         cam_method: str,
         target: int | None,
@@ -287,9 +312,14 @@ class Predictor:
         decision = self.decision_threshold if decision_threshold is None else float(decision_threshold)
         started = time.perf_counter()
         batch = self._batch(prepared)
-        with torch.no_grad():
-            activations, features, logits = forward_parts(self.model, batch)
-        probabilities = torch.softmax(logits.float() / self.temperature, dim=1).cpu()
+        # Through _forward, so the layer tap captures this pass for the multi-layer detectors.
+        activations, features, logits, layers = self._forward(batch)
+        if self.tta:
+            with torch.no_grad():  # after the tapped pass: flips change neither the heatmap nor the OOD scores
+                class_logits = flip_logits(self.model, batch, logits)
+        else:
+            class_logits = logits
+        probabilities = torch.softmax(class_logits.float() / self.temperature, dim=1).cpu()
         p_malignant = probabilities[:, self.malignant_index]
         forward_s = time.perf_counter() - started
 
@@ -304,11 +334,11 @@ class Predictor:
         cam_s = time.perf_counter() - started
 
         started = time.perf_counter()
-        with torch.no_grad():
-            # One copy to the host for every detector: each .cpu() would wait for the device.
-            names = list(self.detectors)
-            stacked = [ood.score(name, self.detectors[name], features, logits).float().reshape(-1) for name in names]
-            columns = torch.stack(stacked, dim=1).cpu().tolist() if names else [[] for _ in prepared]
+        computed = self._ood_scores(features, logits, layers)
+        # One copy to the host for every detector: each .cpu() would wait for the device.
+        names = list(computed)
+        stacked = [computed[name].float().reshape(-1) for name in names]
+        columns = torch.stack(stacked, dim=1).cpu().tolist() if names else [[] for _ in prepared]
         scores = {name: [row[j] for row in columns] for j, name in enumerate(names)}
         ood_s = time.perf_counter() - started
         p_list, probability_rows, target_list = p_malignant.tolist(), probabilities.tolist(), targets.tolist()
@@ -385,7 +415,13 @@ class Predictor:
         started = time.perf_counter()
         prepared = self._prepare_one(image)
         prediction = self._run(
-            [prepared], with_heatmap, cam_method, target, ood_method, decision_threshold, ood_threshold
+            [prepared],
+            with_heatmap=with_heatmap,
+            cam_method=cam_method,
+            target=target,
+            ood_method=ood_method,
+            decision_threshold=decision_threshold,
+            ood_threshold=ood_threshold,
         )[0]
         prediction.timings["total"] = time.perf_counter() - started
         return prediction
@@ -449,12 +485,12 @@ class Predictor:
                 if good:
                     predictions = self._run(
                         [item for _, item in good],
-                        with_heatmap,
-                        cam_method,
-                        target,
-                        ood_method,
-                        decision_threshold,
-                        ood_threshold,
+                        with_heatmap=with_heatmap,
+                        cam_method=cam_method,
+                        target=target,
+                        ood_method=ood_method,
+                        decision_threshold=decision_threshold,
+                        ood_threshold=ood_threshold,
                     )
                     for (index, _), prediction in zip(good, predictions, strict=True):
                         results[index] = prediction
@@ -478,8 +514,12 @@ def _build(checkpoint: dict[str, Any]) -> torch.nn.Module:
             f"the checkpoint names a model this version cannot build ({checkpoint['arch']!r}, "
             f"{checkpoint['head']!r} head): {error}"
         ) from None
+    state = checkpoint["state_dict"]
+    if isinstance(state, dict):
+        # Exported files store float16 weights (lesion.export); the network runs in float32 on every device.
+        state = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in state.items()}
     try:
-        model.load_state_dict(checkpoint["state_dict"], strict=True)
+        model.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, AttributeError) as error:
         first = str(error).splitlines()[1:2] or [str(error)]
         raise InvalidCheckpoint(
@@ -511,12 +551,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("paths", nargs="*", metavar="PATH", help="image files or folders (searched recursively)")
     parser.add_argument("--checkpoint", required=True, help="a model.pt written by training")
     parser.add_argument("--out", required=True, help="CSV file to write")
-    parser.add_argument("--heatmaps", default=None, help="folder for <stem>_heatmap.png overlays")
+    parser.add_argument(
+        "--heatmaps",
+        default=None,
+        help="folder for <stem>-<hash>_heatmap.png overlays (the hash tells same-named inputs apart; "
+        "the CSV's heatmap column names each file)",
+    )
     parser.add_argument("--ood-method", default=None, choices=sorted(ood.SCORERS), help="default: the checkpoint's")
     parser.add_argument("--cam-method", default="gradcam", choices=explain.CAM_METHODS)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     return parser
+
+
+def heatmap_name(path: str | Path) -> str:
+    """``<stem>-<8 hex>_heatmap.png``: the hex comes from the input's absolute path, so two ``photo.jpg``
+    in different folders never overwrite each other, and the same input always gets the same name."""
+    digest = hashlib.sha256(str(Path(path).resolve()).encode("utf-8")).hexdigest()[:8]
+    return f"{Path(path).stem}-{digest}_heatmap.png"
 
 
 def _row(path: Path, result: Prediction | InvalidImage, detector_names: list[str]) -> dict[str, Any]:
@@ -556,10 +608,13 @@ def _score(
             chunk, batch_size=args.batch_size, with_heatmap=heatmap_dir is not None, cam_method=args.cam_method
         )
         for path, result in zip(chunk, results, strict=True):
+            row = _row(path, result, names)
             if isinstance(result, Prediction) and heatmap_dir is not None and result.heatmap is not None:
-                explain.overlay(load_image(path), result.heatmap).save(heatmap_dir / f"{path.stem}_heatmap.png")
+                target = heatmap_dir / heatmap_name(path)
+                explain.overlay(load_image(path), result.heatmap).save(target)
+                row["heatmap"] = str(target)
             bar.update(1)
-            yield _row(path, result, names), isinstance(result, Prediction)
+            yield row, isinstance(result, Prediction)
 
 
 def _device_for(name: str, info: DistInfo) -> str:
@@ -568,41 +623,57 @@ def _device_for(name: str, info: DistInfo) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 1 no image readable, 2 bad checkpoint or no inputs).
+    """Run the CLI; returns the exit status (0 done, 1 failed, 2 usage: see the module's docstring).
 
     Under ``torchrun --nproc_per_node=N`` each process scores every N-th input (a disjoint shard of
     the sorted input list) and rank 0 writes the one CSV, rows in the same order as a single run.
     """
-    from tqdm import tqdm
-
     args = get_args_parser().parse_args(argv)
     info = init_distributed("cuda" if args.device.startswith("cuda") else "cpu")
     try:
-        return _main(args, info, tqdm)
+        return _main(args, info)
     finally:
         cleanup(info)
 
 
-def _main(args: argparse.Namespace, info: DistInfo, tqdm: Any) -> int:
+def _main(args: argparse.Namespace, info: DistInfo) -> int:
+    if args.batch_size < 1:
+        if info.is_main:
+            print(f"error: --batch-size must be at least 1, not {args.batch_size}", file=sys.stderr)
+        return 2
     images = find_images(args.paths)
     if not images:
         if info.is_main:
             print("error: no input images (give image files or folders containing .jpg, .png, ...)", file=sys.stderr)
         return 2
     try:
-        predictor = Predictor.from_checkpoint(
-            args.checkpoint, device=_device_for(args.device, info), ood_method=args.ood_method
-        )
-    except (LesionError, ValueError) as error:
+        return _predict_files(args, images, info)
+    except (LesionError, ValueError, OSError) as error:
+        # Every rank loads the same checkpoint, so such errors usually repeat on each: say it once,
+        # unless it is this process's own (a rank other than 0 names itself).
+        prefix = f"rank {info.rank}: " if info.enabled and not info.is_main else ""
+        if info.is_main or not isinstance(error, (LesionError, ValueError)):
+            print(f"error: {prefix}{error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
         if info.is_main:
-            print(f"error: {error}", file=sys.stderr)
-        return 2
+            print("error: interrupted", file=sys.stderr)
+        return 1
+
+
+def _predict_files(args: argparse.Namespace, images: list[Path], info: DistInfo) -> int:
+    from tqdm import tqdm
+
+    predictor = Predictor.from_checkpoint(
+        args.checkpoint, device=_device_for(args.device, info), ood_method=args.ood_method
+    )
     heatmap_dir = Path(args.heatmaps) if args.heatmaps else None
     if heatmap_dir:
         heatmap_dir.mkdir(parents=True, exist_ok=True)
     names = list(predictor.detectors)
     columns = ["path", "verdict", "p_malignant", "decision_threshold", "ood_method", "ood_score", "ood_threshold"]
     columns += ["accepted", "cam_method", "image_width", "image_height", "error"] + [f"ood_{n}" for n in names]
+    columns += ["heatmap"]
     out = Path(args.out)
     shard = images[info.rank :: info.world_size]
     with tqdm(total=len(shard), unit="img", file=sys.stderr, disable=not info.is_main) as bar:

@@ -22,23 +22,19 @@ from typing import Any
 
 import psutil
 
-from lesion.checkpoint import load_checkpoint, save_checkpoint
 from lesion.errors import InvalidCheckpoint, LesionError
 from lesion.events import read_events
+from lesion.files import CARD_FILE as CARD_FILE  # re-exported: lesion.runs.CARD_FILE stays importable
+from lesion.files import CONFIG_FILE, EVENTS_FILE, JOB_FILE, METRICS_FILE, MODEL_FILE, SPLIT_FILE
+from lesion.metrics import HEADLINE_METRICS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-MODEL_FILE = "model.pt"
-METRICS_FILE = "metrics.json"
-JOB_FILE = "job.json"
-CARD_FILE = "model_card.md"
-# Metrics shown beside a model, in this order, when the run reports them.
-HEADLINE_METRICS = ("roc_auc", "balanced_accuracy", "sensitivity", "specificity", "accuracy", "f1")
+# The model shipped with the app (python -m train.export writes it; README, "The bundled model").
+BUNDLED_MODEL = PROJECT_ROOT / "assets" / "models" / "lesion-resnet18-demo.pt"
 # A run on another machine cannot be probed; it counts as running while its events keep coming.
 REMOTE_STALE_S = 15 * 60
 # A process whose start time is later than this after the run began is a recycled pid.
 PID_SLACK_S = 2.0
-
-STATUSES = ("complete", "running", "interrupted", "failed", "stopped")
 
 
 @dataclass
@@ -74,7 +70,7 @@ class ModelEntry:
 
     name: str  # what the selector shows
     path: Path  # the checkpoint file
-    source: str  # "run" or "LESION_CHECKPOINT"
+    source: str  # "run", "LESION_CHECKPOINT" or "bundled"
     mtime: float  # changes whenever the file is rewritten (e.g. a saved OOD threshold)
     metrics: dict[str, float] = field(default_factory=dict)
     metrics_split: str = ""
@@ -95,6 +91,14 @@ def default_extra_checkpoint() -> Path | None:
     """$LESION_CHECKPOINT, when set."""
     value = os.environ.get("LESION_CHECKPOINT", "").strip()
     return Path(value) if value else None
+
+
+def default_bundled_checkpoint() -> Path | None:
+    """The bundled model file; $LESION_BUNDLED_MODEL names another, and set empty turns it off."""
+    value = os.environ.get("LESION_BUNDLED_MODEL")
+    if value is None:
+        return BUNDLED_MODEL
+    return Path(value.strip()) if value.strip() else None
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -203,7 +207,7 @@ def read_run(path: str | Path) -> RunInfo:
 
 
 def _is_run_folder(path: Path) -> bool:
-    return path.is_dir() and any((path / name).exists() for name in ("events.jsonl", JOB_FILE, MODEL_FILE))
+    return path.is_dir() and any((path / name).exists() for name in (EVENTS_FILE, JOB_FILE, MODEL_FILE))
 
 
 def list_runs(runs_dir: str | Path | None = None) -> list[RunInfo]:
@@ -215,15 +219,21 @@ def list_runs(runs_dir: str | Path | None = None) -> list[RunInfo]:
     return sorted(runs, key=lambda run: run.created, reverse=True)
 
 
-def list_models(runs_dir: str | Path | None = None, extra_checkpoint: str | Path | None = None) -> list[ModelEntry]:
-    """Usable models: LESION_CHECKPOINT first (when given and present), then complete runs, newest first."""
+def list_models(
+    runs_dir: str | Path | None = None,
+    extra_checkpoint: str | Path | None = None,
+    bundled_checkpoint: str | Path | None = None,
+) -> list[ModelEntry]:
+    """Usable models: LESION_CHECKPOINT first (when given and present), then complete runs, newest first,
+    then the bundled model (when given and present), so it is the default only when there is nothing else.
+    """
     entries: list[ModelEntry] = []
     if extra_checkpoint and Path(extra_checkpoint).is_file():
         extra = Path(extra_checkpoint).resolve()
         metrics, split = _metrics_beside(extra)
         name = f"{extra.parent.name}/{extra.name}" if extra.name == MODEL_FILE else extra.name
         # A checkpoint inside a run folder keeps its run (split.csv tells which samples it trained on).
-        run = read_run(extra.parent) if (extra.parent / "split.csv").is_file() else None
+        run = read_run(extra.parent) if (extra.parent / SPLIT_FILE).is_file() else None
         entries.append(ModelEntry(name, extra, "LESION_CHECKPOINT", extra.stat().st_mtime, metrics, split, run))
     seen = {entry.path for entry in entries}
     for run in list_runs(runs_dir):
@@ -233,6 +243,11 @@ def list_models(runs_dir: str | Path | None = None, extra_checkpoint: str | Path
         entries.append(
             ModelEntry(run.name, checkpoint, "run", checkpoint.stat().st_mtime, run.metrics, run.metrics_split, run)
         )
+    if bundled_checkpoint and Path(bundled_checkpoint).is_file():
+        bundled = Path(bundled_checkpoint).resolve()
+        if bundled not in {entry.path for entry in entries}:
+            metrics, split = _metrics_beside(bundled)
+            entries.append(ModelEntry(bundled.stem, bundled, "bundled", bundled.stat().st_mtime, metrics, split))
     return entries
 
 
@@ -244,7 +259,7 @@ def _metrics_beside(checkpoint: Path) -> tuple[dict[str, float], str]:
 def run_dir_of(checkpoint_path: str | Path) -> Path | None:
     """The run folder holding ``checkpoint_path``, or None for a loose checkpoint file."""
     folder = Path(checkpoint_path).resolve().parent
-    return folder if (folder / "events.jsonl").is_file() or (folder / "config.json").is_file() else None
+    return folder if (folder / EVENTS_FILE).is_file() or (folder / CONFIG_FILE).is_file() else None
 
 
 def save_ood_threshold(checkpoint_path: str | Path, method: str, threshold: float) -> None:
@@ -253,6 +268,9 @@ def save_ood_threshold(checkpoint_path: str | Path, method: str, threshold: floa
     The file is rewritten atomically; the change (old -> new, time) is appended to the
     checkpoint's ``threshold_history``; the model card beside it is regenerated.
     """
+    # Imported here: listing runs must not import torch (the app draws its first page without it).
+    from lesion.checkpoint import load_checkpoint, save_checkpoint
+
     checkpoint_path = Path(checkpoint_path)
     checkpoint = load_checkpoint(checkpoint_path)
     ood = dict(checkpoint.get("ood") or {})

@@ -26,24 +26,32 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from lesion import data as lesion_data
-from lesion.checkpoint import load_checkpoint, new_checkpoint, save_checkpoint, without_training_state
+from lesion.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from lesion.config import TrainConfig
 from lesion.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed, mean_across_ranks
-from lesion.errors import LesionError
+from lesion.errors import DataError, LesionError
 from lesion.events import EventWriter
+from lesion.files import BEST_FILE, CONFIG_FILE, LAST_FILE, MODEL_FILE, SPLIT_FILE, write_text_atomic
+from lesion.finalize import finalize
 from lesion.labels import CLASS_NAMES
-from lesion.metrics import binary_metrics
-from lesion.model import backbone_parameters, build_model, forward_parts, load_backbone_weights, unwrap
-from lesion.transforms import (
-    BatchAugment,
-    collate_squares,
-    eval_transform,
-    resize_size,
-    train_worker_transform,
+
+# Loaders and checkpoint assembly moved to lesion.loaders / lesion.checkpoint (shared with finalize);
+# the names stay importable from here.
+from lesion.loaders import (  # noqa: F401
+    DistributedWeightedSampler,
+    SeededSampler,
+    ShardSampler,
+    autocast_for,
+    collect_outputs,
+    make_loader,
 )
+from lesion.metrics import binary_metrics
+from lesion.model import backbone_parameters, build_model, load_backbone_weights
+from lesion.regularize import Regularizer, SoftTargetCrossEntropy
+from lesion.transforms import BatchAugment, resize_size
 
 EventCallback = Callable[[dict[str, Any]], None]
 
@@ -110,10 +118,22 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def locate_data(path: str) -> str:
-    """A relative data path is looked up from the working folder, then from the repository (assets/demo)."""
+    """A relative data path is looked up from the working folder, then from the repository (assets/demo).
+
+    A folder found in neither raises DataError saying to pass --data; the bundled demo set ships
+    with the repository checkout, not with an installed package, and the message says so.
+    """
     candidate = Path(path).expanduser()
     if not candidate.exists() and not candidate.is_absolute() and (REPO_ROOT / candidate).exists():
         return str(REPO_ROOT / candidate)
+    if not candidate.exists():
+        if path == TrainConfig.data:
+            raise DataError(
+                f"the bundled demo set ({path}) is not here: it ships with the repository checkout, not with "
+                "the installed package. Pass --data DIR with a HAM10000 or ISIC archive folder "
+                "(or the checkout's assets/demo)."
+            )
+        raise DataError(f"dataset folder not found: {path}. Pass --data DIR with a HAM10000 or ISIC archive folder.")
     return str(candidate)
 
 
@@ -128,7 +148,7 @@ def prepare_data(
     config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWriter
 ) -> tuple[pd.DataFrame, dict[str, Any], lesion_data.ImageCache]:
     """Read, subset, split (or reuse the saved split on resume) and warm the cache."""
-    split_path = run_dir / "split.csv"
+    split_path = run_dir / SPLIT_FILE
     df, summary = lesion_data.read_metadata(
         locate_data(config.data), config.metadata or None, skip_bad=config.skip_bad_images
     )
@@ -156,126 +176,6 @@ def prepare_data(
     summary["n_images"] = int(len(df))
     summary["n_lesions"] = int(df["lesion_id"].nunique())
     return df.reset_index(drop=True), summary, cache
-
-
-class DistributedWeightedSampler(Sampler[int]):
-    """Balanced sampling with replacement, seeded per epoch and sharded across ranks."""
-
-    def __init__(self, weights: np.ndarray, num_samples: int, info: DistInfo, seed: int) -> None:
-        self.weights = torch.as_tensor(weights, dtype=torch.double)
-        self.per_rank = math.ceil(num_samples / info.world_size)
-        self.info = info
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        total = self.per_rank * self.info.world_size
-        indices = torch.multinomial(self.weights, total, replacement=True, generator=generator)
-        return iter(indices[self.info.rank :: self.info.world_size].tolist())
-
-    def __len__(self) -> int:
-        return self.per_rank
-
-
-class ShardSampler(Sampler[int]):
-    """A seeded permutation (or the identity) cut into contiguous-by-stride shards, one per rank."""
-
-    def __init__(self, size: int, info: DistInfo, seed: int, shuffle: bool) -> None:
-        self.size, self.info, self.seed, self.shuffle, self.epoch = size, info, seed, shuffle, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        if self.shuffle:
-            order = torch.randperm(
-                self.size, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            )
-        else:
-            order = torch.arange(self.size)
-        return iter(order[self.info.rank :: self.info.world_size].tolist())
-
-    def __len__(self) -> int:
-        return len(range(self.info.rank, self.size, self.info.world_size))
-
-
-class SeededSampler(Sampler[tuple[int, int]]):
-    """Another sampler's indices, each paired with its own seed: (index, seed).
-
-    The seed depends on the run's seed, the epoch, the rank and the position in the epoch only,
-    so a sample's augmentation is the same whichever loader worker draws it, with any number of
-    workers, persistent or not, and after a resume.
-    """
-
-    def __init__(self, base: Sampler[int], seed: int, rank: int) -> None:
-        self.base, self.seed, self.rank, self.epoch = base, seed, rank, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.base.set_epoch(epoch)
-
-    def __iter__(self):
-        start = ((self.seed * 1_000_003 + self.epoch) * 7_919 + self.rank) * 2**24
-        return ((index, (start + position) % 2**63) for position, index in enumerate(self.base))
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-
-def make_loader(
-    config: TrainConfig,
-    frame: pd.DataFrame,
-    cache: lesion_data.ImageCache,
-    info: DistInfo,
-    train: bool,
-    device: torch.device,
-    persistent: bool = False,
-) -> DataLoader:
-    """A loader over ``frame``: augmented and sampled for training, plain centre crops otherwise.
-
-    ``persistent`` keeps the worker processes between epochs (the training loop iterates the same
-    two loaders every epoch; starting a dozen workers twice an epoch costs seconds on a fast GPU).
-    """
-    # Training loaders ship uint8 squares; augmentation and normalisation run batched on the device.
-    transform = train_worker_transform(config.image_size) if train else eval_transform(config.image_size)
-    dataset = lesion_data.LesionDataset(
-        frame["path"].tolist(), frame["label"].tolist(), transform, cache, resize_size(config.image_size)
-    )
-    if train and config.balance == "sampler":
-        counts = np.bincount(frame["label"], minlength=2).astype(float)
-        weights = 1.0 / counts[frame["label"].to_numpy()]
-        sampler: Sampler[int] = DistributedWeightedSampler(weights, len(frame), info, config.seed)
-    else:
-        sampler = ShardSampler(len(frame), info, config.seed, shuffle=train)
-    if train:
-        sampler = SeededSampler(sampler, config.seed, info.rank)
-    workers = config.num_workers
-    return DataLoader(
-        dataset,
-        batch_size=config.batch_size,
-        sampler=sampler,
-        collate_fn=collate_squares if train else None,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        drop_last=False,
-        persistent_workers=persistent and workers > 0,
-        # Four batches ahead per worker: the step never waits on one slow read.
-        prefetch_factor=4 if workers > 0 else None,
-        worker_init_fn=_seed_worker,
-        generator=torch.Generator().manual_seed(config.seed),
-    )
-
-
-def _seed_worker(worker_id: int) -> None:
-    # Each worker's torch seed comes from the loader's generator; numpy and random follow it,
-    # so augmentation is reproducible for a given seed and epoch (and therefore after resume).
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
 
 
 # ---------------------------------------------------------------- model and optimisation
@@ -309,12 +209,6 @@ def class_weights(labels: np.ndarray) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def autocast_for(device: torch.device, enabled: bool) -> torch.autocast:
-    """bfloat16 autocast on CUDA when asked (no GradScaler needed); a disabled context elsewhere."""
-    use = enabled and device.type == "cuda"
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use)
-
-
 def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
     for parameter in backbone_parameters(model):
         parameter.requires_grad_(trainable)
@@ -323,18 +217,9 @@ def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
 # ---------------------------------------------------------------- checkpoints
 
 
-def make_checkpoint(
-    config: TrainConfig, model: nn.Module, summary: dict[str, Any], epoch: int, **extra: Any
-) -> dict[str, Any]:
-    """Everything DESIGN.md's checkpoint contract asks for; calibration and OOD are filled by finalize."""
-    extra.setdefault("ood", {"method": config.ood_method, "detectors": {}, "keep": config.ood_keep})
-    return new_checkpoint(
-        model, config.arch, config.head, config.image_size, data=summary, config=asdict(config), epoch=epoch, **extra
-    )
-
-
-def training_state(optimizer, scheduler, state: TrainState) -> dict[str, Any]:
+def training_state(optimizer, scheduler, state: TrainState, regularizer: Regularizer | None = None) -> dict[str, Any]:
     return {
+        **(regularizer.state_dict() if regularizer is not None else {}),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "state": {k: v for k, v in asdict(state).items() if k != "history"},
@@ -352,11 +237,13 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LambdaLR,
     criterion: nn.Module,
+    *,
     device: torch.device,
     config: TrainConfig,
     epoch: int,
     events: EventWriter,
     stop: StopFlag,
+    regularizer: Regularizer | None = None,
 ) -> tuple[float, int, bool]:
     """One pass over the training loader; returns (mean loss, images seen, stopped early)."""
     model.train()
@@ -373,12 +260,15 @@ def train_one_epoch(
             break
         images = augment(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
+        images, targets = regularizer.mix(images, labels) if regularizer is not None else (images, labels)
         with autocast_for(device, config.amp):
-            loss = criterion(model(images), labels)
+            loss = criterion(model(images), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if regularizer is not None:
+            regularizer.after_step(model)
         total_loss += loss.detach().float() * len(labels)
         seen += len(labels)
         window_images += len(labels)
@@ -395,28 +285,6 @@ def train_one_epoch(
             )
             window_images, window_start = 0, time.perf_counter()
     return total_loss.item() / max(seen, 1), seen, stop.requested
-
-
-@torch.no_grad()
-def collect_outputs(
-    model: nn.Module, loader: DataLoader, device: torch.device, config: TrainConfig, features: bool = False
-) -> dict[str, torch.Tensor]:
-    """Logits (and pooled features) of every image in the loader's order, on the CPU.
-
-    Outputs stay on the device until the loop ends: one copy back instead of a wait per batch.
-    """
-    model = unwrap(model).eval()
-    outputs: dict[str, list[torch.Tensor]] = {"logits": [], "labels": [], "features": []}
-    memory_format = torch.channels_last if config.channels_last and device.type == "cuda" else torch.contiguous_format
-    for images, labels in loader:
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
-        with autocast_for(device, config.amp):
-            _, pooled, logits = forward_parts(model, images)
-        outputs["logits"].append(logits.float())
-        outputs["labels"].append(labels)
-        if features:
-            outputs["features"].append(pooled.float())
-    return {k: torch.cat(v).cpu() if v else torch.empty(0) for k, v in outputs.items()}
 
 
 def validate(
@@ -487,7 +355,7 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
     run_dir.mkdir(parents=True, exist_ok=True)
     config.out = str(run_dir)
     if info.is_main:
-        (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+        write_text_atomic(run_dir / CONFIG_FILE, json.dumps(asdict(config), indent=2) + "\n")
     seed_everything(config.seed)
     # Weights first: an offline machine or a wrong file should fail before minutes of decoding.
     model = build_model(config.arch, config.head)
@@ -520,13 +388,14 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
         optimizer, lambda step: lr_factor(step, total_steps, warmup, config.schedule)
     )
     weight = class_weights(train_df["label"].to_numpy()).to(device) if config.balance == "class_weights" else None
-    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
+    criterion = SoftTargetCrossEntropy(weight=weight, label_smoothing=config.label_smoothing)
+    regularizer = Regularizer(config, model)
     val_criterion = nn.CrossEntropyLoss(weight=weight.cpu() if weight is not None else None)
 
     state = TrainState()
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    last_path, best_path = run_dir / LAST_FILE, run_dir / BEST_FILE
     if config.resume and last_path.is_file():
-        state = _resume(last_path, model, optimizer, scheduler)
+        state = _resume(last_path, model, optimizer, scheduler, regularizer)
     events.emit(
         "start",
         config=asdict(config),
@@ -549,12 +418,24 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
         loader.generator.manual_seed(config.seed * 1_000_003 + epoch)
         torch.manual_seed(config.seed * 1_000_003 + epoch)
         train_loss, seen, stopped = train_one_epoch(
-            train_model, loader, optimizer, scheduler, criterion, device, config, epoch, events, stop
+            train_model,
+            loader,
+            optimizer,
+            scheduler,
+            criterion,
+            device=device,
+            config=config,
+            epoch=epoch,
+            events=events,
+            stop=stop,
+            regularizer=regularizer,
         )
         if stopped:
             break  # keep the last complete epoch's checkpoint: a partial epoch would break resume
         train_loss = mean_across_ranks(train_loss, seen, info)
-        val = validate(model, val_df, cache, config, info, device, val_criterion, loader=val_loader)
+        val = validate(
+            regularizer.eval_model(model), val_df, cache, config, info, device, val_criterion, loader=val_loader
+        )
         auc = val["roc_auc"] if val["roc_auc"] is not None else -1.0
         improved = auc > state.best_auc
         state.epoch = epoch
@@ -579,10 +460,11 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
         events.emit("epoch", **record)
         if info.is_main:
             if improved:
-                save_checkpoint(make_checkpoint(config, model, summary, epoch, history=state.history), best_path)
+                kept = regularizer.eval_model(model)  # the EMA weights when enabled
+                save_checkpoint(make_checkpoint(config, kept, summary, epoch, history=state.history), best_path)
                 events.emit("checkpoint", path=str(best_path), kind="best", epoch=epoch)
             last = make_checkpoint(config, model, summary, epoch, history=state.history)
-            last["training"] = training_state(optimizer, scheduler, state)
+            last["training"] = training_state(optimizer, scheduler, state, regularizer)
             save_checkpoint(last, last_path)
             events.emit("checkpoint", path=str(last_path), kind="last", epoch=epoch)
         barrier(info)
@@ -592,8 +474,6 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
         if stop.requested:
             raise StoppedBeforeModel("Stopped before the first epoch finished, so there is no model to keep.")
         raise LesionError("Training ended before the first epoch finished; no model was saved.")
-    from lesion.finalize import finalize
-
     result = None
     if info.is_main:
         best = load_checkpoint(best_path)
@@ -607,11 +487,11 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
             best_epoch=state.best_epoch,
         )
     barrier(info)
-    return run_dir / "model.pt"
+    return run_dir / MODEL_FILE
 
 
-def _resume(path: Path, model: nn.Module, optimizer, scheduler) -> TrainState:
-    """Restore weights, optimizer, schedule, RNG and early-stopping state from last.pt."""
+def _resume(path: Path, model: nn.Module, optimizer, scheduler, regularizer: Regularizer | None = None) -> TrainState:
+    """Restore weights, optimizer, schedule, EMA, RNG and early-stopping state from last.pt."""
     checkpoint = load_checkpoint(path)
     training = checkpoint.get("training")
     if not training:
@@ -620,11 +500,8 @@ def _resume(path: Path, model: nn.Module, optimizer, scheduler) -> TrainState:
     optimizer.load_state_dict(training["optimizer"])
     scheduler.load_state_dict(training["scheduler"])
     torch.set_rng_state(training["torch_rng"])
+    if regularizer is not None:
+        regularizer.load_state_dict(training)
     state = TrainState(**training["state"])
     state.history = json.loads(training["history_json"])
     return state
-
-
-def export_model(checkpoint: dict[str, Any], path: Path) -> Path:
-    """Write a final model file without optimizer state."""
-    return save_checkpoint(without_training_state(checkpoint), path)

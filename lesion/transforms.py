@@ -125,6 +125,8 @@ AUGMENTATIONS: dict[str, AugmentSpec] = {
     # Dermoscopic images have no canonical orientation: any rotation and both flips keep the label;
     # colour jitter stands in for the spread of dermatoscopes and lighting.
     "dermoscopy": AugmentSpec(180.0, (0.5, 1.0), (0.8, 1.25), True, (0.2, 0.2, 0.2, 0.02)),
+    # Stronger still, for small sets trained from scratch: tighter crops, wider aspect and colour ranges.
+    "strong": AugmentSpec(180.0, (0.25, 1.0), (0.75, 4 / 3), True, (0.3, 0.3, 0.3, 0.05)),
     # The original notebook's augmentation: centre crop, flips, a small rotation, mild colour jitter.
     "notebook": AugmentSpec(20.0, (1.0, 1.0), (1.0, 1.0), True, (0.1, 0.1, 0.1, 0.0)),
     "none": AugmentSpec(0.0, (1.0, 1.0), (1.0, 1.0), False, (0.0, 0.0, 0.0, 0.0)),

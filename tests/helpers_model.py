@@ -19,7 +19,7 @@ from lesion.checkpoint import new_checkpoint, save_checkpoint
 from lesion.config import TrainConfig
 from lesion.images import load_image
 from lesion.labels import label_index
-from lesion.model import build_model, forward_parts
+from lesion.model import LayerStatistics, build_model, forward_parts
 from lesion.transforms import eval_transform, resize_size
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,11 +60,20 @@ def tiny_checkpoint_dict(
     labels = lesion_labels()
     detectors: dict[str, dict] = {}
     if with_ood:
-        with torch.no_grad():
+        with torch.no_grad(), LayerStatistics(model) as tap, tap.capture() as layers:
             _, features, logits = forward_parts(model, batch_of(paths[:32], image_size))
         train_labels = torch.tensor([labels[p.stem] for p in paths[:24]])
         detectors = ood.fit_detectors(
-            features[:24], train_labels, logits[:24], features[24:32], logits[24:32], keep=0.95, k=3
+            features[:24],
+            train_labels,
+            logits[:24],
+            features[24:32],
+            logits[24:32],
+            keep=0.95,
+            k=3,
+            train_layers={name: values[:24] for name, values in layers.items()},
+            val_layers={name: values[24:32] for name, values in layers.items()},
+            head=model.fc,
         )
     config = TrainConfig(arch=arch, weights="none", image_size=image_size, epochs=1, knn_k=3)
     return new_checkpoint(

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from lesion.app_support import DISCLAIMER, NO_MODEL_HELP
 from lesion.card import INTENDED_USE
+from lesion.config import build_config, recipe_measurement
+from lesion.ood import DETECTORS
+from lesion_app.support import DISCLAIMER, NO_MODEL_HELP, format_duration, measured_duration
 
 REPO = Path(__file__).resolve().parent.parent
 PAGES = ["app_pages/predict.py", "app_pages/ood.py", "app_pages/train.py", "app_pages/model.py"]
@@ -18,6 +20,7 @@ def open_app(runs_dir: Path, monkeypatch: pytest.MonkeyPatch) -> AppTest:
     monkeypatch.setenv("LESION_RUNS_DIR", str(runs_dir))
     monkeypatch.delenv("LESION_CHECKPOINT", raising=False)
     monkeypatch.delenv("LESION_DATA_ROOT", raising=False)
+    monkeypatch.setenv("LESION_BUNDLED_MODEL", "")  # no bundled model either: the app as without assets/models
     at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=120).run()
     assert not at.exception
     return at
@@ -35,7 +38,18 @@ def test_every_page_says_what_to_do_without_a_model(tmp_path: Path, monkeypatch:
             assert [box.value for box in at.selectbox if box.label == "Recipe"] == ["demo"]
         else:
             assert [i.value for i in at.main.info] == [NO_MODEL_HELP], page
-            assert "about" in NO_MODEL_HELP and "minutes on a 2-core CPU" in NO_MODEL_HELP
+    # The duration it quotes is the figure measured and stored with the demo recipe, not a guess in the code.
+    measured = recipe_measurement("demo")
+    assert f"{format_duration(measured['seconds'])} when we measured it on {measured['machine']}" in NO_MODEL_HELP
+
+
+def test_the_quoted_demo_duration_follows_the_recipe_file(tmp_path: Path) -> None:
+    recipe = tmp_path / "timed.toml"
+    recipe.write_text('epochs = 1\n\n[measured]\nseconds = 5400\nmachine = "one old laptop"\n')
+    assert measured_duration(str(recipe)) == "1 h 30 min when we measured it on one old laptop"
+    assert build_config(str(recipe)).epochs == 1  # the [measured] table is not a setting
+    recipe.write_text("epochs = 1\n")
+    assert measured_duration(str(recipe)) == "not measured yet"
 
 
 def test_model_card_page_names_the_split_and_shows_plots(trained_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -49,7 +63,7 @@ def test_model_card_page_names_the_split_and_shows_plots(trained_run: Path, monk
     metrics = at.dataframe[0].value
     assert list(metrics.columns) == ["metric", "validation", "test"] and "roc_auc" in set(metrics["metric"])
     detectors = at.dataframe[1].value
-    assert set(detectors["detector"]) == {"msp", "energy", "mahalanobis", "knn"} and detectors["in use"].sum() == 1
+    assert set(detectors["detector"]) == set(DETECTORS) and detectors["in use"].sum() == 1
     captions = [c for image in at.image for c in image.captions]
     assert "ROC curve (test split)" in captions and "Training and validation curves" in captions
     assert any(m.value.strip() == INTENDED_USE.strip() for m in at.markdown)  # its own tab
@@ -58,6 +72,7 @@ def test_model_card_page_names_the_split_and_shows_plots(trained_run: Path, monk
 def test_extra_checkpoint_is_offered_first(trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LESION_CHECKPOINT", str(trained_run / "model.pt"))
     monkeypatch.setenv("LESION_RUNS_DIR", str(tmp_path / "empty"))
+    monkeypatch.setenv("LESION_BUNDLED_MODEL", "")
     at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=120).run()
     assert not at.exception
     model = at.sidebar.selectbox[0]

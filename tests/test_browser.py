@@ -1,8 +1,9 @@
 """The app as a user meets it: `streamlit run`, a real Chromium, two uploads, two verdicts, a heatmap.
 
-Drives Debian's /usr/bin/chromium through Playwright. The OOD threshold is set (with the app's own
-save_ood_threshold) between a sample lesion and a non-lesion photo that the tiny test model tells
-apart, so the check is real: the lesion must get Benign/Malignant and the photo "Not a skin lesion".
+Drives Debian's /usr/bin/chromium through Playwright against a fresh clone's state: no runs, no
+LESION_CHECKPOINT, so the app answers with the bundled model (nothing is trained first). The pair
+is a sample lesion the bundled model accepts and a non-lesion photo its own OOD threshold rejects,
+so the check is real: the lesion must get Benign/Malignant and the photo "Not a skin lesion".
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from pathlib import Path
 import pytest
 
 from bench.load import CHROMIUM_ARGS, free_port  # the same browser flags and port helper as the load test
-from lesion.app_support import VERDICT_TEXT
 from lesion.predict import Predictor
-from lesion.runs import save_ood_threshold
+from lesion.runs import BUNDLED_MODEL
+from lesion_app.support import VERDICT_TEXT
+from tests.test_bundled import shipped
 
 pytestmark = pytest.mark.browser
 
@@ -42,27 +44,24 @@ def wait_healthy(port: int, server: subprocess.Popen, timeout: float = 120) -> N
     raise AssertionError("streamlit did not become healthy")
 
 
-def pick_pair(checkpoint: Path) -> tuple[Path, Path, float]:
-    """A sample lesion and an OOD photo the model separates, and a threshold between their scores."""
+def pick_pair(checkpoint: Path) -> tuple[Path, Path]:
+    """A sample lesion the model accepts and a non-lesion photo it rejects, with its own thresholds."""
     predictor = Predictor.from_checkpoint(checkpoint)
-    method = predictor.ood_method
     lesions = sorted((REPO / "assets/samples/lesions").glob("*.jpg"))
     photos = sorted((REPO / "assets/samples/ood").glob("*.jpg"))
-    lesion_scores = [p.ood_scores[method] for p in predictor.predict_batch(lesions)]
-    photo_scores = [p.ood_scores[method] for p in predictor.predict_batch(photos)]
-    low = min(range(len(lesions)), key=lesion_scores.__getitem__)
-    high = max(range(len(photos)), key=photo_scores.__getitem__)
-    assert lesion_scores[low] < photo_scores[high], "the test model cannot tell any sample lesion from any photo"
-    return lesions[low], photos[high], (lesion_scores[low] + photo_scores[high]) / 2
+    accepted = [path for path, p in zip(lesions, predictor.predict_batch(lesions), strict=True) if p.accepted]
+    rejected = [path for path, p in zip(photos, predictor.predict_batch(photos), strict=True) if not p.accepted]
+    assert accepted and rejected, "the bundled model accepts no sample lesion or rejects no bundled photo"
+    return accepted[0], rejected[0]
 
 
 @pytest.fixture
-def app_run(trained_run: Path, tmp_path: Path) -> tuple[Path, Path, Path]:
-    run = tmp_path / "runs" / "tiny"
-    shutil.copytree(trained_run, run)
-    lesion, photo, threshold = pick_pair(run / "model.pt")
-    save_ood_threshold(run / "model.pt", Predictor.from_checkpoint(run / "model.pt").ood_method, threshold)
-    return run, lesion, photo
+def app_run(tmp_path: Path) -> tuple[Path, Path, Path]:
+    shipped()  # fails plainly, naming the rebuild command, when the bundled model is missing or stale
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    lesion, photo = pick_pair(BUNDLED_MODEL)
+    return runs, lesion, photo
 
 
 def result_block(page, name: str, other: str):
@@ -93,11 +92,12 @@ def test_upload_lesion_and_photo_in_a_real_browser(app_run: tuple[Path, Path, Pa
         pytest.skip("chromium is not installed (apt-get install chromium); the browser test needs it")
     from playwright.sync_api import sync_playwright
 
-    run, lesion, photo = app_run
-    expected = Predictor.from_checkpoint(run / "model.pt").predict(lesion, with_heatmap=False)
-    assert expected.accepted and Predictor.from_checkpoint(run / "model.pt").predict(photo).verdict == "unknown"
+    runs, lesion, photo = app_run
+    expected = Predictor.from_checkpoint(BUNDLED_MODEL).predict(lesion, with_heatmap=False)
+    assert expected.accepted and Predictor.from_checkpoint(BUNDLED_MODEL).predict(photo).verdict == "unknown"
     port = free_port()
-    env = {**os.environ, "LESION_RUNS_DIR": str(run.parent), "LESION_CHECKPOINT": ""}
+    env = {**os.environ, "LESION_RUNS_DIR": str(runs), "LESION_CHECKPOINT": ""}
+    env.pop("LESION_BUNDLED_MODEL", None)
     command = [
         sys.executable,
         "-m",
@@ -119,7 +119,10 @@ def test_upload_lesion_and_photo_in_a_real_browser(app_run: tuple[Path, Path, Pa
             page = browser.new_page(viewport={"width": 1400, "height": 2400})
             page.goto(f"http://127.0.0.1:{port}/", timeout=120_000)
             page.get_by_text("Benign or malignant?").wait_for(timeout=120_000)
-            page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files([str(lesion), str(photo)])
+            # The uploader is drawn before the model has loaded; it accepts files once that first run ends.
+            page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(
+                [str(lesion), str(photo)], timeout=120_000
+            )
             lesion_block = result_block(page, lesion.name, photo.name)
             photo_block = result_block(page, photo.name, lesion.name)
             lesion_block.get_by_text("Result JSON").wait_for(timeout=120_000)

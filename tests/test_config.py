@@ -7,10 +7,11 @@ import pytest
 from lesion.config import TrainConfig, build_config, config_from_dict, field_help, load_recipe
 from lesion.errors import ConfigError
 from tests.conftest import run_cli
+from train.cli import get_args_parser
 
 
 def test_recipes_load_and_validate() -> None:
-    for name in ("demo", "notebook", "recommended"):
+    for name in ("demo", "bundled", "notebook", "recommended"):
         config = build_config(name)
         assert isinstance(config, TrainConfig)
     notebook = build_config("notebook")
@@ -35,6 +36,10 @@ def test_overrides_come_after_the_recipe_and_are_typed() -> None:
         ("--arch=vgg16", "arch must be one of"),
         ("--learning_rate=0.1", "unknown option"),
         ("--image_size=8", "image_size must be at least 32"),
+        ("--mix_prob=1.5", "mix_prob must lie in"),
+        ("--ema_decay=1", "ema_decay must lie in"),
+        ("--mixup_alpha=-1", "mixup_alpha and cutmix_alpha"),
+        ("--augment=wild", "augment must be one of"),
     ],
 )
 def test_bad_overrides_are_refused_with_the_key_named(override: str, message: str) -> None:
@@ -43,7 +48,7 @@ def test_bad_overrides_are_refused_with_the_key_named(override: str, message: st
 
 
 def test_unknown_recipe_lists_the_known_ones() -> None:
-    with pytest.raises(ConfigError, match="known recipes: demo, notebook, recommended"):
+    with pytest.raises(ConfigError, match="known recipes: bundled, demo, notebook, recommended"):
         build_config("fastest")
 
 
@@ -57,8 +62,25 @@ def test_cli_help_lists_every_option_with_its_default() -> None:
     result = run_cli(["--help"])
     assert result.returncode == 0
     for name, value in TrainConfig().__dict__.items():
-        assert f"--{name}" in result.stdout
+        assert f"--{name.replace('_', '-')}" in result.stdout
         assert f"(default: {value!r})" in " ".join(result.stdout.split()), name
+
+
+def test_cli_takes_hyphens_underscores_and_both_value_forms() -> None:
+    # One spelling in --help (hyphens); the underscore spelling of earlier versions still parses.
+    args = get_args_parser().parse_args(
+        ["--image-size=96", "--batch_size", "8", "--skip-bad-images", "true", "--num_workers=0", "--max-images", "40"]
+    )
+    overrides = {k: v for k, v in vars(args).items() if k != "recipe" and v is not None}
+    assert overrides == {
+        "image_size": "96",
+        "batch_size": "8",
+        "skip_bad_images": "true",
+        "num_workers": "0",
+        "max_images": "40",
+    }
+    config = build_config("demo", overrides)
+    assert (config.image_size, config.batch_size, config.skip_bad_images, config.max_images) == (96, 8, True, 40)
 
 
 def test_cli_rejects_unknown_option_and_bad_value() -> None:

@@ -16,10 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
+from lesion import ood
 from lesion.checkpoint import load_checkpoint, save_checkpoint
 from lesion.errors import InvalidCheckpoint, InvalidImage
 from lesion.images import load_image
-from lesion.model import build_model
+from lesion.model import LAYER_NAMES, build_model
 from lesion.predict import Prediction, Predictor
 from lesion.predict import main as predict_main
 from lesion.transforms import eval_transform
@@ -50,7 +51,7 @@ def test_loads_every_attribute(predictor: Predictor):
     assert predictor.class_names == ["benign", "malignant"]
     assert (predictor.image_size, predictor.temperature, predictor.decision_threshold) == (64, 1.5, 0.5)
     assert predictor.ood_method == "mahalanobis" and predictor.ood_available
-    assert set(predictor.ood_thresholds) == {"msp", "energy", "mahalanobis", "knn"}
+    assert set(predictor.ood_thresholds) == set(ood.DETECTORS)
     assert "state_dict" not in predictor.checkpoint and "metrics" in predictor.checkpoint
 
 
@@ -134,7 +135,7 @@ def test_verdict_follows_the_thresholds(predictor: Predictor):
 
 def test_ood_method_override_and_photos_scored(predictor: Predictor):
     car = [p for p in ood_paths() if p.stem.startswith("car")][0]
-    for method in ("msp", "energy", "knn", "mahalanobis"):
+    for method in ood.DETECTORS:
         prediction = predictor.predict(car, ood_method=method, with_heatmap=False)
         assert prediction.ood_method == method and prediction.ood_threshold == predictor.ood_thresholds[method]
         assert prediction.ood_score == prediction.ood_scores[method]
@@ -160,7 +161,7 @@ def test_batch_equals_single_and_keeps_errors_in_place(predictor: Predictor, wid
         if isinstance(result, Prediction):
             single = predictor.predict(image)
             assert result.p_malignant == pytest.approx(single.p_malignant, abs=1e-6)
-            assert result.ood_scores == pytest.approx(single.ood_scores, rel=1e-5, abs=1e-6)
+            assert result.ood_scores == pytest.approx(single.ood_scores, rel=1e-4, abs=1e-4)
             np.testing.assert_allclose(result.heatmap, single.heatmap, atol=1e-5)
 
 
@@ -199,7 +200,9 @@ def test_eight_threads_give_the_serial_results(predictor: Predictor):
         assert together.p_malignant == alone.p_malignant and together.ood_scores == alone.ood_scores
         assert np.array_equal(together.heatmap, alone.heatmap)
     assert all(p.grad is None for p in predictor.model.parameters())
-    assert not any(m._forward_hooks or m._backward_hooks for m in predictor.model.modules())
+    # Only the predictor's own layer-statistics taps (one forward hook per stage): nothing leaked.
+    hooks = {name: len(m._forward_hooks) + len(m._backward_hooks) for name, m in predictor.model.named_modules()}
+    assert {name: count for name, count in hooks.items() if count} == {name: 1 for name in LAYER_NAMES}
 
 
 # --- refusing checkpoints ------------------------------------------------------------------
@@ -268,16 +271,33 @@ def test_cli_writes_rows_heatmaps_and_survives_a_corrupt_file(tmp_path: Path, ch
     assert all(r["ood_method"] == "mahalanobis" and float(r["decision_threshold"]) == 0.5 for r in good)
     assert "damaged or truncated" in rows[2]["error"] and rows[2]["verdict"] == ""
     written = sorted(p.name for p in heatmaps.iterdir())
-    assert written == sorted(f"{Path(r['path']).stem}_heatmap.png" for r in good)
-    with Image.open(heatmaps / f"{car.stem}_heatmap.png") as overlay, Image.open(car) as original:
+    assert written == sorted(Path(r["heatmap"]).name for r in good) and rows[2]["heatmap"] == ""
+    car_row = next(r for r in rows if Path(r["path"]).name == car.name)
+    with Image.open(car_row["heatmap"]) as overlay, Image.open(car) as original:
         assert overlay.size == original.size
+
+
+def test_heatmaps_of_same_named_files_in_different_folders_do_not_collide(tmp_path: Path, checkpoint_path: Path):
+    sources = lesion_paths()[:2]
+    for folder, source in zip(("a", "b"), sources, strict=True):
+        (tmp_path / "in" / folder).mkdir(parents=True)
+        (tmp_path / "in" / folder / "photo.jpg").write_bytes(source.read_bytes())
+    argv = ["--checkpoint", str(checkpoint_path), "--heatmaps", str(tmp_path / "maps"), str(tmp_path / "in")]
+    assert predict_main([*argv, "--out", str(tmp_path / "first.csv")]) == 0
+    first = {r["path"]: r["heatmap"] for r in csv.DictReader((tmp_path / "first.csv").open())}
+    assert len(set(first.values())) == 2 and len(list((tmp_path / "maps").iterdir())) == 2
+    assert all(Path(name).name.startswith("photo-") for name in first.values())
+    overlays = [Path(name).read_bytes() for name in first.values()]
+    assert overlays[0] != overlays[1]  # two different inputs, two different overlays: neither overwrote the other
+    assert predict_main([*argv, "--out", str(tmp_path / "again.csv")]) == 0  # the same inputs, the same names
+    assert {r["path"]: r["heatmap"] for r in csv.DictReader((tmp_path / "again.csv").open())} == first
 
 
 def test_cli_exit_codes(tmp_path: Path, checkpoint_path: Path, capsys: pytest.CaptureFixture):
     # In-process through main(argv): the subprocess test above covers the real entry point.
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"nonsense")
-    assert predict_main(["--checkpoint", str(bad), "--out", str(tmp_path / "r.csv"), str(lesion_paths()[0])]) == 2
+    assert predict_main(["--checkpoint", str(bad), "--out", str(tmp_path / "r.csv"), str(lesion_paths()[0])]) == 1
     message = capsys.readouterr().err
     assert message.startswith("error: bad.pt") and message.count("\n") == 1
     empty = tmp_path / "empty"
@@ -291,3 +311,17 @@ def test_cli_exit_codes(tmp_path: Path, checkpoint_path: Path, capsys: pytest.Ca
     argv = ["--checkpoint", str(checkpoint_path), "--out", str(tmp_path / "r.csv"), "--ood-method", "msp"]
     assert predict_main([*argv, str(lesion_paths()[0])]) == 0
     assert next(csv.DictReader((tmp_path / "r.csv").open()))["ood_method"] == "msp"
+
+
+@pytest.mark.parametrize("method", sorted(ood.DETECTORS))
+def test_cli_ood_method_for_every_detector(method: str, checkpoint_path: Path, tmp_path: Path):
+    out = tmp_path / "r.csv"
+    photo = ood_paths()[0]
+    argv = ["--checkpoint", str(checkpoint_path), "--out", str(out), "--ood-method", method, str(photo)]
+    assert predict_main(argv) == 0
+    row = next(csv.DictReader(out.open()))
+    assert row["ood_method"] == method and row["error"] == ""
+    # The active score is that detector's own column, and the verdict follows its threshold.
+    assert float(row["ood_score"]) == pytest.approx(float(row[f"ood_{method}"]), abs=1e-6)
+    rejected = float(row["ood_score"]) > float(row["ood_threshold"])
+    assert (row["verdict"] == "unknown") == rejected

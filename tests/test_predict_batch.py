@@ -97,23 +97,48 @@ def test_device_decoder_path_gives_the_same_answers(predictor: Predictor) -> Non
     for fast, slow in zip(on_device, via_pillow, strict=True):
         assert fast.crop_box == pytest.approx(slow.crop_box) and fast.original_size == slow.original_size
         assert (fast.pixels.float() - slow.pixels.float()).abs().mean() < 0.7
-    args = (True, "gradcam", None, None, None, None)
-    for fast, slow in zip(predictor._run(on_device, *args), predictor._run(via_pillow, *args), strict=True):
+    options = dict(
+        with_heatmap=True,
+        cam_method="gradcam",
+        target=None,
+        ood_method=None,
+        decision_threshold=None,
+        ood_threshold=None,
+    )
+    fast_results, slow_results = predictor._run(on_device, **options), predictor._run(via_pillow, **options)
+    for fast, slow in zip(fast_results, slow_results, strict=True):
         assert fast.p_malignant == pytest.approx(slow.p_malignant, abs=3e-3)
-        assert fast.ood_scores == pytest.approx(slow.ood_scores, rel=0.05)
         assert fast.heatmap.shape == slow.heatmap.shape and fast.crop_box == slow.crop_box
+    # Some detectors' scores cross zero (ViM), so a relative tolerance means nothing there: each
+    # detector's difference is measured against how far its scores spread over these images
+    # (lesions and a non-lesion), i.e. against what separates an accepted photo from a refused one.
+    assert set(predictor.detectors) <= set(slow_results[0].ood_scores)
+    for name in predictor.detectors:
+        slow_scores = np.array([result.ood_scores[name] for result in slow_results])
+        fast_scores = np.array([result.ood_scores[name] for result in fast_results])
+        spread = slow_scores.max() - slow_scores.min()
+        assert spread > 0, name
+        assert np.abs(fast_scores - slow_scores).max() <= 0.05 * spread, name
 
 
 def test_batch_keeps_order_errors_and_values_across_chunks(predictor: Predictor) -> None:
     images = [*lesion_paths()[:5], b"not an image", Path("/no/such.jpg"), *ood_paths()[:2]]
     singles = {i: predictor.predict(image, with_heatmap=False) for i, image in enumerate(images) if i not in (5, 6)}
+    # A batched convolution rounds differently from a single image's (~1e-6); ViM's residual norm
+    # magnifies that (a difference of two nearly equal squared norms), so each detector's tolerance
+    # is a thousandth of its scores' spread over these images: far below what tells them apart.
+    names = list(predictor.detectors)
+    spread = {n: np.ptp([single.ood_scores[n] for single in singles.values()]) for n in names}
+    assert names and all(value > 0 for value in spread.values())
     for batch_size in (1, 3, 16):
         results = predictor.predict_batch(images, batch_size=batch_size)
         assert "not an image we can read" in str(results[5]) and "no such file" in str(results[6])
         for i, single in singles.items():
             assert isinstance(results[i], Prediction)
             assert results[i].p_malignant == pytest.approx(single.p_malignant, abs=1e-6)
-            assert results[i].ood_scores == pytest.approx(single.ood_scores, rel=1e-5, abs=1e-6)
+            assert results[i].ood_scores.keys() == single.ood_scores.keys()
+            for name in names:
+                assert results[i].ood_scores[name] == pytest.approx(single.ood_scores[name], abs=1e-3 * spread[name])
     assert predictor.predict_batch([]) == []
 
 

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from lesion.checkpoint import REQUIRED_KEYS
-from lesion.config import build_config
+from lesion.config import TrainConfig, build_config
 from lesion.errors import WeightsUnavailable
 from lesion.events import iter_events
+from lesion.ood import DETECTORS
 from lesion.training import run_training
 from tests.conftest import DEMO, REPO, TINY_TRAINING, run_cli
 
@@ -36,7 +37,10 @@ def test_cli_writes_a_complete_run_folder(trained_run: Path) -> None:
     assert set(REQUIRED_KEYS) <= set(checkpoint)
     assert "training" not in checkpoint  # the final model carries no optimizer state
     assert checkpoint["config"]["arch"] == "resnet18" and checkpoint["config"]["image_size"] == 64
-    assert set(checkpoint["ood"]["detectors"]) == {"msp", "energy", "mahalanobis", "knn"}
+    assert set(checkpoint["ood"]["detectors"]) == set(DETECTORS)
+    assert checkpoint["ood"]["method"] == TrainConfig().ood_method
+    spread = checkpoint["metrics"]["ood_rejection_spread"][checkpoint["ood"]["method"]]
+    assert spread["low"] <= spread["median"] <= spread["high"]
     assert 0.0 < checkpoint["decision_threshold"] < 1.0 and checkpoint["temperature"] > 0
     assert checkpoint["metrics"]["headline_split"] == "test"
     assert "roc_auc" in checkpoint["metrics"]["test"] and "roc_auc" in checkpoint["metrics"]["val"]
@@ -57,7 +61,7 @@ def test_cli_writes_a_complete_run_folder(trained_run: Path) -> None:
 
 def _tiny_config(out: Path, cache: Path, **changes) -> object:
     overrides = [item for item in TINY_TRAINING if not item.startswith("--recipe")]
-    config = build_config("demo", [*overrides, f"--data={DEMO}", f"--out={out}", f"--cache_dir={cache}"])
+    config = build_config("demo", [*overrides, f"--data={DEMO}", f"--out={out}", f"--cache-dir={cache}"])
     return dataclasses.replace(config, max_images=80, **changes)
 
 
@@ -65,14 +69,19 @@ class _Crash(BaseException):
     """Stands in for a process killed between epochs (not an Exception: nothing catches it)."""
 
 
-def test_resume_gives_the_same_model_as_an_uninterrupted_run(tmp_path: Path, cache_dir: Path) -> None:
-    run_training(_tiny_config(tmp_path / "straight", cache_dir))
+# The second case resumes mixup / cutmix draws and the EMA of the weights (kept in last.pt) too.
+REGULARISED = {"mixup_alpha": 0.4, "cutmix_alpha": 1.0, "mix_prob": 0.8, "ema_decay": 0.9, "tta": True}
+
+
+@pytest.mark.parametrize("changes", [{}, REGULARISED], ids=["plain", "mix-ema-tta"])
+def test_resume_gives_the_same_model_as_an_uninterrupted_run(tmp_path: Path, cache_dir: Path, changes: dict) -> None:
+    run_training(_tiny_config(tmp_path / "straight", cache_dir, **changes))
 
     def crash_after_first_epoch(event: dict) -> None:
         if event["event"] == "checkpoint" and event["kind"] == "last" and event["epoch"] == 1:
             raise _Crash
 
-    interrupted = _tiny_config(tmp_path / "resumed", cache_dir)
+    interrupted = _tiny_config(tmp_path / "resumed", cache_dir, **changes)
     with pytest.raises(_Crash):
         run_training(interrupted, on_event=crash_after_first_epoch)
     assert not (tmp_path / "resumed" / "model.pt").exists()
@@ -85,6 +94,13 @@ def test_resume_gives_the_same_model_as_an_uninterrupted_run(tmp_path: Path, cac
     for key, tensor in straight["state_dict"].items():
         assert torch.equal(tensor, resumed["state_dict"][key]), key
     assert straight["metrics"]["test"]["roc_auc"] == resumed["metrics"]["test"]["roc_auc"]
+    assert resumed["tta"] is bool(changes.get("tta", False))
+    if changes.get("ema_decay"):
+        runs = ("straight", "resumed")
+        emas = [torch.load(tmp_path / run / "last.pt", weights_only=True)["training"]["ema"] for run in runs]
+        assert emas[0]["updates"] == emas[1]["updates"] > 0
+        for key, tensor in emas[0]["state_dict"].items():
+            assert torch.equal(tensor, emas[1]["state_dict"][key]), key
 
 
 def test_torchrun_two_processes_on_cpu(tmp_path: Path, cache_dir: Path) -> None:
@@ -99,10 +115,10 @@ def test_torchrun_two_processes_on_cpu(tmp_path: Path, cache_dir: Path) -> None:
         "train",
         f"--data={DEMO}",
         f"--out={out}",
-        f"--cache_dir={cache_dir}",
+        f"--cache-dir={cache_dir}",
         *TINY_TRAINING,
         "--epochs=1",
-        "--max_images=60",
+        "--max-images=60",
         "--device=cpu",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -120,7 +136,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path: Path, cache_dir: Path) -> None:
 def test_missing_weights_file_fails_with_one_plain_line(tmp_path: Path, cache_dir: Path) -> None:
     out = tmp_path / "run"
     result = run_cli(
-        [f"--data={DEMO}", f"--out={out}", f"--cache_dir={cache_dir}", *TINY_TRAINING, "--weights=/nowhere/r18.pth"]
+        [f"--data={DEMO}", f"--out={out}", f"--cache-dir={cache_dir}", *TINY_TRAINING, "--weights=/nowhere/r18.pth"]
     )
     assert result.returncode == 1
     assert "error: weights file not found: /nowhere/r18.pth" in result.stderr

@@ -1,13 +1,15 @@
-"""Plain helpers behind the app's pages: wording, sample galleries, cached predictions, OOD tables.
+"""Plain helpers behind the app's pages: wording, sample galleries, session caches of predictions, tables.
 
 Nothing here imports Streamlit: a page passes in its ``st.session_state`` (any mutable mapping)
-where a cache is needed, so every function can be tested without a browser or an app.
+where a cache is needed, so every function can be tested without a browser or an app. The charts
+live in :mod:`lesion_app.charts`, the pages' "no model yet" guard in :mod:`lesion_app.guards`.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import hmac
 import io
 import json
 import os
@@ -22,19 +24,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from lesion.config import recipe_measurement
+from lesion.files import SPLIT_FILE
 from lesion.images import MAX_BYTES, load_image
 from lesion.runs import PROJECT_ROOT, ModelEntry
 
-# How long the demo recipe takes on 2 CPU cores: 3 min 56 s measured by the lead (README, "Figures").
-DEMO_TRAIN_MINUTES = 4
 DISCLAIMER = (
     "Demonstration only — not a diagnosis. This tool is not a medical device; "
     "a skin lesion that worries you belongs in front of a dermatologist."
-)
-NO_MODEL_HELP = (
-    "No model yet. Open the **Train** page and start the **demo** recipe on the bundled demo set "
-    f"(about {DEMO_TRAIN_MINUTES} minutes on a 2-core CPU), or set `LESION_CHECKPOINT` to a trained "
-    "`model.pt` and reload."
 )
 VERDICT_TEXT = {"benign": "Benign", "malignant": "Malignant", "unknown": "Not a skin lesion"}
 VERDICT_DETAIL = {
@@ -48,10 +45,11 @@ METRIC_LABELS = {
     "sensitivity": "Sensitivity",
     "specificity": "Specificity",
     "accuracy": "Accuracy",
+    "precision": "Precision",
     "f1": "F1",
+    "pr_auc": "PR-AUC",
 }
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "heic", "heif"]
-MAX_UPLOAD_MB = MAX_BYTES // 2**20
 SAMPLES_DIR = PROJECT_ROOT / "assets" / "samples"
 DX_NAMES = {
     "mel": "melanoma",
@@ -68,9 +66,35 @@ DX_NAMES = {
 DISPLAY_SIDE = 1024
 CACHE_ENTRIES = 64
 
+# With this variable set, training and saving a threshold need the presenter's password.
+ADMIN_ENV = "LESION_ADMIN_PASSWORD"
+ADMIN_SESSION_KEY = "presenter_unlocked"
+LOCKED_HELP = (
+    "Visitors can predict and explore; training and saving a threshold need the presenter's password (sidebar)."
+)
+
 # One model is shared by every session (st.cache_resource); Grad-CAM needs gradients through
 # it, so predictions are serialised. On a CPU they would compete for the same cores anyway.
 _PREDICT_LOCK = threading.Lock()
+
+
+# ---------------------------------------------------------------------------- presenter and visitors
+
+
+def admin_password() -> str | None:
+    """$LESION_ADMIN_PASSWORD, or None when unset or empty (then everything stays open, for local use)."""
+    return os.environ.get(ADMIN_ENV) or None
+
+
+def password_matches(given: str, expected: str) -> bool:
+    """Compare in constant time, so the answer's timing tells nothing about the password."""
+    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+
+
+def may_change(session: MutableMapping[str, Any]) -> bool:
+    """Whether this browser session may train or save a threshold: always without a password set,
+    otherwise once the presenter has unlocked it."""
+    return admin_password() is None or session.get(ADMIN_SESSION_KEY) is True
 
 
 # ---------------------------------------------------------------------------- samples
@@ -122,9 +146,9 @@ def list_samples(samples_dir: Path = SAMPLES_DIR) -> list[Sample]:
 
 def training_folds(run_dir: Path | None) -> dict[str, str]:
     """image_id -> fold (train / val / test) from a run's split.csv; {} when there is none."""
-    if run_dir is None or not (Path(run_dir) / "split.csv").is_file():
+    if run_dir is None or not (Path(run_dir) / SPLIT_FILE).is_file():
         return {}
-    with (Path(run_dir) / "split.csv").open(newline="", encoding="utf-8") as stream:
+    with (Path(run_dir) / SPLIT_FILE).open(newline="", encoding="utf-8") as stream:
         return {row["image_id"]: row.get("fold", "") for row in csv.DictReader(stream) if row.get("image_id")}
 
 
@@ -334,59 +358,33 @@ def roc_points(lesion_scores: Sequence[float], ood_scores: Sequence[float]) -> l
     return [{"lesions rejected": float(x), "OOD photos rejected": float(y)} for x, y in zip(fpr, tpr, strict=True)]
 
 
-def histogram_chart(rows: Sequence[dict[str, Any]], threshold: float, method: str) -> Any:
-    """Altair histogram of scores by kind (lesion / OOD) with the threshold as a rule."""
-    import altair as alt
-    import pandas as pd
-
-    frame = pd.DataFrame(rows)
-    bars = (
-        alt.Chart(frame)
-        .mark_bar(opacity=0.6)
-        .encode(
-            x=alt.X("score:Q", bin=alt.Bin(maxbins=30), title=f"{method} score (higher = less like a lesion)"),
-            y=alt.Y("count():Q", stack=None, title="images"),
-            color=alt.Color(
-                "kind:N", title=None, scale=alt.Scale(domain=["lesion", "OOD photo"], range=["#2a9d8f", "#e76f51"])
-            ),
-        )
-    )
-    rule = (
-        alt.Chart(pd.DataFrame({"threshold": [threshold]}))
-        .mark_rule(color="black", strokeDash=[6, 3])
-        .encode(x="threshold:Q")
-    )
-    return (bars + rule).properties(height=260)
-
-
-def roc_chart(points: Sequence[dict[str, float]], operating: dict[str, float]) -> Any:
-    """Altair ROC curve with the current operating point marked."""
-    import altair as alt
-    import pandas as pd
-
-    x, y = "lesions rejected", "OOD photos rejected"
-    curve = (
-        alt.Chart(pd.DataFrame(points))
-        .mark_line(interpolate="step-after")
-        .encode(x=alt.X(f"{x}:Q", scale=alt.Scale(domain=[0, 1])), y=alt.Y(f"{y}:Q", scale=alt.Scale(domain=[0, 1])))
-    )
-    point = (
-        alt.Chart(pd.DataFrame([operating]))
-        .mark_point(color="red", size=120, filled=True)
-        .encode(x=f"{x}:Q", y=f"{y}:Q")
-    )
-    return (curve + point).properties(height=260)
-
-
 # ---------------------------------------------------------------------------- train and model pages
 
 
 def recipe_names() -> list[str]:
     """Recipe names in train/recipes, the demo first."""
-    from lesion.config import RECIPES_DIR
+    from lesion.config import recipes_dir
 
-    names = sorted(path.stem for path in RECIPES_DIR.glob("*.toml"))
+    names = sorted(path.stem for path in recipes_dir().glob("*.toml"))
     return sorted(names, key=lambda name: (name != "demo", name))
+
+
+def measured_duration(recipe: str = "demo") -> str:
+    """How long ``recipe`` took when it was last measured, and where (stored with the recipe)."""
+    measured = recipe_measurement(recipe)
+    seconds = measured.get("seconds")
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+        return "not measured yet"
+    where = f" on {measured['machine']}" if measured.get("machine") else ""
+    return f"{format_duration(seconds)} when we measured it{where}"
+
+
+def no_model_help() -> str:
+    """What a page says when there is no model yet: train the demo (with its measured duration) or name one."""
+    return (
+        "No model yet. Open the **Train** page and start the **demo** recipe on the bundled demo set "
+        f"({measured_duration('demo')}), or set `LESION_CHECKPOINT` to a trained `model.pt` and reload."
+    )
 
 
 def format_duration(seconds: float | None) -> str:
@@ -400,6 +398,10 @@ def format_duration(seconds: float | None) -> str:
     if minutes < 90:
         return f"{minutes:.0f} min"
     return f"{int(minutes // 60)} h {int(minutes % 60):02d} min"
+
+
+# Computed once at import: the recipe file is read when the app starts, not on every rerun.
+NO_MODEL_HELP = no_model_help()
 
 
 def run_rows(runs: Sequence[Any]) -> list[dict[str, Any]]:
@@ -437,6 +439,13 @@ def _scalar(value: Any) -> float | None:
     return round(float(value), 4) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def _spread_text(spread: dict | None) -> str:
+    """'4.8 % (1.2-9.6 %)': the bootstrap share of new lesions a threshold rejects, or '' when unknown."""
+    if not spread or spread.get("median") is None:
+        return ""
+    return f"{spread['median']:.1%} ({spread['low']:.1%}-{spread['high']:.1%})"
+
+
 def checkpoint_summary(checkpoint: dict[str, Any], name: str) -> dict[str, Any]:
     """Plain values the Model page shows (no tensors): thresholds, detectors, history, data.
 
@@ -453,6 +462,9 @@ def checkpoint_summary(checkpoint: dict[str, Any], name: str) -> dict[str, Any]:
         "temperature": float(checkpoint["temperature"]),
         "ood_method": ood.get("method"),
         "ood_thresholds": {name: float(stats["threshold"]) for name, stats in (ood.get("detectors") or {}).items()},
+        "ood_rejection_spread": {
+            name: _spread_text(stats.get("rejection_spread")) for name, stats in (ood.get("detectors") or {}).items()
+        },
         "threshold_history": list(checkpoint.get("threshold_history") or []),
         "metrics": json.loads(json.dumps(checkpoint.get("metrics") or {}, default=_plain)),
     }

@@ -1,0 +1,248 @@
+"""Export a finished run as a small, self-describing model file (the app's bundled default model).
+
+An exported checkpoint is an ordinary lesion checkpoint (``load_checkpoint`` and ``Predictor`` read
+it like any other) with three differences:
+
+- floating-point weights are stored in half precision (the predictor casts them back to float32);
+- training-only state is dropped (optimizer, schedule, epoch history);
+- it records its split (``split``: the data folder and the split.csv text) and its metrics are
+  **re-measured** from that split on the CPU by :class:`lesion.predict.Predictor` with the halved
+  weights, so the figures shipped with the file are what the file itself does.
+
+:func:`rescore` is the one scoring function: the export calls it to measure, and the test of the
+shipped file calls it to prove the stored figures still hold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lesion.card import render_model_card
+from lesion.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+from lesion.errors import LesionError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+EXPORT_VERSION = 1
+# Keys only training needs: resume state and the per-epoch history (the card and the app do without).
+TRAINING_ONLY = ("training", "history")
+# Metrics rounding in the comparison of a re-scored file with its stored figures.
+RESCORE_TOLERANCE = 0.002
+# Config keys that say where and how fast a run ran, not what it learned: ignored when naming its recipe.
+RUNTIME_KEYS = ("data", "metadata", "out", "cache_dir", "device", "num_workers", "resume", "log_every")
+
+
+def half_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """float32/float64 tensors as float16; integer buffers (BatchNorm's counters) unchanged."""
+    return {key: value.half() if value.is_floating_point() else value for key, value in state_dict.items()}
+
+
+def _relative(path: str | Path) -> str:
+    """A path inside the repository written relative to it, so the file names no builder's folders."""
+    text = str(path)
+    if not text:
+        return text
+    try:
+        return str(Path(text).resolve().relative_to(PROJECT_ROOT))
+    except ValueError:
+        return text
+
+
+def split_record(run_dir: Path, data_dir: str) -> dict[str, Any]:
+    """The run's split as plain values: data folder, split.csv text and its sha256."""
+    split_file = Path(run_dir) / "split.csv"
+    if not split_file.is_file():
+        raise LesionError(f"{run_dir} has no split.csv, so the exported model could not record its split.")
+    text = split_file.read_text(encoding="utf-8")
+    return {"data": _relative(data_dir), "csv": text, "sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def split_frame(checkpoint: dict[str, Any]):
+    """The recorded split as a frame (image_id, lesion_id, dx, label 0/1, fold) joined with image paths."""
+    import pandas as pd
+
+    from lesion import data as lesion_data
+    from lesion.training import locate_data
+
+    record = checkpoint.get("split")
+    if not isinstance(record, dict) or not record.get("csv"):
+        raise LesionError("this checkpoint records no split (export it with python -m train.export)")
+    with io.StringIO(record["csv"]) as stream:
+        split = pd.read_csv(stream, dtype=str, keep_default_na=False)
+    split["label"] = [1 if name == "malignant" else 0 for name in split["label"]]
+    data_dir = locate_data(record["data"])
+    images, _ = lesion_data.read_metadata(data_dir)
+    merged = split.merge(images[["image_id", "path"]], on="image_id", how="left")
+    missing = merged.loc[merged["path"].isna(), "image_id"].tolist()
+    if missing:
+        raise LesionError(
+            f"{len(missing)} image(s) of the recorded split are not in {data_dir} (first: {', '.join(missing[:3])})"
+        )
+    return merged
+
+
+def rescore(checkpoint: dict[str, Any], folds: tuple[str, ...] = ("val", "test")) -> dict[str, Any]:
+    """Metrics per fold of the recorded split, measured on the CPU by the app's own Predictor.
+
+    Probabilities come from :meth:`Predictor.probabilities` (decode, evaluation transform, forward,
+    temperature) and are judged at the checkpoint's decision threshold, as ``train.evaluate`` does.
+    """
+    from lesion.metrics import binary_metrics
+    from lesion.predict import Predictor
+
+    predictor = Predictor(checkpoint, device="cpu")
+    frame = split_frame(checkpoint)
+    result: dict[str, Any] = {}
+    for fold in folds:
+        part = frame[frame["fold"] == fold]
+        if part.empty:
+            raise LesionError(f"the recorded split has no {fold} images")
+        predictions = predictor.predict_batch(part["path"].tolist(), batch_size=32, with_heatmap=False)
+        bad = [str(p) for p in predictions if not hasattr(p, "p_malignant")]
+        if bad:
+            raise LesionError(f"{len(bad)} {fold} image(s) could not be read: {bad[0]}")
+        probabilities = [p.p_malignant for p in predictions]
+        metrics = binary_metrics(
+            part["label"].to_numpy(), probabilities, predictor.decision_threshold, part["dx"].tolist()
+        )
+        metrics["n_lesions"] = int(part["lesion_id"].nunique())
+        metrics["ood_accepted"] = {
+            name: sum(p.ood_scores[name] <= predictor.ood_thresholds[name] for p in predictions) / len(predictions)
+            for name in predictor.ood_thresholds
+        }
+        result[fold] = json.loads(json.dumps(metrics))
+    return result
+
+
+def matching_recipe(config: dict[str, Any]) -> str:
+    """The recipe in train/recipes whose settings the run used unchanged; '' when it was overridden."""
+    from dataclasses import asdict
+
+    from lesion.config import RECIPES_DIR, build_config
+
+    learned = {key: value for key, value in config.items() if key not in RUNTIME_KEYS}
+    for path in sorted(RECIPES_DIR.glob("*.toml")):
+        recipe = asdict(build_config(path.stem))
+        if all(recipe.get(key) == value for key, value in learned.items() if key in recipe):
+            return path.stem
+    return ""
+
+
+def exported_checkpoint(run_dir: Path) -> dict[str, Any]:
+    """The run's model.pt with halved weights, no training state, plain paths and its split recorded."""
+    run_dir = Path(run_dir)
+    checkpoint = load_checkpoint(run_dir / "model.pt")
+    config = dict(checkpoint.get("config") or {})
+    data_dir = config.get("data") or "assets/demo"
+    exported = {key: value for key, value in checkpoint.items() if key not in TRAINING_ONLY}
+    exported["state_dict"] = half_weights(checkpoint["state_dict"])
+    exported["config"] = {
+        **config,
+        "data": _relative(data_dir),
+        "out": _relative(config.get("out", "")),
+        "cache_dir": "",
+    }
+    data = dict(checkpoint.get("data") or {})
+    if data.get("metadata"):
+        data["metadata"] = _relative(data["metadata"])
+    exported["data"] = data
+    exported["split"] = split_record(run_dir, data_dir)
+    exported["export"] = {
+        "version": EXPORT_VERSION,
+        "from_run": run_dir.name,
+        "recipe": matching_recipe(config),
+        "weights_dtype": "float16",
+    }
+    return exported
+
+
+def remeasure(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Replace the stored figures with those the (halved) checkpoint gives through the Predictor."""
+    measured = rescore(checkpoint)
+    metrics = dict(checkpoint.get("metrics") or {})
+    headline = metrics.get("headline") or {}
+    metrics.update(
+        val=measured["val"],
+        test=measured["test"],
+        headline_split="test",
+        headline={key: measured["test"].get(key) for key in headline or measured["test"]},
+        ood_test_lesions_accepted=measured["test"]["ood_accepted"],
+        measured_by="lesion.predict.Predictor on CPU, float16 weights (python -m train.export)",
+    )
+    metrics.pop("split_sizes", None)
+    metrics["split_sizes"] = (checkpoint.get("data") or {}).get("split", {})
+    return {**checkpoint, "metrics": metrics}
+
+
+def export_run(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
+    """Write ``out`` (the checkpoint), and ``model_card.md`` and ``metrics.json`` beside it; return the checkpoint."""
+    run_dir, out = Path(run_dir), Path(out)
+    if not (run_dir / "model.pt").is_file():
+        raise LesionError(f"{run_dir} has no model.pt: train it to the end first (python -m train --out {run_dir})")
+    checkpoint = remeasure(exported_checkpoint(run_dir))
+    save_checkpoint(checkpoint, out)
+    (out.parent / "metrics.json").write_text(json.dumps(checkpoint["metrics"], indent=2) + "\n", encoding="utf-8")
+    card = render_model_card(checkpoint, out.stem) + "\n" + export_note(checkpoint)
+    (out.parent / "model_card.md").write_text(card, encoding="utf-8")
+    return checkpoint
+
+
+def export_note(checkpoint: dict[str, Any]) -> str:
+    """The card's paragraph on how the file was made and how to rebuild it."""
+    recipe = (checkpoint.get("export") or {}).get("recipe")
+    how = f"`python -m train --recipe {recipe}`" if recipe else "`python -m train` with settings of its own"
+    return (
+        "## How this file was made\n\n"
+        f"Trained with {how} on `{checkpoint['split']['data']}` (settings under 'Recipe settings'), "
+        "then exported with `python -m train.export`: weights halved to float16, training-only state dropped, "
+        "and every figure above re-measured on the CPU by the app's own predictor with the halved weights. "
+        f"Checkpoint format version {checkpoint['format_version']}; split.csv sha256 `{checkpoint['split']['sha256']}`.\n"
+    )
+
+
+def check_current(checkpoint: dict[str, Any], name: str = "checkpoint") -> None:
+    """Raise LesionError when an exported file predates the current checkpoint format or export layout."""
+    if checkpoint.get("format_version") != FORMAT_VERSION:
+        raise LesionError(
+            f"{name} has checkpoint format version {checkpoint.get('format_version')}; lesion writes "
+            f"{FORMAT_VERSION}. Rebuild it (README, 'The bundled model')."
+        )
+    export = checkpoint.get("export") or {}
+    if export.get("version") != EXPORT_VERSION or not isinstance(checkpoint.get("split"), dict):
+        raise LesionError(f"{name} was not exported by this version of train.export. Rebuild it.")
+
+
+def describe(checkpoint: dict[str, Any]) -> str:
+    """One honest paragraph: what it was trained on, how, and what it reached on how many held-out lesions."""
+    config, data, metrics = (
+        checkpoint.get("config") or {},
+        checkpoint.get("data") or {},
+        checkpoint.get("metrics") or {},
+    )
+    weights = config.get("weights", "")
+    start = {"none": "from random weights", "imagenet": "from ImageNet weights"}.get(weights, f"from {weights}")
+    arch = str(checkpoint.get("arch", "?")).replace("resnet", "ResNet-")
+    source = _relative(config.get("data", "")) or "?"
+    trained_on = "the bundled demo set" if source == "assets/demo" else f"`{source}`"
+    recipe = (checkpoint.get("export") or {}).get("recipe")
+    lesions = data.get("n_lesions")
+    layout = {"isic": "ISIC archive", "ham10000": "HAM10000"}.get(str(data.get("layout")), "")
+    facts = ", ".join(part for part in (f"{lesions} lesions" if lesions else "", layout) if part)
+    text = (
+        f"{arch} trained {start} on {trained_on}"
+        + (f" ({facts})" if facts else "")
+        + f", {checkpoint.get('image_size')} px, "
+        + (f"recipe `{recipe}`." if recipe else "custom settings.")
+    )
+    test = metrics.get("test") or {}
+    auc = test.get("roc_auc")
+    if isinstance(auc, (int, float)):
+        held_out = test.get("n_lesions") or test.get("n")
+        unit = "lesions" if test.get("n_lesions") else "images"
+        text += f" Test ROC-AUC {auc:.3f} on {held_out} held-out {unit}."
+    return text

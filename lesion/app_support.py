@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from lesion.images import MAX_BYTES, load_image
+from lesion.labels import DX_NAMES
 from lesion.runs import PROJECT_ROOT, ModelEntry
 
 # How long the demo recipe takes on 2 CPU cores: 3 min 56 s measured by the lead (README, "Figures").
@@ -53,16 +54,6 @@ METRIC_LABELS = {
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "heic", "heif"]
 MAX_UPLOAD_MB = MAX_BYTES // 2**20
 SAMPLES_DIR = PROJECT_ROOT / "assets" / "samples"
-DX_NAMES = {
-    "mel": "melanoma",
-    "bcc": "basal cell carcinoma",
-    "akiec": "actinic keratosis / intraepithelial carcinoma",
-    "scc": "squamous cell carcinoma",
-    "nv": "nevus",
-    "bkl": "benign keratosis",
-    "df": "dermatofibroma",
-    "vasc": "vascular lesion",
-}
 # Side of the longest edge images are shown and heatmaps are kept at: enough for the page,
 # and a 50-megapixel phone photo does not keep 200 MB of heatmap in a session.
 DISPLAY_SIDE = 1024

@@ -20,27 +20,43 @@ from lesion import ood
 from lesion.checkpoint import save_checkpoint
 from lesion.config import TrainConfig
 from lesion.distributed import DistInfo
-from lesion.metrics import binary_metrics, choose_threshold, expected_calibration_error, fit_temperature
+from lesion.metrics import (
+    binary_metrics,
+    choose_threshold,
+    dx_metrics,
+    expected_calibration_error,
+    fit_temperature,
+)
+from lesion.targets import BINARY, IGNORE_INDEX, Target, output_probabilities, p_malignant
 
 HEADLINE = ("roc_auc", "balanced_accuracy", "sensitivity", "specificity", "accuracy", "precision", "f1", "pr_auc")
 
 
-def _outputs(model, frame, cache, config, device) -> dict[str, torch.Tensor]:
+def _outputs(model, frame, cache, config, device, target: Target) -> dict[str, torch.Tensor]:
     from lesion.training import collect_outputs, make_loader
 
-    loader = make_loader(config, frame, cache, DistInfo(), train=False, device=device)
-    return collect_outputs(model, loader, device, config, features=True)
+    loader = make_loader(config, frame, cache, DistInfo(), train=False, device=device, target=target)
+    out = collect_outputs(model, loader, device, config, features=True)
+    out["binary"] = torch.as_tensor(frame["label"].to_numpy(), dtype=torch.long)  # 0 benign, 1 malignant
+    return out
 
 
-def _probabilities(logits: torch.Tensor, temperature: float = 1.0) -> np.ndarray:
-    return torch.softmax(logits / temperature, dim=1)[:, 1].numpy()
+def _probabilities(logits: torch.Tensor, target: Target, temperature: float = 1.0) -> np.ndarray:
+    """Calibrated P(malignant): the sum of the malignant outputs' softmax probabilities."""
+    return p_malignant(output_probabilities(logits, temperature), target).numpy()
 
 
-def _split_metrics(out: dict[str, torch.Tensor], frame: pd.DataFrame, temperature: float, threshold: float) -> dict:
-    labels = out["labels"].numpy()
-    metrics = binary_metrics(labels, _probabilities(out["logits"], temperature), threshold, frame["dx"].tolist())
-    metrics["ece_before_scaling"] = expected_calibration_error(labels, _probabilities(out["logits"]))
-    metrics["ece_after_scaling"] = expected_calibration_error(labels, _probabilities(out["logits"], temperature))
+def _split_metrics(
+    out: dict[str, torch.Tensor], frame: pd.DataFrame, temperature: float, threshold: float, target: Target
+) -> dict:
+    labels = out["binary"].numpy()
+    probabilities = _probabilities(out["logits"], target, temperature)
+    metrics = binary_metrics(labels, probabilities, threshold, frame["dx"].tolist())
+    metrics["ece_before_scaling"] = expected_calibration_error(labels, _probabilities(out["logits"], target))
+    metrics["ece_after_scaling"] = expected_calibration_error(labels, probabilities)
+    if target.kind == "dx":
+        dx_probabilities = output_probabilities(out["logits"], temperature).numpy()
+        metrics["dx"] = dx_metrics(frame["dx"].tolist(), dx_probabilities, target.names)
     return metrics
 
 
@@ -54,18 +70,24 @@ def finalize(
     summary: dict[str, Any],
     history: list[dict[str, Any]],
     stopped: bool = False,
+    target: Target = BINARY,
 ) -> dict[str, Any]:
-    """Write model.pt, metrics.json, plots/ and model_card.md; return paths and headline metrics."""
+    """Write model.pt, metrics.json, plots/ and model_card.md; return paths and headline metrics.
+
+    With a dx head the temperature is fitted on the dx logits, and P(malignant) (threshold,
+    binary metrics) is the sum of the calibrated malignant dx probabilities.
+    """
     from lesion.training import make_checkpoint
 
     frames = {fold: df[df["fold"] == fold].reset_index(drop=True) for fold in ("train", "val", "test")}
-    outs = {fold: _outputs(model, frame, cache, config, device) for fold, frame in frames.items()}
+    outs = {fold: _outputs(model, frame, cache, config, device, target) for fold, frame in frames.items()}
     val, test = outs["val"], outs["test"]
 
-    temperature = fit_temperature(val["logits"], val["labels"])
+    scored = val["labels"] != IGNORE_INDEX  # images with an output of the head (all, for binary)
+    temperature = fit_temperature(val["logits"][scored], val["labels"][scored])
     threshold = choose_threshold(
-        val["labels"].numpy(),
-        _probabilities(val["logits"], temperature),
+        val["binary"].numpy(),
+        _probabilities(val["logits"], target, temperature),
         config.threshold_rule,
         config.target_sensitivity,
     )
@@ -79,8 +101,8 @@ def finalize(
         k=config.knn_k,
     )
     metrics = {
-        "val": _split_metrics(val, frames["val"], temperature, threshold),
-        "test": _split_metrics(test, frames["test"], temperature, threshold),
+        "val": _split_metrics(val, frames["val"], temperature, threshold, target),
+        "test": _split_metrics(test, frames["test"], temperature, threshold, target),
     }
     metrics["ood_test_lesions_accepted"] = {
         name: float((ood.score(name, stats, test["features"], test["logits"]) <= stats["threshold"]).float().mean())
@@ -90,6 +112,8 @@ def finalize(
     report = {
         "headline_split": "test",
         "headline": {key: metrics["test"].get(key) for key in HEADLINE},
+        "target": target.kind,
+        "target_note": target.note,
         "decision_threshold": threshold,
         "threshold_rule": config.threshold_rule,
         "temperature": temperature,
@@ -101,11 +125,14 @@ def finalize(
         "split_sizes": summary["split"],
         **metrics,
     }
+    if target.kind == "dx":
+        report["headline"]["dx_balanced_accuracy"] = metrics["test"]["dx"]["balanced_accuracy"]
     checkpoint = make_checkpoint(
         config,
         model,
         summary,
         best_epoch,
+        target,
         decision_threshold=float(threshold),
         temperature=float(temperature),
         ood={"method": config.ood_method, "detectors": detectors, "keep": config.ood_keep},
@@ -114,7 +141,7 @@ def finalize(
     )
     path = save_checkpoint(checkpoint, run_dir / "model.pt")
     (run_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-    _plots(run_dir, test, temperature, threshold, report["test"]["confusion"], history)
+    _plots(run_dir, test, temperature, threshold, report["test"], history, target)
     from lesion.card import write_model_card
 
     write_model_card(run_dir)
@@ -122,17 +149,25 @@ def finalize(
 
 
 def _plots(
-    run_dir: Path, test: dict[str, torch.Tensor], temperature: float, threshold: float, confusion: dict, history: list
+    run_dir: Path,
+    test: dict[str, torch.Tensor],
+    temperature: float,
+    threshold: float,
+    test_metrics: dict,
+    history: list,
+    target: Target,
 ) -> None:
-    from lesion.plots import save_all_plots
+    from lesion.plots import plot_dx_confusion, save_all_plots
 
     save_all_plots(
         run_dir,
-        test["labels"].numpy(),
-        _probabilities(test["logits"]),
-        _probabilities(test["logits"], temperature),
+        test["binary"].numpy(),
+        _probabilities(test["logits"], target),
+        _probabilities(test["logits"], target, temperature),
         threshold,
-        confusion,
+        test_metrics["confusion"],
         [{"event": "epoch", **record} for record in history],
         split="test",
     )
+    if "dx" in test_metrics:
+        plot_dx_confusion(test_metrics["dx"], run_dir / "plots" / "dx_confusion.png", split="test")

@@ -205,3 +205,79 @@ def choose_threshold(y_true: Any, p_malignant: Any, rule: str = "youden", target
         reached = np.flatnonzero(tpr >= target_sensitivity - 1e-12)
         index = int(reached[0])  # tpr reaches 1.0 at the last point, so this is never empty
     return float(np.clip(thresholds[index], _EPS, 1.0 - _EPS))
+
+
+def dx_metrics(dx_true: Sequence[str], dx_probabilities: Any, names: Sequence[str]) -> dict[str, Any]:
+    """Multi-class figures of a dx head: the predicted diagnosis is the most probable output.
+
+    ``balanced_accuracy`` is the mean per-dx recall over the diagnoses present in ``dx_true``
+    (scikit-learn's ``balanced_accuracy_score``; the ISIC 2018 task 3 measure). ``confusion`` is
+    ``[true][predicted]`` in ``names`` order. Images whose true dx is not among ``names`` cannot be
+    scored and are counted in ``n_unscored``. JSON-ready; None where a figure is undefined.
+    """
+    names = [str(n) for n in names]
+    truth = np.asarray([str(d) for d in dx_true])
+    probabilities = np.asarray(dx_probabilities, dtype=np.float64).reshape(len(truth), -1)
+    if probabilities.shape[1] != len(names):
+        raise ValueError(f"{probabilities.shape[1]} probability columns but {len(names)} diagnosis names")
+    scored = np.isin(truth, names)
+    position = {name: i for i, name in enumerate(names)}
+    y = np.asarray([position[t] for t in truth[scored]], dtype=int)
+    predicted = probabilities[scored].argmax(axis=1) if scored.any() else np.zeros(0, dtype=int)
+    confusion = np.zeros((len(names), len(names)), dtype=int)
+    np.add.at(confusion, (y, predicted), 1)
+    support, called, hits = confusion.sum(axis=1), confusion.sum(axis=0), np.diag(confusion)
+    recall = {name: _ratio(hits[i], support[i]) for i, name in enumerate(names)}
+    precision = {name: _ratio(hits[i], called[i]) for i, name in enumerate(names)}
+    defined = [value for value in recall.values() if value is not None]
+    return {
+        "names": names,
+        "n": int(scored.sum()),
+        "n_unscored": int((~scored).sum()),
+        "balanced_accuracy": float(np.mean(defined)) if defined else None,
+        "accuracy": _ratio(int(hits.sum()), int(scored.sum())),
+        "recall": recall,
+        "precision": precision,
+        "support": {name: int(support[i]) for i, name in enumerate(names)},
+        "confusion": confusion.tolist(),
+    }
+
+
+def roc_auc_interval(
+    y_true: Any,
+    p_malignant: Any,
+    groups: Sequence[Any] | None = None,
+    level: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the ROC-AUC, resampling whole ``groups`` (lesions) when given.
+
+    Images of one lesion are not independent, so resampling lesions rather than images keeps the
+    interval honest. Resamples with one class only are skipped; None when fewer than half remain.
+    """
+    y, p = _arrays(y_true, p_malignant)
+    if not _both_classes(y):
+        return None
+    keys = np.asarray(groups if groups is not None else np.arange(y.size))
+    if keys.shape != y.shape:
+        raise ValueError(f"{keys.size} groups but {y.size} labels")
+    _, members = np.unique(keys, return_inverse=True)
+    _, rank = np.unique(p, return_inverse=True)  # tied probabilities share a rank
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        # A resample of lesions is a count per lesion; each image weighs its lesion's count.
+        weight = np.bincount(rng.integers(0, members.max() + 1, members.max() + 1), minlength=members.max() + 1)
+        weight = weight[members].astype(np.float64)
+        positive = np.bincount(rank, weights=weight * y, minlength=rank.max() + 1)
+        negative = np.bincount(rank, weights=weight * (1 - y), minlength=rank.max() + 1)
+        if positive.sum() and negative.sum():
+            # Mann-Whitney: each positive beats the negatives below it and ties with those beside it.
+            below = np.cumsum(negative) - negative
+            values.append(float(np.sum(positive * (below + 0.5 * negative)) / (positive.sum() * negative.sum())))
+    if len(values) < resamples / 2:
+        return None
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)

@@ -37,7 +37,7 @@ def _outputs(model, frame, cache, config, device, target: Target) -> dict[str, t
 
     loader = make_loader(config, frame, cache, DistInfo(), train=False, device=device, target=target)
     out = collect_outputs(model, loader, device, config, features=True)
-    out["binary"] = torch.as_tensor(frame["label"].to_numpy(), dtype=torch.long)  # 0 benign, 1 malignant
+    out["binary"] = torch.tensor(frame["label"].to_numpy(), dtype=torch.long)  # 0 benign, 1 malignant
     return out
 
 

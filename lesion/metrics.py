@@ -262,22 +262,61 @@ def roc_auc_interval(
     keys = np.asarray(groups if groups is not None else np.arange(y.size))
     if keys.shape != y.shape:
         raise ValueError(f"{keys.size} groups but {y.size} labels")
-    _, members = np.unique(keys, return_inverse=True)
-    _, rank = np.unique(p, return_inverse=True)  # tied probabilities share a rank
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(resamples):
-        # A resample of lesions is a count per lesion; each image weighs its lesion's count.
-        weight = np.bincount(rng.integers(0, members.max() + 1, members.max() + 1), minlength=members.max() + 1)
-        weight = weight[members].astype(np.float64)
-        positive = np.bincount(rank, weights=weight * y, minlength=rank.max() + 1)
-        negative = np.bincount(rank, weights=weight * (1 - y), minlength=rank.max() + 1)
-        if positive.sum() and negative.sum():
-            # Mann-Whitney: each positive beats the negatives below it and ties with those beside it.
-            below = np.cumsum(negative) - negative
-            values.append(float(np.sum(positive * (below + 0.5 * negative)) / (positive.sum() * negative.sum())))
+    values = _bootstrap_aucs(y, [p], keys, resamples, seed)[:, 0]
+    values = values[np.isfinite(values)]
     if len(values) < resamples / 2:
         return None
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(values, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def roc_auc_difference_interval(
+    y_true: Any,
+    p_a: Any,
+    p_b: Any,
+    groups: Sequence[Any] | None = None,
+    level: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float] | None:
+    """Paired bootstrap interval of ROC-AUC(p_a) - ROC-AUC(p_b) on the same images, resampling ``groups``.
+
+    Both models are scored on the same resampled lesions, so what the split's luck does to both
+    cancels; an interval that contains 0 means the data cannot tell the two apart.
+    """
+    y, a = _arrays(y_true, p_a)
+    _, b = _arrays(y_true, p_b)
+    if not _both_classes(y):
+        return None
+    keys = np.asarray(groups if groups is not None else np.arange(y.size))
+    values = _bootstrap_aucs(y, [a, b], keys, resamples, seed)
+    difference = values[:, 0] - values[:, 1]
+    difference = difference[np.isfinite(difference)]
+    if len(difference) < resamples / 2:
+        return None
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(difference, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def _bootstrap_aucs(y: np.ndarray, scores: list[np.ndarray], keys: np.ndarray, resamples: int, seed: int) -> np.ndarray:
+    """ROC-AUC of each score on ``resamples`` resamples of whole groups, (resamples, len(scores)); nan for one class."""
+    if keys.shape != y.shape:
+        raise ValueError(f"{keys.size} groups but {y.size} labels")
+    _, members = np.unique(keys, return_inverse=True)
+    ranks = [np.unique(p, return_inverse=True)[1] for p in scores]  # tied probabilities share a rank
+    n_groups = int(members.max()) + 1
+    rng = np.random.default_rng(seed)
+    values = np.full((resamples, len(scores)), np.nan)
+    for r in range(resamples):
+        # A resample of lesions is a count per lesion; each image weighs its lesion's count.
+        weight = np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)[members].astype(np.float64)
+        for column, rank in enumerate(ranks):
+            positive = np.bincount(rank, weights=weight * y, minlength=rank.max() + 1)
+            negative = np.bincount(rank, weights=weight * (1 - y), minlength=rank.max() + 1)
+            if positive.sum() and negative.sum():
+                # Mann-Whitney: each positive beats the negatives below it and ties with those beside it.
+                below = np.cumsum(negative) - negative
+                values[r, column] = np.sum(positive * (below + 0.5 * negative)) / (positive.sum() * negative.sum())
+    return values

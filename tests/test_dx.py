@@ -257,3 +257,14 @@ def test_roc_auc_interval_by_lesion_brackets_the_estimate() -> None:
     wide = roc_auc_interval(y[:60], p[:60], lesions[:60])
     assert wide[1] - wide[0] > high - low  # fewer lesions, wider interval
     assert roc_auc_interval(np.zeros(10), np.linspace(0, 1, 10)) is None
+
+
+def test_paired_difference_interval_sees_a_better_model_and_not_a_copy() -> None:
+    from lesion.metrics import roc_auc_difference_interval
+
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 300)
+    good, poor = y * 0.8 + rng.random(300), y * 0.1 + rng.random(300)
+    low, high = roc_auc_difference_interval(y, good, poor)
+    assert 0 < low < high  # clearly better: the whole interval is above 0
+    assert roc_auc_difference_interval(y, good, good) == (0.0, 0.0)

@@ -111,7 +111,7 @@ def report(runs: list[dict[str, Any]]) -> dict[str, Any]:
         low, high = run["roc_auc_95"] or (None, None)
         recall = " ".join(f"{k} {_f(v)}" for k, v in run["dx_recall"].items())
         print(
-            f"{run['seed']:<5} {run['target']:<7} {run['head']:<7} {_f(run['roc_auc'])} [{_f(low)}, {_f(high)}]"
+            f"{run['seed']:<5} {run['target']:<7} {run['head']:<7} {_f(run['roc_auc_rescored'])} [{_f(low)}, {_f(high)}]"
             f"{'':14s}{_f(run['balanced_accuracy']):<8} {_f(run['dx_balanced_accuracy']):<11} "
             f"{run['seconds']:<8.1f} {recall}"
         )
@@ -129,7 +129,7 @@ def report(runs: list[dict[str, Any]]) -> dict[str, Any]:
         pairs.append({"seed": seed, "difference": float(difference), "difference_95": interval})
         print(f"  seed {seed}: {difference:+.3f} [{_f(low)}, {_f(high)}] on {dx['n_test_lesions']} test lesions")
     means = {
-        target: float(np.mean([r["roc_auc"] for r in runs if r["target"] == target and r["roc_auc"] is not None]))
+        target: float(np.mean([r["roc_auc_rescored"] or np.nan for r in runs if r["target"] == target]))
         for target in TARGETS
     }
     print(

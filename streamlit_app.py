@@ -15,9 +15,9 @@ import os
 
 import streamlit as st
 
-from lesion.app_support import DISCLAIMER, METRIC_LABELS
-from lesion.jobs import active_job, read_progress
 from lesion.runs import default_extra_checkpoint, default_runs_dir, list_models
+from lesion_app.jobs import active_job, read_progress
+from lesion_app.support import DISCLAIMER, METRIC_LABELS
 
 st.set_page_config(page_title="lesion: skin-lesion demo", page_icon=":material/dermatology:", layout="wide")
 
@@ -36,7 +36,6 @@ def load_predictor(path: str, mtime: float):
 def sidebar_model() -> None:
     """The model selector; stores the active ModelEntry and Predictor in the session."""
     models = list_models(default_runs_dir(), default_extra_checkpoint())
-    st.session_state["models"] = models
     if not models:
         st.session_state["model"] = st.session_state["predictor"] = st.session_state["model_error"] = None
         st.sidebar.info("No trained model yet: see the Train page.")

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import streamlit as st
 
-from lesion.app_support import METRIC_LABELS, NO_MODEL_HELP, checkpoint_summary, metrics_rows
 from lesion.card import INTENDED_USE, render_model_card
-from lesion.runs import CARD_FILE, read_json
+from lesion.files import CARD_FILE, METRICS_FILE, PLOTS_DIR
+from lesion.runs import read_json
+from lesion_app.guards import require_model
+from lesion_app.support import METRIC_LABELS, checkpoint_summary, metrics_rows
 
 PLOT_CAPTIONS = {
     "roc": "ROC curve",
@@ -20,16 +22,12 @@ PLOT_CAPTIONS = {
 }
 
 
-model = st.session_state.get("model")
 st.title("Model card")
-if model is None or st.session_state.get("predictor") is None:
-    st.info(st.session_state.get("model_error") or NO_MODEL_HELP)
-    st.page_link("app_pages/train.py", label="Open the Train page", icon=":material/model_training:")
-    st.stop()
+predictor, model = require_model()
 
 folder = Path(model.path).parent
-info = checkpoint_summary(st.session_state["predictor"].checkpoint, folder.name)
-metrics = read_json(folder / "metrics.json") or info["metrics"]
+info = checkpoint_summary(predictor.checkpoint, folder.name)
+metrics = read_json(folder / METRICS_FILE) or info["metrics"]
 split = metrics.get("headline_split") or model.metrics_split or "test"
 st.caption(f"{model.path} · {info['arch']} at {info['image_size']} px · created {info['created']}")
 
@@ -48,7 +46,7 @@ with card:
     if card_file.is_file():
         st.markdown(card_file.read_text(encoding="utf-8"))
     else:
-        st.markdown(render_model_card(st.session_state["predictor"].checkpoint, folder.name))
+        st.markdown(render_model_card(predictor.checkpoint, folder.name))
 with numbers:
     st.markdown(f"Measured once after training; the headline figures come from the **{split}** split.")
     rows = metrics_rows(metrics)
@@ -65,7 +63,7 @@ with numbers:
         st.markdown("**Threshold changes saved from the app**")
         st.dataframe(info["threshold_history"], hide_index=True)
 with plots:
-    images = [(folder / "plots" / f"{name}.png", caption) for name, caption in PLOT_CAPTIONS.items()]
+    images = [(folder / PLOTS_DIR / f"{name}.png", caption) for name, caption in PLOT_CAPTIONS.items()]
     images = [(path, caption) for path, caption in images if path.is_file()]
     if not images:
         st.caption("No plots beside this checkpoint.")

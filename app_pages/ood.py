@@ -7,21 +7,20 @@ from collections import OrderedDict
 import numpy as np
 import streamlit as st
 
-from lesion.app_support import (
-    NO_MODEL_HELP,
+from lesion.errors import InvalidImage, LesionError
+from lesion.ood import NOTEBOOK_MSP_THRESHOLD, evaluate
+from lesion.runs import save_ood_threshold
+from lesion_app.charts import histogram_chart, roc_chart
+from lesion_app.guards import require_model
+from lesion_app.support import (
     UPLOAD_TYPES,
     cached_ood_scores,
     display_image,
-    histogram_chart,
     list_samples,
-    roc_chart,
     roc_points,
     slider_range,
     training_folds,
 )
-from lesion.errors import InvalidImage, LesionError
-from lesion.ood import NOTEBOOK_MSP_THRESHOLD, evaluate
-from lesion.runs import save_ood_threshold
 
 METHOD_NOTES = {
     "mahalanobis": "Mahalanobis distance to the training features",
@@ -31,11 +30,7 @@ METHOD_NOTES = {
 }
 
 st.title("Out-of-distribution threshold")
-predictor, model = st.session_state.get("predictor"), st.session_state.get("model")
-if predictor is None:
-    st.info(st.session_state.get("model_error") or NO_MODEL_HELP)
-    st.page_link("app_pages/train.py", label="Open the Train page", icon=":material/model_training:")
-    st.stop()
+predictor, model = require_model()
 thresholds = dict(predictor.ood_thresholds or {})
 if not thresholds:
     st.info("This model has no fitted out-of-distribution detectors, so there is no threshold to tune.")
@@ -78,6 +73,12 @@ for uploads, kind in ((own_ood, "OOD photo"), (own_lesions, "lesion")):
 with st.spinner("Scoring the gallery once…"):
     scores = cached_ood_scores(st.session_state["ood_scores"], predictor, model, [(g[0], g[1]) for g in gallery])
 gallery = [g for g in gallery if g[0] in scores]  # an image the network could not read has no score
+if not gallery:
+    st.warning(
+        "None of the gallery images could be read, so there is nothing to set the threshold against. "
+        "Upload readable photos and lesion images above."
+    )
+    st.stop()
 values = np.array([scores[g[0]][method] for g in gallery])
 is_ood = np.array([g[2] == "OOD photo" for g in gallery])
 
@@ -95,7 +96,7 @@ counts[1].metric("Lesions rejected", f"{ours['lesions_rejected']} of {int((~is_o
 counts[2].metric("Separation (ROC-AUC)", f"{ours['roc_auc']:.3f}")
 counts[3].metric("Saved threshold", f"{thresholds[method]:.{decimals}f}")
 
-if "msp" in scores[gallery[0][0]]:
+if "msp" in thresholds:
     msp = np.array([scores[g[0]]["msp"] for g in gallery])
     notebook = evaluate(msp[~is_ood], msp[is_ood], NOTEBOOK_MSP_THRESHOLD)
     st.table(

@@ -7,8 +7,10 @@ from collections import OrderedDict
 
 import streamlit as st
 
-from lesion.app_support import (
-    NO_MODEL_HELP,
+from lesion.errors import InvalidImage
+from lesion.explain import CAM_METHODS, heatmap_png, overlay
+from lesion_app.guards import require_model
+from lesion_app.support import (
     UPLOAD_TYPES,
     VERDICT_DETAIL,
     VERDICT_TEXT,
@@ -23,8 +25,6 @@ from lesion.app_support import (
     result_row,
     top_diagnoses,
 )
-from lesion.errors import InvalidImage
-from lesion.explain import CAM_METHODS, heatmap_png, overlay
 
 CAM_LABELS = {
     "gradcam": "Grad-CAM",
@@ -36,11 +36,7 @@ CAM_LABELS = {
 }
 
 st.title("Benign or malignant?")
-predictor, model = st.session_state.get("predictor"), st.session_state.get("model")
-if predictor is None:
-    st.info(st.session_state.get("model_error") or NO_MODEL_HELP)
-    st.page_link("app_pages/train.py", label="Open the Train page", icon=":material/model_training:")
-    st.stop()
+predictor, model = require_model()
 if "predictions" not in st.session_state:
     st.session_state["predictions"] = OrderedDict()
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import streamlit as st
 
-from lesion.app_support import DEMO_TRAIN_MINUTES, format_duration, recipe_names, run_rows
-from lesion.config import ARCHS, RECIPES_DIR, build_config
+from lesion.config import ARCHS, build_config, recipes_dir
 from lesion.errors import LesionError
-from lesion.jobs import (
+from lesion.runs import default_runs_dir, list_runs, read_run
+from lesion_app.jobs import (
     active_job,
     default_data_root,
     list_datasets,
@@ -18,7 +18,7 @@ from lesion.jobs import (
     start_training,
     stop_training,
 )
-from lesion.runs import default_runs_dir, list_runs, read_run
+from lesion_app.support import format_duration, measured_duration, recipe_names, run_rows
 
 RUNS_DIR = default_runs_dir()
 DATA_ROOT = default_data_root()
@@ -74,8 +74,8 @@ else:
         "Recipe",
         recipes,
         index=recipes.index("demo") if "demo" in recipes else 0,
-        help=f"demo: minutes on a CPU (about {DEMO_TRAIN_MINUTES} on 2 cores); notebook: the original settings; "
-        f"recommended: our choice for a GPU. Files in {RECIPES_DIR}.",
+        help=f"demo: minutes on a CPU ({measured_duration('demo')}); notebook: the original settings; "
+        f"recommended: our choice for a GPU. Files in {recipes_dir()}.",
     )
     base = build_config(recipe)
     cols = st.columns(5)

@@ -48,8 +48,8 @@ def train_throwaway(arch: str) -> Path:
     run_dir = Path(tempfile.mkdtemp(prefix="lesion-bench-app-")) / arch
     print(f"training a throwaway {arch} into {run_dir} ...", file=sys.stderr, flush=True)
     command = [sys.executable, "-m", "train", f"--data={REPO / 'assets' / 'demo'}", f"--out={run_dir}", "--recipe=demo"]
-    command += [f"--arch={arch}", "--image_size=224", "--epochs=1", "--max_images=60", "--batch_size=16"]
-    command += ["--num_workers=0", "--weights=none"]
+    command += [f"--arch={arch}", "--image-size=224", "--epochs=1", "--max-images=60", "--batch-size=16"]
+    command += ["--num-workers=0", "--weights=none"]
     subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     return run_dir / "model.pt"
 

@@ -9,10 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from lesion.checkpoint import load_checkpoint
+from lesion.files import CARD_FILE, MODEL_FILE, write_text_atomic
 from lesion.labels import dx_name
-
-MODEL_FILE = "model.pt"
-CARD_FILE = "model_card.md"
 
 INTENDED_USE = """\
 **Intended use.** A demonstration and research tool: it shows how a convolutional network, a
@@ -188,8 +186,6 @@ def write_model_card(target: str | Path) -> Path:
     target = Path(target)
     checkpoint_path = target / MODEL_FILE if target.is_dir() else target
     checkpoint = load_checkpoint(checkpoint_path)
-    card = checkpoint_path.parent / CARD_FILE
-    temporary = card.with_suffix(".md.tmp")
-    temporary.write_text(render_model_card(checkpoint, checkpoint_path.parent.name))
-    temporary.replace(card)
-    return card
+    return write_text_atomic(
+        checkpoint_path.parent / CARD_FILE, render_model_card(checkpoint, checkpoint_path.parent.name)
+    )

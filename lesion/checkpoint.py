@@ -30,19 +30,22 @@ created             ISO time
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import os
 import pickle
-import tempfile
 import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from lesion.errors import InvalidCheckpoint
+from lesion.files import atomic_write
+
+if TYPE_CHECKING:  # only for the annotation: lesion.config needs nothing from here
+    from lesion.config import TrainConfig
 
 FORMAT = "lesion-checkpoint"
 FORMAT_VERSION = 2
@@ -116,19 +119,9 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> Path:
 
     If the write fails (disk full, killed process) the previous file at ``path`` is untouched.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(checkpoint, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_write(path, "wb", fsync=True) as stream:
+        torch.save(checkpoint, stream)
+    return Path(path)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -212,14 +205,24 @@ def _dx_problem(names: Any, malignant: Any) -> str:
     return ""
 
 
-def update_checkpoint(path: str | Path, **changes: Any) -> dict[str, Any]:
-    """Load, change top-level keys, and write back atomically (e.g. a new OOD threshold)."""
-    checkpoint = load_checkpoint(path)
-    checkpoint.update(changes)
-    save_checkpoint(checkpoint, path)
-    return checkpoint
+def make_checkpoint(
+    config: TrainConfig, model: nn.Module, summary: dict[str, Any], epoch: int, target: Any = None, **extra: Any
+) -> dict[str, Any]:
+    """A checkpoint of a training run: its config, data summary and epoch; finalize adds calibration and OOD.
 
-
-def without_training_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """A copy without optimizer and RNG state (what best.pt and exported models carry)."""
-    return {key: value for key, value in checkpoint.items() if key != "training"}
+    Used by the training loop (best.pt, last.pt) and by finalize (model.pt), so both write one shape.
+    ``target`` (a :class:`lesion.targets.Target`, default binary) adds the dx head's keys.
+    """
+    if target is not None:
+        extra = {**target.checkpoint_entries(), **extra}
+    extra.setdefault("ood", {"method": config.ood_method, "detectors": {}, "keep": config.ood_keep})
+    return new_checkpoint(
+        model,
+        config.arch,
+        config.head,
+        config.image_size,
+        data=summary,
+        config=dataclasses.asdict(config),
+        epoch=epoch,
+        **extra,
+    )

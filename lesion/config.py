@@ -1,13 +1,16 @@
 """Training configuration: a dataclass, recipe files, and ``--key=value`` overrides.
 
-A recipe is a TOML file of ``key = value`` lines (``train/recipes/<name>.toml``); overrides
-from the command line come after it. Unknown keys and values of the wrong type are refused
+A recipe is a TOML file of ``key = value`` lines (``train/recipes/<name>.toml``, shipped as package
+data of ``train`` and found with :mod:`importlib.resources`, so an installed copy finds them too) and
+an optional ``[measured]`` table (how long the recipe took when we ran it: figures, not settings);
+overrides from the command line come after it. Unknown keys and values of the wrong type are refused
 with a message that names them, so a typo never trains for hours with a default.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import inspect
 import re
 import tomllib
@@ -18,7 +21,16 @@ from typing import Any
 
 from lesion.errors import ConfigError
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "train" / "recipes"
+# A recipe's table of measured figures (not settings): read by recipe_measurement, ignored by load_recipe.
+MEASURED_TABLE = "measured"
+
+
+def recipes_dir() -> Path:
+    """The folder of the named recipes: ``train/recipes`` as installed (package data of ``train``)."""
+    return Path(str(importlib.resources.files("train").joinpath("recipes")))
+
+
+RECIPES_DIR = recipes_dir()  # kept for callers that read it; new code calls recipes_dir()
 
 ARCHS = ("resnet50", "resnet34", "resnet18")
 HEADS = ("linear", "mlp")
@@ -172,21 +184,31 @@ def recipe_path(name_or_file: str) -> Path:
         if not path.is_file():
             raise ConfigError(f"recipe file not found: {path}")
         return path
-    candidate = RECIPES_DIR / f"{name_or_file}.toml"
+    candidate = recipes_dir() / f"{name_or_file}.toml"
     if not candidate.is_file():
-        known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.toml")))
+        known = ", ".join(sorted(p.stem for p in recipes_dir().glob("*.toml")))
         raise ConfigError(f"unknown recipe {name_or_file!r}; known recipes: {known}")
     return candidate
 
 
-def load_recipe(name_or_file: str) -> dict[str, Any]:
-    """Read a recipe's key/value pairs."""
+def _read_recipe(name_or_file: str) -> dict[str, Any]:
     path = recipe_path(name_or_file)
     try:
         with path.open("rb") as handle:
             return tomllib.load(handle)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"recipe {path} is not valid TOML: {error}") from None
+
+
+def load_recipe(name_or_file: str) -> dict[str, Any]:
+    """Read a recipe's settings (its key/value pairs, without the ``[measured]`` table)."""
+    return {key: value for key, value in _read_recipe(name_or_file).items() if key != MEASURED_TABLE}
+
+
+def recipe_measurement(name_or_file: str) -> dict[str, Any]:
+    """The recipe's ``[measured]`` table (e.g. ``seconds``, ``machine``, ``date``); {} when it has none."""
+    measured = _read_recipe(name_or_file).get(MEASURED_TABLE)
+    return measured if isinstance(measured, dict) else {}
 
 
 def parse_override(text: str) -> tuple[str, str]:

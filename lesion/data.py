@@ -17,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
-import tempfile
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -30,6 +28,7 @@ import torch
 from PIL import Image
 
 from lesion.errors import DataError
+from lesion.files import atomic_write, write_text_atomic
 from lesion.images import load_image
 from lesion.labels import CLASS_NAMES, DX_TO_LABEL, ISIC_NAME_TO_DX, label_index
 
@@ -46,11 +45,14 @@ _FIRST = 5  # how many offending ids an error message names
 # ----------------------------------------------------------------------------- metadata
 
 
-def find_metadata(data_dir: str | Path) -> Path:
-    """The metadata CSV inside ``data_dir`` (top level first, then one level down)."""
+def metadata_file(data_dir: str | Path) -> Path | None:
+    """The metadata CSV inside ``data_dir`` (top level first, then one level down), or None.
+
+    The one search both ``python -m train`` and the app's dataset list use, so they agree.
+    """
     root = Path(data_dir)
     if not root.is_dir():
-        raise DataError(f"dataset folder not found: {root}")
+        return None
     for name in METADATA_NAMES:
         if (root / name).is_file():
             return root / name
@@ -58,6 +60,17 @@ def find_metadata(data_dir: str | Path) -> Path:
         for sub in sorted(p for p in root.iterdir() if p.is_dir()):
             if (sub / name).is_file():
                 return sub / name
+    return None
+
+
+def find_metadata(data_dir: str | Path) -> Path:
+    """The metadata CSV inside ``data_dir`` (top level first, then one level down); DataError if none."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"dataset folder not found: {root}")
+    found = metadata_file(root)
+    if found is not None:
+        return found
     raise DataError(
         f"no metadata CSV in {root}: looked for {' or '.join(METADATA_NAMES)} in the folder and one level down "
         "(HAM10000 ships HAM10000_metadata.csv; an ISIC archive export ships metadata.csv)"
@@ -192,7 +205,7 @@ def read_metadata(
     # Without a lesion id an image can only be its own lesion.
     table["lesion_id"] = table["lesion_id"].where(table["lesion_id"] != "", table["image_id"])
 
-    skip_hint = "; pass --skip_bad_images=true to leave them out"
+    skip_hint = "; pass --skip-bad-images=true to leave them out"
     unknown = table.loc[table["label_name"].isna(), "image_id"].tolist()
     if unknown and not skip_bad:
         shown = table.loc[table["label_name"].isna(), "written"].unique().tolist()
@@ -302,24 +315,12 @@ def split_by_lesion(df: pd.DataFrame, val_fraction: float, test_fraction: float,
     return out
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_split(df: pd.DataFrame, path: str | Path) -> Path:
     """Write split.csv (image_id, lesion_id, dx, label as benign/malignant, fold), atomically."""
     out = df[list(SPLIT_COLUMNS)].copy()
     out["label"] = [CLASS_NAMES[int(i)] for i in out["label"]]
     path = Path(path)
-    _atomic_write_text(path, out.to_csv(index=False))
+    write_text_atomic(path, out.to_csv(index=False))
     return path
 
 
@@ -392,14 +393,8 @@ class ImageCache:
 
     def _store(self, entry: Path, array: np.ndarray) -> None:
         try:
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            tmp = entry.with_name(f".{entry.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-            try:
-                with tmp.open("wb") as handle:
-                    np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
-                os.replace(tmp, entry)
-            finally:
-                tmp.unlink(missing_ok=True)
+            with atomic_write(entry, "wb") as handle:
+                np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
         except OSError:
             pass  # a read-only or full cache must not stop training; the image is still returned
 
@@ -505,7 +500,7 @@ def check_images(
         shown = "; ".join(f"{i} ({m})" for i, m in unreadable[:_FIRST])
         raise DataError(
             f"{len(unreadable)} of {len(df)} image(s) could not be read: {shown}"
-            f"{'; ...' if len(unreadable) > _FIRST else ''}; pass --skip_bad_images=true to leave them out"
+            f"{'; ...' if len(unreadable) > _FIRST else ''}; pass --skip-bad-images=true to leave them out"
         )
     bad = {i for i, _ in unreadable}
     return df[~df["image_id"].isin(bad)].copy(), unreadable

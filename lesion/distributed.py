@@ -58,15 +58,6 @@ def all_gather_objects(value: Any, info: DistInfo) -> list[Any]:
     return gathered
 
 
-def broadcast_object(value: Any, info: DistInfo) -> Any:
-    """Rank 0's ``value`` on every rank."""
-    if not info.enabled:
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
 def mean_across_ranks(value: float, count: int, info: DistInfo) -> float:
     """Average of per-rank means weighted by their counts."""
     if not info.enabled:

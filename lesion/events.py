@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-EVENTS_FILE = "events.jsonl"
+from lesion.files import EVENTS_FILE
 
 
 class EventWriter:

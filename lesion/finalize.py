@@ -17,10 +17,13 @@ from torch import nn
 
 from lesion import data as lesion_data
 from lesion import ood
-from lesion.checkpoint import save_checkpoint
+from lesion.checkpoint import make_checkpoint, save_checkpoint
 from lesion.config import TrainConfig
 from lesion.distributed import DistInfo
+from lesion.files import METRICS_FILE, MODEL_FILE, write_text_atomic
+from lesion.loaders import collect_outputs, make_loader
 from lesion.metrics import (
+    HEADLINE_METRICS,
     binary_metrics,
     choose_threshold,
     dx_metrics,
@@ -29,12 +32,8 @@ from lesion.metrics import (
 )
 from lesion.targets import BINARY, IGNORE_INDEX, Target, output_probabilities, p_malignant
 
-HEADLINE = ("roc_auc", "balanced_accuracy", "sensitivity", "specificity", "accuracy", "precision", "f1", "pr_auc")
-
 
 def _outputs(model, frame, cache, config, device, target: Target) -> dict[str, torch.Tensor]:
-    from lesion.training import collect_outputs, make_loader
-
     loader = make_loader(config, frame, cache, DistInfo(), train=False, device=device, target=target)
     out = collect_outputs(model, loader, device, config, features=True)
     out["binary"] = torch.tensor(frame["label"].to_numpy(), dtype=torch.long)  # 0 benign, 1 malignant
@@ -77,8 +76,6 @@ def finalize(
     With a dx head the temperature is fitted on the dx logits, and P(malignant) (threshold,
     binary metrics) is the sum of the calibrated malignant dx probabilities.
     """
-    from lesion.training import make_checkpoint
-
     frames = {fold: df[df["fold"] == fold].reset_index(drop=True) for fold in ("train", "val", "test")}
     outs = {fold: _outputs(model, frame, cache, config, device, target) for fold, frame in frames.items()}
     val, test = outs["val"], outs["test"]
@@ -111,7 +108,7 @@ def finalize(
     best_epoch = max(history, key=lambda r: r["val_roc_auc"] if r["val_roc_auc"] is not None else -1)["epoch"]
     report = {
         "headline_split": "test",
-        "headline": {key: metrics["test"].get(key) for key in HEADLINE},
+        "headline": {key: metrics["test"].get(key) for key in HEADLINE_METRICS},
         "target": target.kind,
         "target_note": target.note,
         "decision_threshold": threshold,
@@ -139,8 +136,8 @@ def finalize(
         metrics=json.loads(json.dumps(report)),
         history=history,
     )
-    path = save_checkpoint(checkpoint, run_dir / "model.pt")
-    (run_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    path = save_checkpoint(checkpoint, run_dir / MODEL_FILE)
+    write_text_atomic(run_dir / METRICS_FILE, json.dumps(report, indent=2) + "\n")
     _plots(run_dir, test, temperature, threshold, report["test"], history, target)
     from lesion.card import write_model_card
 

@@ -18,6 +18,18 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 FALLBACK_THRESHOLD = 0.5
+# The headline figures of a run, in the order every report shows them (metrics.json's ``headline``,
+# the model list, the model card, ``python -m train.evaluate``).
+HEADLINE_METRICS = (
+    "roc_auc",
+    "balanced_accuracy",
+    "sensitivity",
+    "specificity",
+    "accuracy",
+    "precision",
+    "f1",
+    "pr_auc",
+)
 # Thresholds are kept strictly inside (0, 1) so "p >= threshold" always means something.
 _EPS = 1e-6
 

@@ -7,7 +7,6 @@ split the numbers come from.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
+from lesion.files import PLOTS_DIR, atomic_write
 from lesion.labels import CLASS_NAMES
 from lesion.metrics import expected_calibration_error, reliability_bins
 
@@ -34,13 +34,10 @@ def _figure(width: float = 5.0, height: float = 4.5) -> Figure:
 def _save(figure: Figure, path: str | Path) -> Path:
     # Written beside the target and renamed, so the app never shows half a PNG.
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        figure.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        with atomic_write(path, "wb") as stream:
+            figure.savefig(stream, format="png")
     finally:
-        tmp.unlink(missing_ok=True)
         figure.clear()
     return path
 
@@ -214,7 +211,7 @@ def save_all_plots(
     split: str = "test",
 ) -> list[Path]:
     """Write run_dir/plots/{roc,pr,calibration,confusion,curves}.png; ROC and PR use ``p_after``."""
-    folder = Path(run_dir) / "plots"
+    folder = Path(run_dir) / PLOTS_DIR
     return [
         plot_roc(y, p_after, folder / "roc.png", threshold=threshold, split=split),
         plot_pr(y, p_after, folder / "pr.png", split=split),

@@ -10,12 +10,16 @@ probabilities. A :class:`Predictor` holds no per-call state, so one instance can
 Command line::
 
     python -m lesion.predict --checkpoint runs/demo/model.pt --out results.csv [--heatmaps DIR] PATH...
+
+Exit status, as for ``python -m train`` and ``python -m train.evaluate``: 0 done, 1 failed (the
+checkpoint cannot be used, or no input could be read), 2 usage (the command line itself is wrong).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import math
 import os
 import sys
@@ -205,6 +209,7 @@ class Predictor:
     def _run(
         self,
         prepared: Sequence[_Prepared],
+        *,
         with_heatmap: bool,
         cam_method: str,
         target: int | None,
@@ -365,7 +370,14 @@ class Predictor:
         started = time.perf_counter()
         prepared = self._prepare(image)
         prediction = self._run(
-            [prepared], with_heatmap, cam_method, target, ood_method, decision_threshold, ood_threshold, cam_target
+            [prepared],
+            with_heatmap=with_heatmap,
+            cam_method=cam_method,
+            target=target,
+            ood_method=ood_method,
+            decision_threshold=decision_threshold,
+            ood_threshold=ood_threshold,
+            cam_target=cam_target,
         )[0]
         prediction.timings["total"] = time.perf_counter() - started
         return prediction
@@ -409,13 +421,13 @@ class Predictor:
                 if good:
                     predictions = self._run(
                         [item for _, item in good],
-                        with_heatmap,
-                        cam_method,
-                        target,
-                        ood_method,
-                        decision_threshold,
-                        ood_threshold,
-                        cam_target,
+                        with_heatmap=with_heatmap,
+                        cam_method=cam_method,
+                        target=target,
+                        ood_method=ood_method,
+                        decision_threshold=decision_threshold,
+                        ood_threshold=ood_threshold,
+                        cam_target=cam_target,
                     )
                     for (index, _), prediction in zip(good, predictions, strict=True):
                         results[index] = prediction
@@ -473,7 +485,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("paths", nargs="*", metavar="PATH", help="image files or folders (searched recursively)")
     parser.add_argument("--checkpoint", required=True, help="a model.pt written by training")
     parser.add_argument("--out", required=True, help="CSV file to write")
-    parser.add_argument("--heatmaps", default=None, help="folder for <stem>_heatmap.png overlays")
+    parser.add_argument(
+        "--heatmaps",
+        default=None,
+        help="folder for <stem>-<hash>_heatmap.png overlays (the hash tells same-named inputs apart; "
+        "the CSV's heatmap column names each file)",
+    )
     parser.add_argument("--ood-method", default=None, choices=sorted(ood.SCORERS), help="default: the checkpoint's")
     parser.add_argument("--cam-method", default="gradcam", choices=explain.CAM_METHODS)
     parser.add_argument(
@@ -484,6 +501,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     return parser
+
+
+def heatmap_name(path: str | Path) -> str:
+    """``<stem>-<8 hex>_heatmap.png``: the hex comes from the input's absolute path, so two ``photo.jpg``
+    in different folders never overwrite each other, and the same input always gets the same name."""
+    digest = hashlib.sha256(str(Path(path).resolve()).encode("utf-8")).hexdigest()[:8]
+    return f"{Path(path).stem}-{digest}_heatmap.png"
 
 
 def _row(path: Path, result: Prediction | InvalidImage, detector_names: list[str]) -> dict[str, Any]:
@@ -517,27 +541,37 @@ DX_COLUMNS = ["dx_top", *(f"p_{dx}" for dx in DX_CODES)]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 1 no image readable, 2 bad checkpoint or no inputs)."""
-    from tqdm import tqdm
-
+    """Run the CLI; returns the exit status (0 done, 1 failed, 2 usage: see the module's docstring)."""
     args = get_args_parser().parse_args(argv)
+    if args.batch_size < 1:
+        print(f"error: --batch-size must be at least 1, not {args.batch_size}", file=sys.stderr)
+        return 2
     images = find_images(args.paths)
     if not images:
         print("error: no input images (give image files or folders containing .jpg, .png, ...)", file=sys.stderr)
         return 2
     try:
-        predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, ood_method=args.ood_method)
-        predictor.check_cam_target(args.cam_target)
-    except (LesionError, ValueError) as error:
+        return _predict_files(args, images)
+    except (LesionError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 1
+
+
+def _predict_files(args: argparse.Namespace, images: list[Path]) -> int:
+    from tqdm import tqdm
+
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, ood_method=args.ood_method)
+    predictor.check_cam_target(args.cam_target)
     heatmap_dir = Path(args.heatmaps) if args.heatmaps else None
     if heatmap_dir:
         heatmap_dir.mkdir(parents=True, exist_ok=True)
     names = list(predictor.detectors)
     columns = ["path", "verdict", "p_malignant", "decision_threshold", "ood_method", "ood_score", "ood_threshold"]
     columns += ["accepted", "cam_method", "image_width", "image_height", "error"] + [f"ood_{n}" for n in names]
-    columns += DX_COLUMNS
+    columns += ["heatmap"] + DX_COLUMNS
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     processed = 0
@@ -554,12 +588,14 @@ def main(argv: list[str] | None = None) -> int:
                 cam_target=args.cam_target,
             )
             for path, result in zip(chunk, results, strict=True):
+                row = _row(path, result, names)
                 if isinstance(result, Prediction):
                     processed += 1
                     if heatmap_dir is not None and result.heatmap is not None:
-                        original = load_image(path)
-                        explain.overlay(original, result.heatmap).save(heatmap_dir / f"{path.stem}_heatmap.png")
-                writer.writerow(_row(path, result, names))
+                        target = heatmap_dir / heatmap_name(path)
+                        explain.overlay(load_image(path), result.heatmap).save(target)
+                        row["heatmap"] = str(target)
+                writer.writerow(row)
             bar.update(len(chunk))
     if not processed:
         print(f"error: none of the {len(images)} input(s) could be read as an image; see {out}", file=sys.stderr)

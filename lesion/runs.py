@@ -25,20 +25,15 @@ import psutil
 from lesion.checkpoint import load_checkpoint, save_checkpoint
 from lesion.errors import InvalidCheckpoint, LesionError
 from lesion.events import read_events
+from lesion.files import CARD_FILE as CARD_FILE  # re-exported: lesion.runs.CARD_FILE stays importable
+from lesion.files import CONFIG_FILE, EVENTS_FILE, JOB_FILE, METRICS_FILE, MODEL_FILE, SPLIT_FILE
+from lesion.metrics import HEADLINE_METRICS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-MODEL_FILE = "model.pt"
-METRICS_FILE = "metrics.json"
-JOB_FILE = "job.json"
-CARD_FILE = "model_card.md"
-# Metrics shown beside a model, in this order, when the run reports them.
-HEADLINE_METRICS = ("roc_auc", "balanced_accuracy", "sensitivity", "specificity", "accuracy", "f1")
 # A run on another machine cannot be probed; it counts as running while its events keep coming.
 REMOTE_STALE_S = 15 * 60
 # A process whose start time is later than this after the run began is a recycled pid.
 PID_SLACK_S = 2.0
-
-STATUSES = ("complete", "running", "interrupted", "failed", "stopped")
 
 
 @dataclass
@@ -203,7 +198,7 @@ def read_run(path: str | Path) -> RunInfo:
 
 
 def _is_run_folder(path: Path) -> bool:
-    return path.is_dir() and any((path / name).exists() for name in ("events.jsonl", JOB_FILE, MODEL_FILE))
+    return path.is_dir() and any((path / name).exists() for name in (EVENTS_FILE, JOB_FILE, MODEL_FILE))
 
 
 def list_runs(runs_dir: str | Path | None = None) -> list[RunInfo]:
@@ -223,7 +218,7 @@ def list_models(runs_dir: str | Path | None = None, extra_checkpoint: str | Path
         metrics, split = _metrics_beside(extra)
         name = f"{extra.parent.name}/{extra.name}" if extra.name == MODEL_FILE else extra.name
         # A checkpoint inside a run folder keeps its run (split.csv tells which samples it trained on).
-        run = read_run(extra.parent) if (extra.parent / "split.csv").is_file() else None
+        run = read_run(extra.parent) if (extra.parent / SPLIT_FILE).is_file() else None
         entries.append(ModelEntry(name, extra, "LESION_CHECKPOINT", extra.stat().st_mtime, metrics, split, run))
     seen = {entry.path for entry in entries}
     for run in list_runs(runs_dir):
@@ -244,7 +239,7 @@ def _metrics_beside(checkpoint: Path) -> tuple[dict[str, float], str]:
 def run_dir_of(checkpoint_path: str | Path) -> Path | None:
     """The run folder holding ``checkpoint_path``, or None for a loose checkpoint file."""
     folder = Path(checkpoint_path).resolve().parent
-    return folder if (folder / "events.jsonl").is_file() or (folder / "config.json").is_file() else None
+    return folder if (folder / EVENTS_FILE).is_file() or (folder / CONFIG_FILE).is_file() else None
 
 
 def save_ood_threshold(checkpoint_path: str | Path, method: str, threshold: float) -> None:

@@ -26,24 +26,31 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from lesion import data as lesion_data
-from lesion.checkpoint import load_checkpoint, new_checkpoint, save_checkpoint, without_training_state
+from lesion.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from lesion.config import TrainConfig
 from lesion.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed, mean_across_ranks
-from lesion.errors import LesionError
+from lesion.errors import DataError, LesionError
 from lesion.events import EventWriter
+from lesion.files import BEST_FILE, CONFIG_FILE, LAST_FILE, MODEL_FILE, SPLIT_FILE, write_text_atomic
+from lesion.finalize import finalize
 from lesion.labels import CLASS_NAMES
-from lesion.metrics import binary_metrics
-from lesion.model import backbone_parameters, build_model, forward_parts, load_backbone_weights, replace_head, unwrap
-from lesion.targets import BINARY, IGNORE_INDEX, Target, choose_target, output_probabilities, p_malignant
-from lesion.transforms import (
-    BatchAugment,
-    eval_transform,
-    resize_size,
-    train_worker_transform,
+
+# Loaders and checkpoint assembly moved to lesion.loaders / lesion.checkpoint (shared with finalize);
+# the names stay importable from here.
+from lesion.loaders import (  # noqa: F401
+    DistributedWeightedSampler,
+    ShardSampler,
+    autocast_for,
+    collect_outputs,
+    make_loader,
 )
+from lesion.metrics import binary_metrics
+from lesion.model import backbone_parameters, build_model, load_backbone_weights, replace_head
+from lesion.targets import BINARY, IGNORE_INDEX, Target, choose_target, output_probabilities, p_malignant
+from lesion.transforms import BatchAugment, resize_size
 
 EventCallback = Callable[[dict[str, Any]], None]
 
@@ -110,10 +117,22 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def locate_data(path: str) -> str:
-    """A relative data path is looked up from the working folder, then from the repository (assets/demo)."""
+    """A relative data path is looked up from the working folder, then from the repository (assets/demo).
+
+    A folder found in neither raises DataError saying to pass --data; the bundled demo set ships
+    with the repository checkout, not with an installed package, and the message says so.
+    """
     candidate = Path(path).expanduser()
     if not candidate.exists() and not candidate.is_absolute() and (REPO_ROOT / candidate).exists():
         return str(REPO_ROOT / candidate)
+    if not candidate.exists():
+        if path == TrainConfig.data:
+            raise DataError(
+                f"the bundled demo set ({path}) is not here: it ships with the repository checkout, not with "
+                "the installed package. Pass --data DIR with a HAM10000 or ISIC archive folder "
+                "(or the checkout's assets/demo)."
+            )
+        raise DataError(f"dataset folder not found: {path}. Pass --data DIR with a HAM10000 or ISIC archive folder.")
     return str(candidate)
 
 
@@ -128,7 +147,7 @@ def prepare_data(
     config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWriter
 ) -> tuple[pd.DataFrame, dict[str, Any], lesion_data.ImageCache]:
     """Read, subset, split (or reuse the saved split on resume) and warm the cache."""
-    split_path = run_dir / "split.csv"
+    split_path = run_dir / SPLIT_FILE
     df, summary = lesion_data.read_metadata(
         locate_data(config.data), config.metadata or None, skip_bad=config.skip_bad_images
     )
@@ -156,98 +175,6 @@ def prepare_data(
     summary["n_images"] = int(len(df))
     summary["n_lesions"] = int(df["lesion_id"].nunique())
     return df.reset_index(drop=True), summary, cache
-
-
-class DistributedWeightedSampler(Sampler[int]):
-    """Balanced sampling with replacement, seeded per epoch and sharded across ranks."""
-
-    def __init__(self, weights: np.ndarray, num_samples: int, info: DistInfo, seed: int) -> None:
-        self.weights = torch.as_tensor(weights, dtype=torch.double)
-        self.per_rank = math.ceil(num_samples / info.world_size)
-        self.info = info
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        total = self.per_rank * self.info.world_size
-        indices = torch.multinomial(self.weights, total, replacement=True, generator=generator)
-        return iter(indices[self.info.rank :: self.info.world_size].tolist())
-
-    def __len__(self) -> int:
-        return self.per_rank
-
-
-class ShardSampler(Sampler[int]):
-    """A seeded permutation (or the identity) cut into contiguous-by-stride shards, one per rank."""
-
-    def __init__(self, size: int, info: DistInfo, seed: int, shuffle: bool) -> None:
-        self.size, self.info, self.seed, self.shuffle, self.epoch = size, info, seed, shuffle, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        if self.shuffle:
-            order = torch.randperm(
-                self.size, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            )
-        else:
-            order = torch.arange(self.size)
-        return iter(order[self.info.rank :: self.info.world_size].tolist())
-
-    def __len__(self) -> int:
-        return len(range(self.info.rank, self.size, self.info.world_size))
-
-
-def make_loader(
-    config: TrainConfig,
-    frame: pd.DataFrame,
-    cache: lesion_data.ImageCache,
-    info: DistInfo,
-    train: bool,
-    device: torch.device,
-    target: Target = BINARY,
-) -> DataLoader:
-    """A loader over ``frame``: augmented and sampled for training, plain centre crops otherwise.
-
-    Its labels are ``target``'s: the dx output of each image for a dx head, 0 / 1 for a binary one.
-    """
-    # Training loaders ship uint8 squares; augmentation and normalisation run batched on the device.
-    transform = train_worker_transform(config.image_size) if train else eval_transform(config.image_size)
-    labels = target.indices(frame["dx"].tolist(), frame["label"].tolist())
-    dataset = lesion_data.LesionDataset(
-        frame["path"].tolist(), labels.tolist(), transform, cache, resize_size(config.image_size)
-    )
-    if train and config.balance == "sampler":
-        # Balanced over the head's outputs: each diagnosis (or each side) is drawn equally often.
-        counts = np.bincount(labels, minlength=target.num_outputs).astype(float)
-        weights = 1.0 / counts[labels]
-        sampler: Sampler[int] = DistributedWeightedSampler(weights, len(frame), info, config.seed)
-    else:
-        sampler = ShardSampler(len(frame), info, config.seed, shuffle=train)
-    return DataLoader(
-        dataset,
-        batch_size=config.batch_size,
-        sampler=sampler,
-        num_workers=config.num_workers,
-        pin_memory=device.type == "cuda",
-        drop_last=False,
-        persistent_workers=False,
-        worker_init_fn=_seed_worker,
-        generator=torch.Generator().manual_seed(config.seed),
-    )
-
-
-def _seed_worker(worker_id: int) -> None:
-    # Each worker's torch seed comes from the loader's generator; numpy and random follow it,
-    # so augmentation is reproducible for a given seed and epoch (and therefore after resume).
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
 
 
 # ---------------------------------------------------------------- model and optimisation
@@ -285,41 +212,12 @@ def class_weights(labels: np.ndarray, num_classes: int = 2) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def autocast_for(device: torch.device, enabled: bool) -> torch.autocast:
-    """bfloat16 autocast on CUDA when asked (no GradScaler needed); a disabled context elsewhere."""
-    use = enabled and device.type == "cuda"
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use)
-
-
 def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
     for parameter in backbone_parameters(model):
         parameter.requires_grad_(trainable)
 
 
 # ---------------------------------------------------------------- checkpoints
-
-
-def make_checkpoint(
-    config: TrainConfig,
-    model: nn.Module,
-    summary: dict[str, Any],
-    epoch: int,
-    target: Target = BINARY,
-    **extra: Any,
-) -> dict[str, Any]:
-    """Everything DESIGN.md's checkpoint contract asks for; calibration and OOD are filled by finalize."""
-    extra.setdefault("ood", {"method": config.ood_method, "detectors": {}, "keep": config.ood_keep})
-    return new_checkpoint(
-        model,
-        config.arch,
-        config.head,
-        config.image_size,
-        data=summary,
-        config=asdict(config),
-        epoch=epoch,
-        **target.checkpoint_entries(),
-        **extra,
-    )
 
 
 def training_state(optimizer, scheduler, state: TrainState) -> dict[str, Any]:
@@ -341,6 +239,7 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LambdaLR,
     criterion: nn.Module,
+    *,
     device: torch.device,
     config: TrainConfig,
     epoch: int,
@@ -382,25 +281,6 @@ def train_one_epoch(
             )
             window_images, window_start = 0, time.perf_counter()
     return total_loss / max(seen, 1), seen, stop.requested
-
-
-@torch.no_grad()
-def collect_outputs(
-    model: nn.Module, loader: DataLoader, device: torch.device, config: TrainConfig, features: bool = False
-) -> dict[str, torch.Tensor]:
-    """Logits (and pooled features) of every image in the loader's order, on the CPU."""
-    model = unwrap(model).eval()
-    outputs: dict[str, list[torch.Tensor]] = {"logits": [], "labels": [], "features": []}
-    memory_format = torch.channels_last if config.channels_last and device.type == "cuda" else torch.contiguous_format
-    for images, labels in loader:
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
-        with autocast_for(device, config.amp):
-            _, pooled, logits = forward_parts(model, images)
-        outputs["logits"].append(logits.float().cpu())
-        outputs["labels"].append(labels)
-        if features:
-            outputs["features"].append(pooled.float().cpu())
-    return {k: torch.cat(v) if v else torch.empty(0) for k, v in outputs.items()}
 
 
 def validate(
@@ -471,7 +351,7 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
     run_dir.mkdir(parents=True, exist_ok=True)
     config.out = str(run_dir)
     if info.is_main:
-        (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+        write_text_atomic(run_dir / CONFIG_FILE, json.dumps(asdict(config), indent=2) + "\n")
     seed_everything(config.seed)
     # Weights first: an offline machine or a wrong file should fail before minutes of decoding.
     model = build_model(config.arch, config.head)
@@ -495,7 +375,7 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
             find_unused_parameters=config.freeze_backbone_epochs > 0,
         )
 
-    loader = make_loader(config, train_df, cache, info, train=True, device=device)
+    loader = make_loader(config, train_df, cache, info, train=True, device=device, target=target)
     steps_per_epoch = min(len(loader), config.max_steps_per_epoch or len(loader))
     total_steps = steps_per_epoch * config.epochs
     optimizer = OPTIMIZERS[config.optimizer]([p for p in model.parameters()], config)
@@ -509,7 +389,7 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
     val_criterion = nn.CrossEntropyLoss(weight=weight.cpu() if weight is not None else None)
 
     state = TrainState()
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    last_path, best_path = run_dir / LAST_FILE, run_dir / BEST_FILE
     if config.resume and last_path.is_file():
         state = _resume(last_path, model, optimizer, scheduler)
     events.emit(
@@ -537,7 +417,16 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
         loader.generator.manual_seed(config.seed * 1_000_003 + epoch)
         torch.manual_seed(config.seed * 1_000_003 + epoch)
         train_loss, seen, stopped = train_one_epoch(
-            train_model, loader, optimizer, scheduler, criterion, device, config, epoch, events, stop
+            train_model,
+            loader,
+            optimizer,
+            scheduler,
+            criterion,
+            device=device,
+            config=config,
+            epoch=epoch,
+            events=events,
+            stop=stop,
         )
         if stopped:
             break  # keep the last complete epoch's checkpoint: a partial epoch would break resume
@@ -581,8 +470,6 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
         if stop.requested:
             raise StoppedBeforeModel("Stopped before the first epoch finished, so there is no model to keep.")
         raise LesionError("Training ended before the first epoch finished; no model was saved.")
-    from lesion.finalize import finalize
-
     result = None
     if info.is_main:
         best = load_checkpoint(best_path)
@@ -598,7 +485,7 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
             best_epoch=state.best_epoch,
         )
     barrier(info)
-    return run_dir / "model.pt"
+    return run_dir / MODEL_FILE
 
 
 def _choose_head(
@@ -640,8 +527,3 @@ def _resume(path: Path, model: nn.Module, optimizer, scheduler) -> TrainState:
     state = TrainState(**training["state"])
     state.history = json.loads(training["history_json"])
     return state
-
-
-def export_model(checkpoint: dict[str, Any], path: Path) -> Path:
-    """Write a final model file without optimizer state."""
-    return save_checkpoint(without_training_state(checkpoint), path)

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from lesion.app_support import list_samples
+import lesion_app.support
 from lesion.checkpoint import load_checkpoint
 from lesion.predict import Predictor
+from lesion_app.support import Sample, list_samples
 
 REPO = Path(__file__).resolve().parent.parent
 CAR = REPO / "assets" / "samples" / "ood" / "car_image1.jpg"
@@ -111,3 +112,19 @@ def test_save_threshold_then_predict_uses_it(run_copy: Path, monkeypatch: pytest
     at.run()
     assert not at.exception
     assert any(f"Rejected above {chosen:.4g}" in c.value for c in at.caption)
+
+
+def test_a_gallery_with_no_readable_image_says_so(
+    run_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every bundled sample unreadable (a broken checkout, a disk error): the page explains, it does not crash.
+    broken = []
+    for sample in list_samples()[:3]:
+        path = tmp_path / sample.path.name
+        path.write_bytes(b"not an image at all")
+        broken.append(Sample(sample.name, path, sample.kind, sample.caption, sample.label))
+    monkeypatch.setattr(lesion_app.support, "list_samples", lambda: broken)
+    at = open_ood_page(run_copy.parent, monkeypatch)
+    assert not at.exception
+    assert any("None of the gallery images could be read" in w.value for w in at.warning)
+    assert not at.slider  # nothing to set a threshold against

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from lesion.app_support import DISCLAIMER, NO_MODEL_HELP
 from lesion.card import INTENDED_USE
+from lesion.config import build_config, recipe_measurement
+from lesion_app.support import DISCLAIMER, NO_MODEL_HELP, format_duration, measured_duration
 
 REPO = Path(__file__).resolve().parent.parent
 PAGES = ["app_pages/predict.py", "app_pages/ood.py", "app_pages/train.py", "app_pages/model.py"]
@@ -35,7 +36,18 @@ def test_every_page_says_what_to_do_without_a_model(tmp_path: Path, monkeypatch:
             assert [box.value for box in at.selectbox if box.label == "Recipe"] == ["demo"]
         else:
             assert [i.value for i in at.main.info] == [NO_MODEL_HELP], page
-            assert "about" in NO_MODEL_HELP and "minutes on a 2-core CPU" in NO_MODEL_HELP
+    # The duration it quotes is the figure measured and stored with the demo recipe, not a guess in the code.
+    measured = recipe_measurement("demo")
+    assert f"{format_duration(measured['seconds'])} when we measured it on {measured['machine']}" in NO_MODEL_HELP
+
+
+def test_the_quoted_demo_duration_follows_the_recipe_file(tmp_path: Path) -> None:
+    recipe = tmp_path / "timed.toml"
+    recipe.write_text('epochs = 1\n\n[measured]\nseconds = 5400\nmachine = "one old laptop"\n')
+    assert measured_duration(str(recipe)) == "1 h 30 min when we measured it on one old laptop"
+    assert build_config(str(recipe)).epochs == 1  # the [measured] table is not a setting
+    recipe.write_text("epochs = 1\n")
+    assert measured_duration(str(recipe)) == "not measured yet"
 
 
 def test_model_card_page_names_the_split_and_shows_plots(trained_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from lesion.app_support import VERDICT_TEXT
 from lesion.labels import DX_NAMES
 from lesion.predict import Predictor
+from lesion_app.support import VERDICT_TEXT
 
 REPO = Path(__file__).resolve().parent.parent
 LESION = REPO / "assets" / "samples" / "lesions" / "ISIC_0000169.jpg"

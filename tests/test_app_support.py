@@ -1,4 +1,4 @@
-"""lesion.app_support: the pure helpers behind the pages."""
+"""lesion_app.support: the pure helpers behind the pages."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from lesion.app_support import (
+from lesion.errors import InvalidImage
+from lesion_app.support import (
     CACHE_ENTRIES,
     cached_display,
     display_box,
@@ -21,7 +22,6 @@ from lesion.app_support import (
     slider_range,
     training_folds,
 )
-from lesion.errors import InvalidImage
 
 
 def test_samples_cover_every_bundled_image_with_a_caption() -> None:

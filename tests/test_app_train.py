@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from lesion.jobs import DEMO_DATA, JobAlreadyRunning, active_job, read_progress, start_training, stop_training
 from lesion.runs import list_runs
+from lesion_app.jobs import DEMO_DATA, JobAlreadyRunning, active_job, read_progress, start_training, stop_training
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from bench.load import CHROMIUM_ARGS, free_port  # the same browser flags and port helper as the load test
-from lesion.app_support import VERDICT_TEXT
 from lesion.predict import Predictor
 from lesion.runs import save_ood_threshold
+from lesion_app.support import VERDICT_TEXT
 
 pytestmark = pytest.mark.browser
 

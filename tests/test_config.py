@@ -7,6 +7,7 @@ import pytest
 from lesion.config import TrainConfig, build_config, config_from_dict, field_help, load_recipe
 from lesion.errors import ConfigError
 from tests.conftest import run_cli
+from train.cli import get_args_parser
 
 
 def test_recipes_load_and_validate() -> None:
@@ -57,8 +58,25 @@ def test_cli_help_lists_every_option_with_its_default() -> None:
     result = run_cli(["--help"])
     assert result.returncode == 0
     for name, value in TrainConfig().__dict__.items():
-        assert f"--{name}" in result.stdout
+        assert f"--{name.replace('_', '-')}" in result.stdout
         assert f"(default: {value!r})" in " ".join(result.stdout.split()), name
+
+
+def test_cli_takes_hyphens_underscores_and_both_value_forms() -> None:
+    # One spelling in --help (hyphens); the underscore spelling of earlier versions still parses.
+    args = get_args_parser().parse_args(
+        ["--image-size=96", "--batch_size", "8", "--skip-bad-images", "true", "--num_workers=0", "--max-images", "40"]
+    )
+    overrides = {k: v for k, v in vars(args).items() if k != "recipe" and v is not None}
+    assert overrides == {
+        "image_size": "96",
+        "batch_size": "8",
+        "skip_bad_images": "true",
+        "num_workers": "0",
+        "max_images": "40",
+    }
+    config = build_config("demo", overrides)
+    assert (config.image_size, config.batch_size, config.skip_bad_images, config.max_images) == (96, 8, True, 40)
 
 
 def test_cli_rejects_unknown_option_and_bad_value() -> None:

@@ -195,7 +195,7 @@ def test_missing_image_error_and_skip(ham_dir: Path) -> None:
     message = str(error.value)
     ids = sorted(p.stem for p in removed)
     assert "6 of 12" in message and ids[0] in message and ids[4] in message and ids[5] not in message
-    assert "skip_bad_images" in message
+    assert "--skip-bad-images=true" in message
     df, summary = read_metadata(ham_dir, skip_bad=True)
     assert len(df) == 6 and sorted(summary["skipped"]["missing"]) == ids
     assert summary["n_images"] == 6

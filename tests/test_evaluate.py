@@ -59,4 +59,4 @@ def test_human_readable_output_and_plain_errors(trained_model: Path, tmp_path: P
     bogus = tmp_path / "model.pt"
     bogus.write_bytes(b"not a checkpoint")
     bad = run_cli(["--checkpoint", str(bogus), "--data", str(SAMPLE_LESIONS)], module="train.evaluate")
-    assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
+    assert bad.returncode == 1 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import lesion.checkpoint
+import lesion.files
 from lesion.checkpoint import load_checkpoint, save_checkpoint
 from lesion.events import iter_events
 from lesion.runs import list_runs
@@ -46,9 +47,9 @@ def test_sigkill_mid_training_is_listed_as_interrupted_and_the_same_command_resu
 ) -> None:
     runs = tmp_path / "runs"
     run_dir = runs / "killed"
-    args = [f"--data={DEMO}", f"--out={run_dir}", f"--cache_dir={cache_dir}"]
+    args = [f"--data={DEMO}", f"--out={run_dir}", f"--cache-dir={cache_dir}"]
     # The tiny model's images (already in the session's cache), 3 batches an epoch: the run is short, not trivial.
-    args += _tiny(["--epochs=2", "--max_steps_per_epoch=3", "--log_every=1"])
+    args += _tiny(["--epochs=2", "--max-steps-per-epoch=3", "--log-every=1"])
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "train", *args],
@@ -114,9 +115,9 @@ def small_dataset_with_a_corrupt_image(tmp_path: Path) -> tuple[Path, str]:
 def test_a_corrupt_image_fails_the_run_fast_naming_it(small_dataset_with_a_corrupt_image, tmp_path: Path) -> None:
     data, bad = small_dataset_with_a_corrupt_image
     run_dir = tmp_path / "run"
-    args = [f"--data={data}", f"--out={run_dir}", f"--cache_dir={tmp_path / 'cache'}"]
+    args = [f"--data={data}", f"--out={run_dir}", f"--cache-dir={tmp_path / 'cache'}"]
     started = time.monotonic()
-    result = run_cli([*args, *_tiny(["--epochs=1", "--max_images=0", "--max_steps_per_epoch=2"])], timeout=240)
+    result = run_cli([*args, *_tiny(["--epochs=1", "--max-images=0", "--max-steps-per-epoch=2"])], timeout=240)
     assert result.returncode == 1, result.stderr[-3000:]
     assert bad in result.stderr and "Traceback" not in result.stderr
     errors = [e for e in _events(run_dir) if e["event"] == "error"]
@@ -134,8 +135,8 @@ def test_skip_bad_images_completes_and_reports_the_skipped_image(
 ) -> None:
     data, bad = small_dataset_with_a_corrupt_image
     run_dir = tmp_path / "run"
-    args = [f"--data={data}", f"--out={run_dir}", f"--cache_dir={tmp_path / 'cache'}", "--skip_bad_images=true"]
-    result = run_cli([*args, *_tiny(["--epochs=1", "--max_images=0", "--max_steps_per_epoch=2"])], timeout=300)
+    args = [f"--data={data}", f"--out={run_dir}", f"--cache-dir={tmp_path / 'cache'}", "--skip-bad-images=true"]
+    result = run_cli([*args, *_tiny(["--epochs=1", "--max-images=0", "--max-steps-per-epoch=2"])], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run_dir / "model.pt").is_file()
     checkpoint = load_checkpoint(run_dir / "model.pt")
@@ -174,7 +175,9 @@ def test_failed_checkpoint_write_leaves_the_previous_one_intact(
     changed = {**previous, "epoch": previous.get("epoch", 0) + 1, "decision_threshold": 0.123}
 
     module, name = target.split(".")
-    monkeypatch.setattr(getattr(lesion.checkpoint, module), name, fault)
+    # torch.save is called by lesion.checkpoint, os.replace by the shared atomic writer (lesion.files).
+    owner = lesion.checkpoint if module == "torch" else lesion.files
+    monkeypatch.setattr(getattr(owner, module), name, fault)
     with pytest.raises(OSError) as raised:
         save_checkpoint(changed, path)
     monkeypatch.undo()

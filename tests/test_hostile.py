@@ -27,8 +27,8 @@ from torchvision.models import resnet18, resnet50
 from lesion.checkpoint import FORMAT_VERSION, load_checkpoint
 from lesion.errors import DataError, InvalidCheckpoint, InvalidImage
 from lesion.images import MAX_BYTES, load_image
-from lesion.jobs import resolve_data_dir
 from lesion.predict import Prediction, Predictor
+from lesion_app.jobs import resolve_data_dir
 from tests.hostile_corpus import Case, build_corpus
 
 REPO = Path(__file__).resolve().parent.parent

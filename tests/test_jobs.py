@@ -1,4 +1,4 @@
-"""lesion.jobs: data folders confined to the data root, the one-job lock, stopping, progress, log tail."""
+"""lesion_app.jobs: data folders confined to the data root, the one-job lock, stopping, progress, log tail."""
 
 from __future__ import annotations
 
@@ -12,12 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from lesion.data import find_metadata
 from lesion.errors import ConfigError, DataError
 from lesion.events import EventWriter
-from lesion.jobs import (
+from lesion.runs import read_run
+from lesion_app.jobs import (
     DEMO_DATA,
     JobAlreadyRunning,
     active_job,
+    demo_set_name,
     list_datasets,
     log_tail,
     read_progress,
@@ -26,7 +29,6 @@ from lesion.jobs import (
     start_training,
     stop_training,
 )
-from lesion.runs import read_run
 
 
 @pytest.fixture
@@ -77,6 +79,27 @@ def test_list_datasets_offers_demo_and_folders_with_metadata(data_root: Path) ->
     assert datasets[0].bundled and datasets[0].path == DEMO_DATA and (DEMO_DATA / "metadata.csv").is_file()
     assert [d.name for d in datasets[1:]] == ["ham", "isic"]  # not "empty", not the symlink leaving the root
     assert [d.name for d in list_datasets(None)] == [datasets[0].name]
+
+
+def test_the_dataset_list_offers_exactly_what_python_m_train_accepts(tmp_path: Path) -> None:
+    # A metadata CSV one level down (HAM10000 unzipped into a sub-folder) is accepted by the CLI's
+    # search (lesion.data.find_metadata), so the Train page lists it too; two levels down is neither.
+    (tmp_path / "nested" / "HAM10000").mkdir(parents=True)
+    (tmp_path / "nested" / "HAM10000" / "HAM10000_metadata.csv").write_text("lesion_id,image_id,dx\n")
+    (tmp_path / "deep" / "a" / "b").mkdir(parents=True)
+    (tmp_path / "deep" / "a" / "b" / "metadata.csv").write_text("isic_id,diagnosis_1\n")
+    listed = {d.name for d in list_datasets(tmp_path)[1:]}
+    assert listed == {"nested"}
+    assert find_metadata(tmp_path / "nested").parent.name == "HAM10000"
+    with pytest.raises(DataError):
+        find_metadata(tmp_path / "deep")
+
+
+def test_the_demo_set_is_described_by_counting_its_metadata(tmp_path: Path) -> None:
+    (tmp_path / "metadata.csv").write_text("lesion_id,image_id,dx\nL1,I1,nv\nL1,I2,nv\nL2,I3,mel\n")
+    assert demo_set_name(tmp_path) == "Bundled demo set (3 images of 2 lesions)"
+    rows = (DEMO_DATA / "metadata.csv").read_text().splitlines()[1:]
+    assert demo_set_name() == f"Bundled demo set ({len(rows)} images of {len({r.split(',')[0] for r in rows})} lesions)"
 
 
 def sleeper(run_dir: Path) -> subprocess.Popen:

@@ -268,16 +268,33 @@ def test_cli_writes_rows_heatmaps_and_survives_a_corrupt_file(tmp_path: Path, ch
     assert all(r["ood_method"] == "mahalanobis" and float(r["decision_threshold"]) == 0.5 for r in good)
     assert "damaged or truncated" in rows[2]["error"] and rows[2]["verdict"] == ""
     written = sorted(p.name for p in heatmaps.iterdir())
-    assert written == sorted(f"{Path(r['path']).stem}_heatmap.png" for r in good)
-    with Image.open(heatmaps / f"{car.stem}_heatmap.png") as overlay, Image.open(car) as original:
+    assert written == sorted(Path(r["heatmap"]).name for r in good) and rows[2]["heatmap"] == ""
+    car_row = next(r for r in rows if Path(r["path"]).name == car.name)
+    with Image.open(car_row["heatmap"]) as overlay, Image.open(car) as original:
         assert overlay.size == original.size
+
+
+def test_heatmaps_of_same_named_files_in_different_folders_do_not_collide(tmp_path: Path, checkpoint_path: Path):
+    sources = lesion_paths()[:2]
+    for folder, source in zip(("a", "b"), sources, strict=True):
+        (tmp_path / "in" / folder).mkdir(parents=True)
+        (tmp_path / "in" / folder / "photo.jpg").write_bytes(source.read_bytes())
+    argv = ["--checkpoint", str(checkpoint_path), "--heatmaps", str(tmp_path / "maps"), str(tmp_path / "in")]
+    assert predict_main([*argv, "--out", str(tmp_path / "first.csv")]) == 0
+    first = {r["path"]: r["heatmap"] for r in csv.DictReader((tmp_path / "first.csv").open())}
+    assert len(set(first.values())) == 2 and len(list((tmp_path / "maps").iterdir())) == 2
+    assert all(Path(name).name.startswith("photo-") for name in first.values())
+    overlays = [Path(name).read_bytes() for name in first.values()]
+    assert overlays[0] != overlays[1]  # two different inputs, two different overlays: neither overwrote the other
+    assert predict_main([*argv, "--out", str(tmp_path / "again.csv")]) == 0  # the same inputs, the same names
+    assert {r["path"]: r["heatmap"] for r in csv.DictReader((tmp_path / "again.csv").open())} == first
 
 
 def test_cli_exit_codes(tmp_path: Path, checkpoint_path: Path, capsys: pytest.CaptureFixture):
     # In-process through main(argv): the subprocess test above covers the real entry point.
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"nonsense")
-    assert predict_main(["--checkpoint", str(bad), "--out", str(tmp_path / "r.csv"), str(lesion_paths()[0])]) == 2
+    assert predict_main(["--checkpoint", str(bad), "--out", str(tmp_path / "r.csv"), str(lesion_paths()[0])]) == 1
     message = capsys.readouterr().err
     assert message.startswith("error: bad.pt") and message.count("\n") == 1
     empty = tmp_path / "empty"

@@ -57,7 +57,7 @@ def test_cli_writes_a_complete_run_folder(trained_run: Path) -> None:
 
 def _tiny_config(out: Path, cache: Path, **changes) -> object:
     overrides = [item for item in TINY_TRAINING if not item.startswith("--recipe")]
-    config = build_config("demo", [*overrides, f"--data={DEMO}", f"--out={out}", f"--cache_dir={cache}"])
+    config = build_config("demo", [*overrides, f"--data={DEMO}", f"--out={out}", f"--cache-dir={cache}"])
     return dataclasses.replace(config, max_images=80, **changes)
 
 
@@ -99,10 +99,10 @@ def test_torchrun_two_processes_on_cpu(tmp_path: Path, cache_dir: Path) -> None:
         "train",
         f"--data={DEMO}",
         f"--out={out}",
-        f"--cache_dir={cache_dir}",
+        f"--cache-dir={cache_dir}",
         *TINY_TRAINING,
         "--epochs=1",
-        "--max_images=60",
+        "--max-images=60",
         "--device=cpu",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -120,7 +120,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path: Path, cache_dir: Path) -> None:
 def test_missing_weights_file_fails_with_one_plain_line(tmp_path: Path, cache_dir: Path) -> None:
     out = tmp_path / "run"
     result = run_cli(
-        [f"--data={DEMO}", f"--out={out}", f"--cache_dir={cache_dir}", *TINY_TRAINING, "--weights=/nowhere/r18.pth"]
+        [f"--data={DEMO}", f"--out={out}", f"--cache-dir={cache_dir}", *TINY_TRAINING, "--weights=/nowhere/r18.pth"]
     )
     assert result.returncode == 1
     assert "error: weights file not found: /nowhere/r18.pth" in result.stderr

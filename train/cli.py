@@ -2,8 +2,12 @@
 
     python -m train --data DIR --out RUN_DIR [--recipe NAME_OR_FILE] [--key=value ...]
     torchrun --nproc_per_node=N -m train ...      # DistributedDataParallel, same options
+    lesion-train ...                              # the same, once the package is installed
 
 Defaults come from lesion.config.TrainConfig, then the recipe, then the --key=value options.
+Options are spelled with hyphens (``--image-size=224``, ``--batch-size 64``); the underscore spelling
+of earlier versions (``--image_size=224``) is still accepted. Exit status: 0 done, 1 failed (data,
+weights or training), 2 usage (unknown option, bad value, unknown recipe).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import fields
 from typing import Any
 
 from lesion.config import TrainConfig, build_config, field_help
+from lesion.files import METRICS_FILE
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -35,13 +40,17 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     defaults = TrainConfig()
     for item in fields(TrainConfig):
         default = getattr(defaults, item.name)
+        flag = f"--{item.name.replace('_', '-')}"
         parser.add_argument(
-            f"--{item.name}",
+            flag,
+            dest=item.name,
             default=None,
             metavar=type(default).__name__.upper(),
             help=f"{helps.get(item.name, '')} (default: {default!r})",
         )
-    parser.set_defaults()
+        if flag != f"--{item.name}":
+            # The underscore spelling of earlier versions keeps working, unlisted.
+            parser.add_argument(f"--{item.name}", dest=item.name, default=None, help=argparse.SUPPRESS)
     return parser
 
 
@@ -98,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = build_config(args.recipe, overrides)
     except LesionError as error:
-        parser.exit(2, f"error: {error}\n")
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     from lesion.training import run_training
 
     try:
@@ -108,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
-        return 130
+        return 1
     except OSError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -120,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 def _print_summary(path) -> None:
     import json
 
-    report = json.loads((path.parent / "metrics.json").read_text())
+    report = json.loads((path.parent / METRICS_FILE).read_text())
     head = report["headline"]
     print(f"run folder: {path.parent}")
     print(f"model: {path}")

@@ -1,9 +1,11 @@
 """``python -m train.evaluate``: measure any checkpoint on any dataset (HAM10000 or ISIC layout).
 
     python -m train.evaluate --checkpoint runs/demo/model.pt --data DIR [--split test] [--json]
+    lesion-evaluate ...                           # the same, once the package is installed
 
 Images are preprocessed by the predictor's own path (lesion.images.load_image, then the evaluation
-transform), so the figures are those the app would give on the same files.
+transform), so the figures are those the app would give on the same files. Exit status, as for
+``python -m train``: 0 done, 1 failed (checkpoint, data or split unusable), 2 usage (bad command line).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 from pathlib import Path
 
 from lesion.errors import LesionError
+from lesion.files import SPLIT_FILE
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -29,7 +32,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split-file", default=None, help="split.csv of a run (default: beside the checkpoint)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--skip-bad", action="store_true", help="skip missing or unreadable images (reported)")
+    parser.add_argument(
+        "--skip-bad-images",
+        "--skip-bad",
+        dest="skip_bad",
+        action="store_true",
+        help="skip missing or unreadable images (reported), as python -m train --skip-bad-images=true does",
+    )
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     return parser
 
@@ -50,7 +59,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
     df, summary = lesion_data.read_metadata(args.data, args.metadata, skip_bad=args.skip_bad)
     if args.split:
-        split_file = Path(args.split_file) if args.split_file else Path(args.checkpoint).parent / "split.csv"
+        split_file = Path(args.split_file) if args.split_file else Path(args.checkpoint).parent / SPLIT_FILE
         if not split_file.is_file():
             raise LesionError(f"--split {args.split} needs a split.csv; none at {split_file}")
         folds = lesion_data.read_split(split_file)[["image_id", "fold"]]
@@ -80,16 +89,27 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    if args.batch_size < 1:
+        print(f"error: --batch-size must be at least 1, not {args.batch_size}", file=sys.stderr)
+        return 2
+    if args.split and args.split not in ("train", "val", "test"):
+        print(f"error: --split must be train, val or test, not {args.split!r}", file=sys.stderr)
+        return 2
     try:
         metrics = evaluate(args)
-    except LesionError as error:
+    except (LesionError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(metrics))
         return 0
     print(f"{metrics['n']} images ({metrics['n_malignant']} malignant) from {args.data}, {metrics['split']}")
-    for key in ("roc_auc", "pr_auc", "balanced_accuracy", "accuracy", "sensitivity", "specificity", "precision", "f1"):
+    from lesion.metrics import HEADLINE_METRICS  # here, not at the top: --help stays free of sklearn
+
+    for key in HEADLINE_METRICS:
         value = metrics.get(key)
         print(f"  {key:18s} {value:.4f}" if isinstance(value, float) else f"  {key:18s} n/a")
     print(f"  threshold          {metrics['threshold']:.4f}")

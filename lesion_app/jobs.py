@@ -12,6 +12,7 @@ it, and anything that escapes it (``..``, an absolute path, a symlink pointing o
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import re
@@ -25,14 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from lesion.config import build_config
+from lesion.data import metadata_file
 from lesion.errors import DataError, LesionError
 from lesion.events import read_events
-from lesion.runs import JOB_FILE, PROJECT_ROOT, RunInfo, process_alive, read_json, read_run
+from lesion.files import JOB_FILE, LOG_FILE, write_text_atomic
+from lesion.runs import PROJECT_ROOT, RunInfo, process_alive, read_json, read_run
 
 LOCK_FILE = ".active_job"
-LOG_FILE = "train.log"
 DEMO_DATA = PROJECT_ROOT / "assets" / "demo"
-METADATA_NAMES = ("HAM10000_metadata.csv", "metadata.csv")
 # A lock younger than this without a pid is a launch in progress, not a stale lock.
 LAUNCH_GRACE_S = 30.0
 
@@ -99,13 +100,24 @@ def resolve_data_file(data_root: str | Path | None, relative: str) -> Path:
 
 
 def has_metadata(folder: Path) -> bool:
-    """True when ``folder`` holds a HAM10000 or ISIC-style metadata CSV."""
-    return any((folder / name).is_file() for name in METADATA_NAMES)
+    """True when ``python -m train --data folder`` would find a metadata CSV (same search, same depth)."""
+    return metadata_file(folder) is not None
+
+
+def demo_set_name(folder: Path = DEMO_DATA) -> str:
+    """What the selector calls the bundled demo set, with its size counted from its metadata."""
+    try:
+        with (folder / "metadata.csv").open(newline="", encoding="utf-8") as stream:
+            rows = list(csv.DictReader(stream))
+    except OSError:
+        return "Bundled demo set"
+    lesions = len({row.get("lesion_id") or row.get("image_id") for row in rows})
+    return f"Bundled demo set ({len(rows)} images of {lesions} lesions)"
 
 
 def list_datasets(data_root: str | Path | None = None) -> list[Dataset]:
-    """The bundled demo set, then every sub-folder of ``data_root`` that holds a metadata CSV."""
-    datasets = [Dataset("Bundled demo set (929 lesions)", DEMO_DATA, True)]
+    """The bundled demo set, then every sub-folder of ``data_root`` that ``python -m train`` accepts as --data."""
+    datasets = [Dataset(demo_set_name(), DEMO_DATA, True)]
     if data_root is None or not Path(data_root).is_dir():
         return datasets
     root = Path(data_root)
@@ -161,9 +173,7 @@ def _acquire_lock(runs_dir: Path, run_dir: Path) -> None:
 
 
 def _write_json_atomic(path: Path, value: dict[str, Any]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(value, indent=2), encoding="utf-8")
-    os.replace(temporary, path)
+    write_text_atomic(path, json.dumps(value, indent=2))
 
 
 def active_job(runs_dir: str | Path) -> RunInfo | None:
@@ -208,7 +218,7 @@ def _format_value(value: Any) -> str:
 def training_command(data_dir: Path, run_dir: Path, recipe: str, overrides: dict[str, Any]) -> list[str]:
     """The command line of a training job (the same CLI a person would type)."""
     command = [sys.executable, "-m", "train", "--data", str(data_dir), "--out", str(run_dir), "--recipe", recipe]
-    return command + [f"--{key}={_format_value(value)}" for key, value in overrides.items()]
+    return command + [f"--{key.replace('_', '-')}={_format_value(value)}" for key, value in overrides.items()]
 
 
 def start_training(

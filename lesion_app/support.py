@@ -1,7 +1,8 @@
-"""Plain helpers behind the app's pages: wording, sample galleries, cached predictions, OOD tables.
+"""Plain helpers behind the app's pages: wording, sample galleries, session caches of predictions, tables.
 
 Nothing here imports Streamlit: a page passes in its ``st.session_state`` (any mutable mapping)
-where a cache is needed, so every function can be tested without a browser or an app.
+where a cache is needed, so every function can be tested without a browser or an app. The charts
+live in :mod:`lesion_app.charts`, the pages' "no model yet" guard in :mod:`lesion_app.guards`.
 """
 
 from __future__ import annotations
@@ -22,20 +23,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from lesion.config import recipe_measurement
+from lesion.files import SPLIT_FILE
 from lesion.images import MAX_BYTES, load_image
 from lesion.labels import DX_NAMES
 from lesion.runs import PROJECT_ROOT, ModelEntry
 
-# How long the demo recipe takes on 2 CPU cores: 3 min 56 s measured by the lead (README, "Figures").
-DEMO_TRAIN_MINUTES = 4
 DISCLAIMER = (
     "Demonstration only — not a diagnosis. This tool is not a medical device; "
     "a skin lesion that worries you belongs in front of a dermatologist."
-)
-NO_MODEL_HELP = (
-    "No model yet. Open the **Train** page and start the **demo** recipe on the bundled demo set "
-    f"(about {DEMO_TRAIN_MINUTES} minutes on a 2-core CPU), or set `LESION_CHECKPOINT` to a trained "
-    "`model.pt` and reload."
 )
 VERDICT_TEXT = {"benign": "Benign", "malignant": "Malignant", "unknown": "Not a skin lesion"}
 VERDICT_DETAIL = {
@@ -49,10 +45,11 @@ METRIC_LABELS = {
     "sensitivity": "Sensitivity",
     "specificity": "Specificity",
     "accuracy": "Accuracy",
+    "precision": "Precision",
     "f1": "F1",
+    "pr_auc": "PR-AUC",
 }
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "heic", "heif"]
-MAX_UPLOAD_MB = MAX_BYTES // 2**20
 SAMPLES_DIR = PROJECT_ROOT / "assets" / "samples"
 # Side of the longest edge images are shown and heatmaps are kept at: enough for the page,
 # and a 50-megapixel phone photo does not keep 200 MB of heatmap in a session.
@@ -113,9 +110,9 @@ def list_samples(samples_dir: Path = SAMPLES_DIR) -> list[Sample]:
 
 def training_folds(run_dir: Path | None) -> dict[str, str]:
     """image_id -> fold (train / val / test) from a run's split.csv; {} when there is none."""
-    if run_dir is None or not (Path(run_dir) / "split.csv").is_file():
+    if run_dir is None or not (Path(run_dir) / SPLIT_FILE).is_file():
         return {}
-    with (Path(run_dir) / "split.csv").open(newline="", encoding="utf-8") as stream:
+    with (Path(run_dir) / SPLIT_FILE).open(newline="", encoding="utf-8") as stream:
         return {row["image_id"]: row.get("fold", "") for row in csv.DictReader(stream) if row.get("image_id")}
 
 
@@ -375,59 +372,33 @@ def roc_points(lesion_scores: Sequence[float], ood_scores: Sequence[float]) -> l
     return [{"lesions rejected": float(x), "OOD photos rejected": float(y)} for x, y in zip(fpr, tpr, strict=True)]
 
 
-def histogram_chart(rows: Sequence[dict[str, Any]], threshold: float, method: str) -> Any:
-    """Altair histogram of scores by kind (lesion / OOD) with the threshold as a rule."""
-    import altair as alt
-    import pandas as pd
-
-    frame = pd.DataFrame(rows)
-    bars = (
-        alt.Chart(frame)
-        .mark_bar(opacity=0.6)
-        .encode(
-            x=alt.X("score:Q", bin=alt.Bin(maxbins=30), title=f"{method} score (higher = less like a lesion)"),
-            y=alt.Y("count():Q", stack=None, title="images"),
-            color=alt.Color(
-                "kind:N", title=None, scale=alt.Scale(domain=["lesion", "OOD photo"], range=["#2a9d8f", "#e76f51"])
-            ),
-        )
-    )
-    rule = (
-        alt.Chart(pd.DataFrame({"threshold": [threshold]}))
-        .mark_rule(color="black", strokeDash=[6, 3])
-        .encode(x="threshold:Q")
-    )
-    return (bars + rule).properties(height=260)
-
-
-def roc_chart(points: Sequence[dict[str, float]], operating: dict[str, float]) -> Any:
-    """Altair ROC curve with the current operating point marked."""
-    import altair as alt
-    import pandas as pd
-
-    x, y = "lesions rejected", "OOD photos rejected"
-    curve = (
-        alt.Chart(pd.DataFrame(points))
-        .mark_line(interpolate="step-after")
-        .encode(x=alt.X(f"{x}:Q", scale=alt.Scale(domain=[0, 1])), y=alt.Y(f"{y}:Q", scale=alt.Scale(domain=[0, 1])))
-    )
-    point = (
-        alt.Chart(pd.DataFrame([operating]))
-        .mark_point(color="red", size=120, filled=True)
-        .encode(x=f"{x}:Q", y=f"{y}:Q")
-    )
-    return (curve + point).properties(height=260)
-
-
 # ---------------------------------------------------------------------------- train and model pages
 
 
 def recipe_names() -> list[str]:
     """Recipe names in train/recipes, the demo first."""
-    from lesion.config import RECIPES_DIR
+    from lesion.config import recipes_dir
 
-    names = sorted(path.stem for path in RECIPES_DIR.glob("*.toml"))
+    names = sorted(path.stem for path in recipes_dir().glob("*.toml"))
     return sorted(names, key=lambda name: (name != "demo", name))
+
+
+def measured_duration(recipe: str = "demo") -> str:
+    """How long ``recipe`` took when it was last measured, and where (stored with the recipe)."""
+    measured = recipe_measurement(recipe)
+    seconds = measured.get("seconds")
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+        return "not measured yet"
+    where = f" on {measured['machine']}" if measured.get("machine") else ""
+    return f"{format_duration(seconds)} when we measured it{where}"
+
+
+def no_model_help() -> str:
+    """What a page says when there is no model yet: train the demo (with its measured duration) or name one."""
+    return (
+        "No model yet. Open the **Train** page and start the **demo** recipe on the bundled demo set "
+        f"({measured_duration('demo')}), or set `LESION_CHECKPOINT` to a trained `model.pt` and reload."
+    )
 
 
 def format_duration(seconds: float | None) -> str:
@@ -441,6 +412,10 @@ def format_duration(seconds: float | None) -> str:
     if minutes < 90:
         return f"{minutes:.0f} min"
     return f"{int(minutes // 60)} h {int(minutes % 60):02d} min"
+
+
+# Computed once at import: the recipe file is read when the app starts, not on every rerun.
+NO_MODEL_HELP = no_model_help()
 
 
 def run_rows(runs: Sequence[Any]) -> list[dict[str, Any]]:

@@ -268,3 +268,19 @@ def test_paired_difference_interval_sees_a_better_model_and_not_a_copy() -> None
     low, high = roc_auc_difference_interval(y, good, poor)
     assert 0 < low < high  # clearly better: the whole interval is above 0
     assert roc_auc_difference_interval(y, good, good) == (0.0, 0.0)
+
+
+def test_training_and_evaluation_loaders_carry_the_dx_labels(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from lesion.config import TrainConfig
+    from lesion.distributed import DistInfo
+    from lesion.loaders import make_loader
+    from lesion.targets import dx_target
+
+    frame = pd.DataFrame({"path": ["a.jpg", "b.jpg", "c.jpg"], "dx": ["mel", "vasc", "other"], "label": [1, 0, 1]})
+    target = dx_target(["nv", "mel", "vasc", "bcc"])
+    config = TrainConfig(image_size=64, num_workers=0)
+    for train in (True, False):
+        loader = make_loader(config, frame, None, DistInfo(), train=train, device=torch.device("cpu"), target=target)
+        assert loader.dataset.labels == [1, 2, IGNORE_INDEX]

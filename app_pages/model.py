@@ -17,6 +17,7 @@ PLOT_CAPTIONS = {
     "pr": "Precision-recall curve",
     "calibration": "Calibration (reliability)",
     "confusion": "Confusion matrix at the decision threshold",
+    "dx_confusion": "Diagnosis confusion matrix (most probable diagnosis)",
     "curves": "Training and validation curves",
 }
 

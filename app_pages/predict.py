@@ -1,4 +1,4 @@
-"""Predict: upload photos or pick bundled samples; verdict, probability, OOD check and heatmap."""
+"""Predict: upload photos or pick bundled samples; verdict, probability, likely diagnoses, OOD check and heatmap."""
 
 from __future__ import annotations
 
@@ -16,10 +16,14 @@ from lesion_app.support import (
     VERDICT_TEXT,
     cached_display,
     cached_prediction,
+    cam_target_choices,
+    cam_target_label,
+    diagnosis_chart,
     display_box,
     list_samples,
     result_json,
     result_row,
+    top_diagnoses,
 )
 
 CAM_LABELS = {
@@ -67,8 +71,14 @@ from lesion.explain import CAM_METHODS, heatmap_png, overlay  # noqa: E402
 @st.fragment
 def show_results(items: list[tuple[str, bytes]]) -> None:
     """Controls and results: a slider or view change reruns only this part, never the uploader or gallery."""
-    left, middle, right = st.columns(3)
+    left, explains, middle, right = st.columns(4)
     cam_method = left.selectbox("Heatmap method", CAM_METHODS, format_func=lambda m: CAM_LABELS.get(m, m))
+    cam_target = explains.selectbox(
+        "Heatmap explains:",
+        cam_target_choices(predictor),
+        format_func=cam_target_label,
+        help="The evidence for the verdict by default; or why the model leans to one side or one diagnosis.",
+    )
     alpha = middle.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05)
     view = right.segmented_control("View", ["Overlay", "Side by side"], default="Overlay", required=True)
     table = st.empty()
@@ -79,7 +89,7 @@ def show_results(items: list[tuple[str, bytes]]) -> None:
             try:
                 shown = cached_display(st.session_state["predictions"], data, name)
                 prediction = cached_prediction(
-                    st.session_state["predictions"], predictor, model, data, name, cam_method, shown
+                    st.session_state["predictions"], predictor, model, data, name, cam_method, shown, cam_target
                 )
             except InvalidImage as error:
                 st.error(f"**{name}** could not be used: {error}")
@@ -90,14 +100,15 @@ def show_results(items: list[tuple[str, bytes]]) -> None:
             if prediction.heatmap is not None:
                 blended = overlay(shown, prediction.heatmap, alpha, box=display_box(prediction, shown.size))
             picture.caption("The outlined square is what the network saw; the colours show where it looked.")
+            heatmap_caption = f"{CAM_LABELS.get(cam_method, cam_method)} heatmap"
+            if cam_target is not None:
+                heatmap_caption += f": why {cam_target_label(cam_target)}?"
             if view == "Side by side":
                 one, two = picture.columns(2)
                 one.image(shown, caption=name, width="stretch")
-                two.image(blended, caption=f"{CAM_LABELS.get(cam_method, cam_method)} heatmap", width="stretch")
+                two.image(blended, caption=heatmap_caption, width="stretch")
             else:
-                picture.image(
-                    blended, caption=f"{name}: {CAM_LABELS.get(cam_method, cam_method)} heatmap", width="stretch"
-                )
+                picture.image(blended, caption=f"{name}: {heatmap_caption}", width="stretch")
             verdict = VERDICT_TEXT.get(prediction.verdict, prediction.verdict)
             show = {"benign": facts.success, "malignant": facts.error}.get(prediction.verdict, facts.warning)
             show(f"**{verdict}** — {VERDICT_DETAIL.get(prediction.verdict, '')}")
@@ -114,6 +125,13 @@ def show_results(items: list[tuple[str, bytes]]) -> None:
                     else ""
                 )
             )
+            diagnoses = top_diagnoses(prediction)
+            if diagnoses:  # a dx model, and a photo the OOD check accepted
+                facts.markdown(
+                    "**Most likely diagnoses:** "
+                    + ", ".join(f"{row['diagnosis']} {row['probability']:.0%}" for row in diagnoses)
+                )
+                facts.altair_chart(diagnosis_chart(diagnoses), width="stretch")
             if prediction.ood_score is not None and math.isfinite(prediction.ood_score):
                 facts.metric(
                     f"Out-of-distribution score ({prediction.ood_method})",

@@ -108,13 +108,13 @@ def command_for(run: Run, args: argparse.Namespace, cache: Path) -> list[str]:
 
 def read_result(run: Run) -> None:
     """Fill the run's figures from its metrics.json."""
-    from lesion.metrics import roc_auc_interval
+    from lesion.metrics import hanley_mcneil_interval
 
     report = json.loads((Path(run.folder) / "metrics.json").read_text())
     val, test = report["val"], report["test"]
     run.val_auc, run.test_auc = val["roc_auc"], test["roc_auc"]
     if run.test_auc is not None:
-        run.test_ci = roc_auc_interval(run.test_auc, test["n_malignant"], test["n"] - test["n_malignant"])
+        run.test_ci = hanley_mcneil_interval(run.test_auc, test["n_malignant"], test["n"] - test["n_malignant"])
     run.test_sensitivity, run.test_specificity = test["sensitivity"], test["specificity"]
     run.best_epoch = report.get("best_epoch")
 

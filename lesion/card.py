@@ -10,6 +10,7 @@ from typing import Any
 
 from lesion.checkpoint import load_checkpoint
 from lesion.files import CARD_FILE, MODEL_FILE, write_text_atomic
+from lesion.labels import dx_name
 
 INTENDED_USE = """\
 **Intended use.** A demonstration and research tool: it shows how a convolutional network, a
@@ -80,6 +81,44 @@ def _split_table(split: dict[str, dict[str, int]]) -> list[str]:
     return lines
 
 
+def _head_line(checkpoint: dict[str, Any], metrics: dict[str, Any]) -> str:
+    """What the head predicts, and why when training fell back to binary."""
+    names, malignant = checkpoint.get("dx_names") or [], checkpoint.get("dx_malignant") or []
+    note = metrics.get("target_note") or ""
+    if not names:
+        return "- Head: benign / malignant" + (f" ({note})" if note else "")
+    bad = [name for name, is_bad in zip(names, malignant, strict=True) if is_bad]
+    return (
+        f"- Head: one output per diagnosis ({', '.join(names)}); P(malignant) is the sum of the calibrated "
+        f"probabilities of the malignant ones ({', '.join(bad)})"
+    )
+
+
+def _dx_section(dx: dict[str, Any], split: str) -> list[str]:
+    """Per-diagnosis recall, precision and support, and the dx confusion matrix, as Markdown."""
+    names = dx.get("names") or []
+    lines = [
+        f"Diagnosis ({split} split): balanced accuracy (mean recall over diagnoses, the ISIC 2018 task 3 "
+        f"measure) **{_fmt(dx.get('balanced_accuracy'))}**, accuracy {_fmt(dx.get('accuracy'))}, "
+        f"{dx.get('n', 0)} images"
+        + (f" ({dx['n_unscored']} without a dx output left out)" if dx.get("n_unscored") else ""),
+        "",
+        "| diagnosis | support | recall | precision |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name in names:
+        lines.append(
+            f"| {name} ({dx_name(name)}) | {dx['support'].get(name, 0)} | {_fmt(dx['recall'].get(name))} "
+            f"| {_fmt(dx['precision'].get(name))} |"
+        )
+    lines += ["", "Confusion matrix (rows: true diagnosis, columns: predicted; plots/dx_confusion.png):", ""]
+    lines.append("| true \\ predicted | " + " | ".join(names) + " |")
+    lines.append("| --- |" + " --- |" * len(names))
+    for name, row in zip(names, dx.get("confusion") or [], strict=False):
+        lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
+    return [*lines, ""]
+
+
 def render_model_card(checkpoint: dict[str, Any], name: str = "model") -> str:
     """Markdown text of the card."""
     config, data, metrics = checkpoint.get("config", {}), checkpoint.get("data", {}), checkpoint.get("metrics", {})
@@ -93,6 +132,7 @@ def render_model_card(checkpoint: dict[str, Any], name: str = "model") -> str:
         "",
         "## Model",
         f"- Architecture: {checkpoint['arch']} with a {checkpoint['head']} head; classes {', '.join(checkpoint['class_names'])}",
+        _head_line(checkpoint, metrics),
         f"- Input: {checkpoint['image_size']} px centre crop of the image resized to {checkpoint['resize_size']} px (shorter side)",
         f"- Initial weights: {data.get('weights', config.get('weights', 'unknown'))}",
         f"- Trained: {checkpoint.get('created', 'unknown')}, best epoch {checkpoint.get('epoch')} of {metrics.get('epochs_run', '?')}"
@@ -137,9 +177,12 @@ def render_model_card(checkpoint: dict[str, Any], name: str = "model") -> str:
     ]
     per_dx = metrics.get("test", {}).get("recall_per_dx") or {}
     if per_dx:
-        lines += ["Share of each diagnosis classified correctly (test split):", ""]
+        lines += ["Share of each diagnosis given its correct benign / malignant label (test split):", ""]
         lines += [f"- {dx}: {_fmt(value)}" for dx, value in sorted(per_dx.items())]
         lines.append("")
+    dx = metrics.get("test", {}).get("dx")
+    if dx:
+        lines += _dx_section(dx, "test")
     lines += ["## Intended use and limits", "", INTENDED_USE]
     return "\n".join(lines)
 

@@ -1,13 +1,17 @@
 """The checkpoint: one file, readable with ``torch.load(path, weights_only=True)``.
 
 It holds tensors and plain Python values only (never pickled objects) and everything needed
-to use the model without its run folder. Keys (format version 1):
+to use the model without its run folder. Keys (format version 2; version 1 files, written before
+the dx head, lack the three dx keys and are read as binary models):
 
 ==================  =================================================================
 format              the string ``"lesion-checkpoint"``
 format_version      int; files of a newer version are refused
 arch, head          e.g. ``"resnet50"``, ``"linear"``
-class_names         ``["benign", "malignant"]``
+class_names         ``["benign", "malignant"]``: the verdict's classes, whatever the head
+target              ``"dx"`` (one output per diagnosis) or ``"binary"`` (the head outputs class_names)
+dx_names            the dx head's outputs in order, e.g. ``["nv", "mel", ...]``; ``[]`` for a binary head
+dx_malignant        one bool per dx_names entry: P(malignant) sums the malignant ones; ``[]`` for binary
 image_size          crop side the network sees
 resize_size         shorter side images are resized to before the centre crop
 mean, std           normalisation, lists of 3 floats
@@ -45,7 +49,7 @@ if TYPE_CHECKING:  # only for the annotation: lesion.config needs nothing from h
     from lesion.config import TrainConfig
 
 FORMAT = "lesion-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 REQUIRED_KEYS = (
     "format",
     "format_version",
@@ -89,6 +93,9 @@ def new_checkpoint(
         "arch": arch,
         "head": head,
         "class_names": list(CLASS_NAMES),
+        "target": "binary",
+        "dx_names": [],
+        "dx_malignant": [],
         "image_size": image_size,
         "resize_size": resize_size(image_size),
         "mean": list(IMAGENET_MEAN),
@@ -183,16 +190,34 @@ def _value_problem(checkpoint: dict[str, Any]) -> str:
     names = checkpoint["class_names"]
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
         return f"class_names {names!r}"
+    return _dx_problem(checkpoint.get("dx_names") or [], checkpoint.get("dx_malignant") or [])
+
+
+def _dx_problem(names: Any, malignant: Any) -> str:
+    """A dx head needs distinct names, one bool each, and outputs on both sides ('' when fine or binary)."""
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        return f"dx_names {names!r}"
+    if not names:
+        return ""
+    if len(set(names)) != len(names):
+        return f"dx_names {names!r} (repeated)"
+    if not isinstance(malignant, (list, tuple)) or len(malignant) != len(names):
+        return f"dx_malignant {malignant!r} for dx_names {names!r}"
+    if not all(isinstance(m, bool) for m in malignant) or all(malignant) or not any(malignant):
+        return f"dx_malignant {malignant!r} (needs benign and malignant diagnoses)"
     return ""
 
 
 def make_checkpoint(
-    config: TrainConfig, model: nn.Module, summary: dict[str, Any], epoch: int, **extra: Any
+    config: TrainConfig, model: nn.Module, summary: dict[str, Any], epoch: int, target: Any = None, **extra: Any
 ) -> dict[str, Any]:
     """A checkpoint of a training run: its config, data summary and epoch; finalize adds calibration and OOD.
 
     Used by the training loop (best.pt, last.pt) and by finalize (model.pt), so both write one shape.
+    ``target`` (a :class:`lesion.targets.Target`, default binary) adds the dx head's keys.
     """
+    if target is not None:
+        extra = {**target.checkpoint_entries(), **extra}
     extra.setdefault("ood", {"method": config.ood_method, "detectors": {}, "keep": config.ood_keep})
     extra.setdefault("tta", config.tta)
     return new_checkpoint(

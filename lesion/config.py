@@ -51,6 +51,7 @@ OOD_METHODS = (
     "msp",
 )
 SCHEDULES = ("cosine", "constant")
+TARGETS = ("dx", "binary")
 
 
 @dataclass
@@ -62,7 +63,8 @@ class TrainConfig:
     out: str = ""  # run folder; empty = runs/<timestamp>
     arch: str = "resnet50"  # resnet50, resnet34 or resnet18
     weights: str = "imagenet"  # imagenet, none, or a path to a local .pth state dict
-    head: str = "linear"  # linear, or mlp (2048 -> 512 -> ReLU -> Dropout 0.5 -> 2)
+    head: str = "linear"  # linear, or mlp (2048 -> 512 -> ReLU -> Dropout 0.5 -> outputs)
+    target: str = "dx"  # dx (one output per diagnosis; binary when a side has < 2 diagnoses) or binary
     image_size: int = 224  # side of the square crop the network sees
     epochs: int = 20  # maximum number of epochs
     batch_size: int = 32  # images per step on each process
@@ -71,7 +73,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw or adam
     schedule: str = "cosine"  # cosine (after warmup) or constant
     warmup_epochs: float = 1.0  # linear warmup length, in epochs
-    balance: str = "class_weights"  # class_weights, sampler (balanced sampling) or none
+    balance: str = "class_weights"  # class_weights, sampler (balanced sampling) or none; per output of the head
     augment: str = "dermoscopy"  # dermoscopy, strong (tighter crops, more colour), notebook or none
     freeze_backbone_epochs: int = 0  # train only the head for this many first epochs
     patience: int = 5  # early stopping on validation ROC-AUC; 0 = never stop early
@@ -123,6 +125,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "threshold_rule": THRESHOLD_RULES,
     "ood_method": OOD_METHODS,
     "schedule": SCHEDULES,
+    "target": TARGETS,
 }
 
 

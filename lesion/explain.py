@@ -112,6 +112,15 @@ def target_gradients(leaf: torch.Tensor, logits: torch.Tensor, targets: torch.Te
     return grads
 
 
+def score_gradients(leaf: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """d scores[i] / d A[i] for every image i: the heatmap of any scalar of the head's output.
+
+    :func:`target_gradients` is the case ``scores = logits[i, targets[i]]``.
+    """
+    (grads,) = torch.autograd.grad(scores.sum(), leaf)
+    return grads
+
+
 def normalise(cams: torch.Tensor) -> torch.Tensor:
     """Min-max per image to [0, 1], with pytorch-grad-cam's eps (so a flat map stays 0)."""
     flat = cams.flatten(1)

@@ -26,15 +26,19 @@ from lesion.metrics import (
     HEADLINE_METRICS,
     binary_metrics,
     choose_threshold,
+    dx_metrics,
     expected_calibration_error,
     fit_temperature,
 )
 from lesion.model import LAYER_NAMES, unwrap
+from lesion.targets import BINARY, IGNORE_INDEX, Target, output_probabilities, p_malignant
 
 
-def _outputs(model, frame, cache, config, device) -> dict[str, torch.Tensor]:
-    loader = make_loader(config, frame, cache, DistInfo(), train=False, device=device)
-    return collect_outputs(model, loader, device, config, features=True)
+def _outputs(model, frame, cache, config, device, target: Target) -> dict[str, torch.Tensor]:
+    loader = make_loader(config, frame, cache, DistInfo(), train=False, device=device, target=target)
+    out = collect_outputs(model, loader, device, config, features=True)
+    out["binary"] = torch.tensor(frame["label"].to_numpy(), dtype=torch.long)  # 0 benign, 1 malignant
+    return out
 
 
 def _layers(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -42,15 +46,22 @@ def _layers(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: out[name] for name in LAYER_NAMES if name in out}
 
 
-def _probabilities(logits: torch.Tensor, temperature: float = 1.0) -> np.ndarray:
-    return torch.softmax(logits / temperature, dim=1)[:, 1].numpy()
+def _probabilities(logits: torch.Tensor, target: Target, temperature: float = 1.0) -> np.ndarray:
+    """Calibrated P(malignant): the sum of the malignant outputs' softmax probabilities."""
+    return p_malignant(output_probabilities(logits, temperature), target).numpy()
 
 
-def _split_metrics(out: dict[str, torch.Tensor], frame: pd.DataFrame, temperature: float, threshold: float) -> dict:
-    labels = out["labels"].numpy()
-    metrics = binary_metrics(labels, _probabilities(out["logits"], temperature), threshold, frame["dx"].tolist())
-    metrics["ece_before_scaling"] = expected_calibration_error(labels, _probabilities(out["logits"]))
-    metrics["ece_after_scaling"] = expected_calibration_error(labels, _probabilities(out["logits"], temperature))
+def _split_metrics(
+    out: dict[str, torch.Tensor], frame: pd.DataFrame, temperature: float, threshold: float, target: Target
+) -> dict:
+    labels = out["binary"].numpy()
+    probabilities = _probabilities(out["logits"], target, temperature)
+    metrics = binary_metrics(labels, probabilities, threshold, frame["dx"].tolist())
+    metrics["ece_before_scaling"] = expected_calibration_error(labels, _probabilities(out["logits"], target))
+    metrics["ece_after_scaling"] = expected_calibration_error(labels, probabilities)
+    if target.kind == "dx":
+        dx_probabilities = output_probabilities(out["logits"], temperature).numpy()
+        metrics["dx"] = dx_metrics(frame["dx"].tolist(), dx_probabilities, target.names)
     return metrics
 
 
@@ -64,16 +75,22 @@ def finalize(
     summary: dict[str, Any],
     history: list[dict[str, Any]],
     stopped: bool = False,
+    target: Target = BINARY,
 ) -> dict[str, Any]:
-    """Write model.pt, metrics.json, plots/ and model_card.md; return paths and headline metrics."""
+    """Write model.pt, metrics.json, plots/ and model_card.md; return paths and headline metrics.
+
+    With a dx head the temperature is fitted on the dx logits, and P(malignant) (threshold,
+    binary metrics) is the sum of the calibrated malignant dx probabilities.
+    """
     frames = {fold: df[df["fold"] == fold].reset_index(drop=True) for fold in ("train", "val", "test")}
-    outs = {fold: _outputs(model, frame, cache, config, device) for fold, frame in frames.items()}
+    outs = {fold: _outputs(model, frame, cache, config, device, target) for fold, frame in frames.items()}
     val, test = outs["val"], outs["test"]
 
-    temperature = fit_temperature(val["logits"], val["labels"])
+    scored = val["labels"] != IGNORE_INDEX  # images with an output of the head (all, for binary)
+    temperature = fit_temperature(val["logits"][scored], val["labels"][scored])
     threshold = choose_threshold(
-        val["labels"].numpy(),
-        _probabilities(val["logits"], temperature),
+        val["binary"].numpy(),
+        _probabilities(val["logits"], target, temperature),
         config.threshold_rule,
         config.target_sensitivity,
     )
@@ -81,7 +98,7 @@ def finalize(
     # OOD sees the un-flipped pass, as in the predictor (the same as "logits" without test-time flips).
     detectors = ood.fit_detectors(
         outs["train"]["features"],
-        outs["train"]["labels"],
+        outs["train"]["binary"],  # benign / malignant: every image has one (a dx may be unscored)
         outs["train"]["plain_logits"],
         val["features"],
         val["plain_logits"],
@@ -92,8 +109,8 @@ def finalize(
         head=head,
     )
     metrics = {
-        "val": _split_metrics(val, frames["val"], temperature, threshold),
-        "test": _split_metrics(test, frames["test"], temperature, threshold),
+        "val": _split_metrics(val, frames["val"], temperature, threshold, target),
+        "test": _split_metrics(test, frames["test"], temperature, threshold, target),
     }
     test_scores = {
         name: ood.score(name, stats, test["features"], test["plain_logits"], layers=_layers(test), head=head)
@@ -107,6 +124,8 @@ def finalize(
     report = {
         "headline_split": "test",
         "headline": {key: metrics["test"].get(key) for key in HEADLINE_METRICS},
+        "target": target.kind,
+        "target_note": target.note,
         "decision_threshold": threshold,
         "threshold_rule": config.threshold_rule,
         "temperature": temperature,
@@ -118,11 +137,14 @@ def finalize(
         "split_sizes": summary["split"],
         **metrics,
     }
+    if target.kind == "dx":
+        report["headline"]["dx_balanced_accuracy"] = metrics["test"]["dx"]["balanced_accuracy"]
     checkpoint = make_checkpoint(
         config,
         model,
         summary,
         best_epoch,
+        target,
         decision_threshold=float(threshold),
         temperature=float(temperature),
         ood={"method": config.ood_method, "detectors": detectors, "keep": config.ood_keep},
@@ -131,7 +153,7 @@ def finalize(
     )
     path = save_checkpoint(checkpoint, run_dir / MODEL_FILE)
     write_text_atomic(run_dir / METRICS_FILE, json.dumps(report, indent=2) + "\n")
-    _plots(run_dir, test, temperature, threshold, report["test"]["confusion"], history)
+    _plots(run_dir, test, temperature, threshold, report["test"], history, target)
     from lesion.card import write_model_card
 
     write_model_card(run_dir)
@@ -139,17 +161,25 @@ def finalize(
 
 
 def _plots(
-    run_dir: Path, test: dict[str, torch.Tensor], temperature: float, threshold: float, confusion: dict, history: list
+    run_dir: Path,
+    test: dict[str, torch.Tensor],
+    temperature: float,
+    threshold: float,
+    test_metrics: dict,
+    history: list,
+    target: Target,
 ) -> None:
-    from lesion.plots import save_all_plots
+    from lesion.plots import plot_dx_confusion, save_all_plots
 
     save_all_plots(
         run_dir,
-        test["labels"].numpy(),
-        _probabilities(test["logits"]),
-        _probabilities(test["logits"], temperature),
+        test["binary"].numpy(),
+        _probabilities(test["logits"], target),
+        _probabilities(test["logits"], target, temperature),
         threshold,
-        confusion,
+        test_metrics["confusion"],
         [{"event": "epoch", **record} for record in history],
         split="test",
     )
+    if "dx" in test_metrics:
+        plot_dx_confusion(test_metrics["dx"], run_dir / "plots" / "dx_confusion.png", split="test")

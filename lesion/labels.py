@@ -10,6 +10,22 @@ from __future__ import annotations
 CLASS_NAMES: tuple[str, str] = ("benign", "malignant")
 MALIGNANT_INDEX = 1
 
+#: Every diagnosis a dx model can learn, in a fixed order: the ``p_<dx>`` columns of
+#: ``python -m lesion.predict`` follow it, so a CSV's columns never depend on the model.
+DX_CODES: tuple[str, ...] = ("nv", "mel", "bkl", "bcc", "akiec", "df", "vasc", "scc")
+
+#: Plain words for each diagnosis, for people who are not dermatologists.
+DX_NAMES: dict[str, str] = {
+    "nv": "melanocytic nevus",
+    "mel": "melanoma",
+    "bkl": "benign keratosis",
+    "bcc": "basal cell carcinoma",
+    "akiec": "actinic keratosis / intraepithelial carcinoma",
+    "df": "dermatofibroma",
+    "vasc": "vascular lesion",
+    "scc": "squamous cell carcinoma",
+}
+
 DX_TO_LABEL: dict[str, str] = {
     "mel": "malignant",
     "bcc": "malignant",
@@ -59,6 +75,11 @@ ISIC_NAME_TO_DX: dict[str, str] = {
 def label_of(dx: str) -> str:
     """Return ``"benign"`` or ``"malignant"`` for a HAM10000-style dx code; KeyError if unknown."""
     return DX_TO_LABEL[dx.strip().lower()]
+
+
+def dx_name(dx: str) -> str:
+    """Plain words for a dx code (the code itself when we have no words for it)."""
+    return DX_NAMES.get(dx, dx)
 
 
 def label_index(label: str) -> int:

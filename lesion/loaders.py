@@ -22,6 +22,7 @@ from lesion.config import TrainConfig
 from lesion.distributed import DistInfo
 from lesion.model import LayerStatistics, forward_parts, unwrap
 from lesion.regularize import flip_logits
+from lesion.targets import BINARY, Target
 from lesion.transforms import collate_squares, eval_transform, resize_size, train_worker_transform
 
 
@@ -100,21 +101,25 @@ def make_loader(
     info: DistInfo,
     train: bool,
     device: torch.device,
+    target: Target = BINARY,
     persistent: bool = False,
 ) -> DataLoader:
     """A loader over ``frame``: augmented and sampled for training, plain centre crops otherwise.
 
+    Its labels are ``target``'s: the dx output of each image for a dx head, 0 / 1 for a binary one.
     ``persistent`` keeps the worker processes between epochs (the training loop iterates the same
     two loaders every epoch; starting a dozen workers twice an epoch costs seconds on a fast GPU).
     """
     # Training loaders ship uint8 squares; augmentation and normalisation run batched on the device.
     transform = train_worker_transform(config.image_size) if train else eval_transform(config.image_size)
+    labels = target.indices(frame["dx"].tolist(), frame["label"].tolist())
     dataset = lesion_data.LesionDataset(
-        frame["path"].tolist(), frame["label"].tolist(), transform, cache, resize_size(config.image_size)
+        frame["path"].tolist(), labels.tolist(), transform, cache, resize_size(config.image_size)
     )
     if train and config.balance == "sampler":
-        counts = np.bincount(frame["label"], minlength=2).astype(float)
-        weights = 1.0 / counts[frame["label"].to_numpy()]
+        # Balanced over the head's outputs: each diagnosis (or each side) is drawn equally often.
+        counts = np.bincount(labels, minlength=target.num_outputs).astype(float)
+        weights = 1.0 / counts[labels]
         sampler: Sampler[int] = DistributedWeightedSampler(weights, len(frame), info, config.seed)
     else:
         sampler = ShardSampler(len(frame), info, config.seed, shuffle=train)

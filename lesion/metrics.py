@@ -219,7 +219,7 @@ def choose_threshold(y_true: Any, p_malignant: Any, rule: str = "youden", target
     return float(np.clip(thresholds[index], _EPS, 1.0 - _EPS))
 
 
-def roc_auc_interval(auc: float, n_positive: int, n_negative: int, level: float = 0.95) -> tuple[float, float]:
+def hanley_mcneil_interval(auc: float, n_positive: int, n_negative: int, level: float = 0.95) -> tuple[float, float]:
     """Confidence interval of a ROC-AUC from its value and the class counts (Hanley & McNeil, 1982).
 
     The standard error uses the exponential approximation Q1 = A/(2-A), Q2 = 2A^2/(1+A); the
@@ -237,3 +237,118 @@ def roc_auc_interval(auc: float, n_positive: int, n_negative: int, level: float 
     z = NormalDist().inv_cdf(0.5 + level / 2.0)
     half = z * math.sqrt(max(variance, 0.0))
     return max(0.0, auc - half), min(1.0, auc + half)
+
+
+def dx_metrics(dx_true: Sequence[str], dx_probabilities: Any, names: Sequence[str]) -> dict[str, Any]:
+    """Multi-class figures of a dx head: the predicted diagnosis is the most probable output.
+
+    ``balanced_accuracy`` is the mean per-dx recall over the diagnoses present in ``dx_true``
+    (scikit-learn's ``balanced_accuracy_score``; the ISIC 2018 task 3 measure). ``confusion`` is
+    ``[true][predicted]`` in ``names`` order. Images whose true dx is not among ``names`` cannot be
+    scored and are counted in ``n_unscored``. JSON-ready; None where a figure is undefined.
+    """
+    names = [str(n) for n in names]
+    truth = np.asarray([str(d) for d in dx_true])
+    probabilities = np.asarray(dx_probabilities, dtype=np.float64).reshape(len(truth), -1)
+    if probabilities.shape[1] != len(names):
+        raise ValueError(f"{probabilities.shape[1]} probability columns but {len(names)} diagnosis names")
+    scored = np.isin(truth, names)
+    position = {name: i for i, name in enumerate(names)}
+    y = np.asarray([position[t] for t in truth[scored]], dtype=int)
+    predicted = probabilities[scored].argmax(axis=1) if scored.any() else np.zeros(0, dtype=int)
+    confusion = np.zeros((len(names), len(names)), dtype=int)
+    np.add.at(confusion, (y, predicted), 1)
+    support, called, hits = confusion.sum(axis=1), confusion.sum(axis=0), np.diag(confusion)
+    recall = {name: _ratio(hits[i], support[i]) for i, name in enumerate(names)}
+    precision = {name: _ratio(hits[i], called[i]) for i, name in enumerate(names)}
+    defined = [value for value in recall.values() if value is not None]
+    return {
+        "names": names,
+        "n": int(scored.sum()),
+        "n_unscored": int((~scored).sum()),
+        "balanced_accuracy": float(np.mean(defined)) if defined else None,
+        "accuracy": _ratio(int(hits.sum()), int(scored.sum())),
+        "recall": recall,
+        "precision": precision,
+        "support": {name: int(support[i]) for i, name in enumerate(names)},
+        "confusion": confusion.tolist(),
+    }
+
+
+def roc_auc_interval(
+    y_true: Any,
+    p_malignant: Any,
+    groups: Sequence[Any] | None = None,
+    level: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the ROC-AUC, resampling whole ``groups`` (lesions) when given.
+
+    Images of one lesion are not independent, so resampling lesions rather than images keeps the
+    interval honest. Resamples with one class only are skipped; None when fewer than half remain.
+    """
+    y, p = _arrays(y_true, p_malignant)
+    if not _both_classes(y):
+        return None
+    keys = np.asarray(groups if groups is not None else np.arange(y.size))
+    if keys.shape != y.shape:
+        raise ValueError(f"{keys.size} groups but {y.size} labels")
+    values = _bootstrap_aucs(y, [p], keys, resamples, seed)[:, 0]
+    values = values[np.isfinite(values)]
+    if len(values) < resamples / 2:
+        return None
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def roc_auc_difference_interval(
+    y_true: Any,
+    p_a: Any,
+    p_b: Any,
+    groups: Sequence[Any] | None = None,
+    level: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float] | None:
+    """Paired bootstrap interval of ROC-AUC(p_a) - ROC-AUC(p_b) on the same images, resampling ``groups``.
+
+    Both models are scored on the same resampled lesions, so what the split's luck does to both
+    cancels; an interval that contains 0 means the data cannot tell the two apart.
+    """
+    y, a = _arrays(y_true, p_a)
+    _, b = _arrays(y_true, p_b)
+    if not _both_classes(y):
+        return None
+    keys = np.asarray(groups if groups is not None else np.arange(y.size))
+    values = _bootstrap_aucs(y, [a, b], keys, resamples, seed)
+    difference = values[:, 0] - values[:, 1]
+    difference = difference[np.isfinite(difference)]
+    if len(difference) < resamples / 2:
+        return None
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(difference, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def _bootstrap_aucs(y: np.ndarray, scores: list[np.ndarray], keys: np.ndarray, resamples: int, seed: int) -> np.ndarray:
+    """ROC-AUC of each score on ``resamples`` resamples of whole groups, (resamples, len(scores)); nan for one class."""
+    if keys.shape != y.shape:
+        raise ValueError(f"{keys.size} groups but {y.size} labels")
+    _, members = np.unique(keys, return_inverse=True)
+    ranks = [np.unique(p, return_inverse=True)[1] for p in scores]  # tied probabilities share a rank
+    n_groups = int(members.max()) + 1
+    rng = np.random.default_rng(seed)
+    values = np.full((resamples, len(scores)), np.nan)
+    for r in range(resamples):
+        # A resample of lesions is a count per lesion; each image weighs its lesion's count.
+        weight = np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)[members].astype(np.float64)
+        for column, rank in enumerate(ranks):
+            positive = np.bincount(rank, weights=weight * y, minlength=rank.max() + 1)
+            negative = np.bincount(rank, weights=weight * (1 - y), minlength=rank.max() + 1)
+            if positive.sum() and negative.sum():
+                # Mann-Whitney: each positive beats the negatives below it and ties with those beside it.
+                below = np.cumsum(negative) - negative
+                values[r, column] = np.sum(positive * (below + 0.5 * negative)) / (positive.sum() * negative.sum())
+    return values

@@ -1,4 +1,4 @@
-"""The network: a torchvision ResNet with a two-class head, and weight loading.
+"""The network: a torchvision ResNet with a head of one output per class (or diagnosis), and weight loading.
 
 :func:`forward_parts` runs the network once and returns the last convolutional activations
 (for Grad-CAM), the pooled penultimate features (for OOD) and the logits, so the predictor
@@ -52,6 +52,12 @@ def build_model(arch: str = "resnet50", head: str = "linear", num_classes: int =
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCH_BUILDERS)}")
     model = ARCH_BUILDERS[arch](weights=None)
     model.fc = HEAD_BUILDERS[head](model.fc.in_features, num_classes)
+    return model
+
+
+def replace_head(model: models.ResNet, head: str, num_classes: int) -> models.ResNet:
+    """Give ``model`` a new, randomly initialised head with ``num_classes`` outputs (the backbone is kept)."""
+    model.fc = HEAD_BUILDERS[head](feature_dim(model), num_classes)
     return model
 
 

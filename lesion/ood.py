@@ -13,9 +13,10 @@ is kept beside each threshold.
 Penultimate features only:
 
 - ``msp``: 1 - max softmax (Hendrycks & Gimpel 2017), the notebook's baseline. With two classes
-  the max softmax never drops below 0.5, so this score lives in [0, 0.5] and separates little.
-- ``energy``: -T * logsumexp(logits / T) with T = 1 (Liu et al. 2020).
-- ``mahalanobis``: minimum over classes of the Mahalanobis distance to the class mean, with one
+  the max softmax never drops below 0.5, so this score lives in [0, 0.5] and separates little;
+  over the C outputs of a dx head it lives in [0, 1 - 1/C] (the max over diagnoses, not over sides).
+- ``energy``: -T * logsumexp(logits / T) with T = 1 (Liu et al. 2020), over all of the head's outputs.
+- ``mahalanobis``: minimum over classes (diagnoses, for a dx head) of the Mahalanobis distance to the class mean, with one
   covariance shared by the classes (Lee et al. 2018), shrunk towards a scaled identity
   (Ledoit-Wolf) because a few hundred images cannot estimate a 2048 x 2048 covariance.
 - ``knn``: cosine distance to the k-th nearest L2-normalised training feature (Sun et al. 2022).

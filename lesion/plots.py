@@ -1,4 +1,4 @@
-"""Figures of a run, as PNG files: ROC, precision-recall, calibration, confusion matrix, curves.
+"""Figures of a run, as PNG files: ROC, precision-recall, calibration, confusion matrices, curves.
 
 Each function draws on its own :class:`matplotlib.figure.Figure` (Agg canvas, never pyplot),
 so nothing leaks between calls or threads, and returns the path it wrote. Titles name the
@@ -129,6 +129,34 @@ def plot_confusion(confusion: dict[str, int], path: str | Path, split: str = "te
     axes.set_yticks([0, 1], labels=list(CLASS_NAMES))
     axes.set(xlabel="predicted", ylabel="true")
     axes.set_title(f"Confusion matrix ({split} split, n={int(matrix.sum())})")
+    return _save(figure, path)
+
+
+def plot_dx_confusion(dx: dict[str, Any], path: str | Path, split: str = "test") -> Path:
+    """Diagnosis confusion matrix (rows true, columns predicted): counts and the share of each true dx.
+
+    ``dx`` is :func:`lesion.metrics.dx_metrics`'s result; the title gives its balanced accuracy.
+    """
+    names = list(dx["names"])
+    matrix = np.asarray(dx["confusion"], dtype=float).reshape(len(names), len(names))
+    rows = matrix.sum(axis=1, keepdims=True)
+    shares = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
+    side = 2.0 + 0.65 * len(names)
+    figure = _figure(side + 0.6, side)
+    axes = figure.add_subplot()
+    axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for (row, column), count in np.ndenumerate(matrix):
+        colour = "white" if shares[row, column] > 0.6 else "black"
+        axes.text(
+            column, row, f"{int(count)}\n{shares[row, column]:.0%}", ha="center", va="center", color=colour, fontsize=8
+        )
+    ticks = list(range(len(names)))
+    axes.set_xticks(ticks, labels=names)
+    axes.set_yticks(ticks, labels=names)
+    axes.set(xlabel="predicted diagnosis", ylabel="true diagnosis")
+    balanced = dx.get("balanced_accuracy")
+    note = f", balanced accuracy {balanced:.3f}" if isinstance(balanced, float) else ""
+    axes.set_title(f"Diagnosis confusion ({split} split, n={int(matrix.sum())}{note})", fontsize=9)
     return _save(figure, path)
 
 

@@ -4,8 +4,10 @@ An image goes through :func:`lesion.images.load_image` and the checkpoint's eval
 (exactly what ``train.evaluate`` uses), then :func:`lesion.model.forward_parts` once. The layer4
 activations give the heatmap (only the head is differentiated, see :mod:`lesion.explain`), the
 pooled features and logits give every fitted OOD score, and the temperature-scaled softmax gives
-P(malignant). A checkpoint saved with ``tta`` adds one batched pass over the flipped images and
-averages the logits for P(malignant) only. A :class:`Predictor` holds no per-call state, so one instance can serve many threads.
+P(malignant): for a dx model (one output per diagnosis) the sum of the malignant diagnoses'
+probabilities. A checkpoint saved with ``tta`` adds one batched pass over the flipped images and
+averages the logits for the probabilities only. A :class:`Predictor` holds no per-call state, so one
+instance can serve many threads.
 
 Command line::
 
@@ -43,8 +45,10 @@ from lesion.checkpoint import check_checkpoint, load_checkpoint
 from lesion.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
 from lesion.errors import InvalidCheckpoint, InvalidImage, LesionError
 from lesion.images import ImageSource, jpeg_for_device, load_image, load_image_with_size
+from lesion.labels import DX_CODES
 from lesion.model import LayerStatistics, build_model, forward_parts
 from lesion.regularize import flip_logits
+from lesion.targets import output_probabilities, target_of_checkpoint
 from lesion.transforms import (
     centre_crop_uint8,
     crop_origin,
@@ -77,6 +81,9 @@ class Prediction:
     image_height: int
     probabilities: dict[str, float] = field(default_factory=dict)  # calibrated, per class name
     crop_box: tuple[float, float, float, float] | None = None  # what the network saw: left, top, right, bottom
+    dx_probabilities: dict[str, float] = field(default_factory=dict)  # calibrated, per dx; empty for binary models
+    dx_top: str = ""  # the most probable dx; "" for a binary model or a rejected ("unknown") image
+    cam_target: str = ""  # what the heatmap explains: "malignant", "benign" or a dx code
 
     def to_dict(self, include_heatmap: bool = False) -> dict[str, Any]:
         """Plain JSON-able values (nan becomes None; the heatmap as nested lists if asked)."""
@@ -106,6 +113,9 @@ class Prediction:
                 "image_height",
                 "probabilities",
                 "crop_box",
+                "dx_probabilities",
+                "dx_top",
+                "cam_target",
             )
         }
         if include_heatmap:
@@ -136,6 +146,10 @@ class Predictor:
         if "malignant" not in self.class_names:
             raise InvalidCheckpoint(f"checkpoint classes {self.class_names} have no 'malignant'.")
         self.malignant_index = self.class_names.index("malignant")
+        self.target = target_of_checkpoint(checkpoint)
+        # The head's outputs in order: diagnoses for a dx model (format 2), else the class names.
+        self.dx_names: list[str] = list(self.target.names) if self.target.kind == "dx" else []
+        self._malignant_outputs = self.target.malignant_mask().to(self.device)
         self.image_size = int(checkpoint["image_size"])
         self.resize_size = int(checkpoint["resize_size"])
         self.temperature = float(checkpoint["temperature"])
@@ -306,8 +320,10 @@ class Predictor:
         ood_method: str | None,
         decision_threshold: float | None,
         ood_threshold: float | None,
+        cam_target: str | None = None,
     ) -> list[Prediction]:
         cam_method = explain.check_method(cam_method)
+        cam_target = self.check_cam_target(cam_target)
         method = self._check_ood_method(ood_method) if ood_method else self.ood_method
         decision = self.decision_threshold if decision_threshold is None else float(decision_threshold)
         started = time.perf_counter()
@@ -319,29 +335,27 @@ class Predictor:
                 class_logits = flip_logits(self.model, batch, logits)
         else:
             class_logits = logits
-        probabilities = torch.softmax(class_logits.float() / self.temperature, dim=1).cpu()
-        p_malignant = probabilities[:, self.malignant_index]
+        outputs = output_probabilities(class_logits, self.temperature).cpu()
+        p_malignant = outputs[:, self._malignant_outputs.cpu()].sum(dim=1)
         forward_s = time.perf_counter() - started
 
         started = time.perf_counter()
         # Default target: the class the verdict names, so the map shows the evidence for it.
-        targets = (p_malignant >= decision).long() * self.malignant_index + (p_malignant < decision).long() * (
-            1 - self.malignant_index
-        )
+        sides = ["malignant" if float(p) >= decision else "benign" for p in p_malignant]
+        names = [cam_target or side for side in sides]
         if target is not None:
-            targets = torch.full_like(targets, int(target))
-        low_res = self._low_resolution_cams(activations, targets, cam_method) if with_heatmap else None
+            names = [self._output_name(int(target))] * len(prepared)
+        low_res = self._low_resolution_cams(activations, names, cam_method) if with_heatmap else None
         cam_s = time.perf_counter() - started
 
         started = time.perf_counter()
         computed = self._ood_scores(features, logits, layers)
         # One copy to the host for every detector: each .cpu() would wait for the device.
-        names = list(computed)
-        stacked = [computed[name].float().reshape(-1) for name in names]
-        columns = torch.stack(stacked, dim=1).cpu().tolist() if names else [[] for _ in prepared]
-        scores = {name: [row[j] for row in columns] for j, name in enumerate(names)}
+        detector_names = list(computed)
+        stacked = [computed[name].float().reshape(-1) for name in detector_names]
+        columns = torch.stack(stacked, dim=1).cpu().tolist() if detector_names else [[] for _ in prepared]
+        scores = {name: [row[j] for row in columns] for j, name in enumerate(detector_names)}
         ood_s = time.perf_counter() - started
-        p_list, probability_rows, target_list = p_malignant.tolist(), probabilities.tolist(), targets.tolist()
 
         threshold = self.ood_thresholds.get(method, float("nan")) if ood_threshold is None else float(ood_threshold)
         results = []
@@ -356,7 +370,8 @@ class Predictor:
             ood_scores = {name: float(values[i]) for name, values in scores.items()}  # plain floats: no tensor indexing
             ood_score = ood_scores.get(method, float("nan"))
             accepted = not (ood_score > threshold)  # nan (no detector) is accepted
-            p = float(p_list[i])
+            p = float(p_malignant[i])
+            dx_probabilities = {name: float(outputs[i, j]) for j, name in enumerate(self.dx_names)}
             verdict = "unknown" if not accepted else ("malignant" if p >= decision else "benign")
             timings = {
                 "decode": item.decode_s,
@@ -378,22 +393,71 @@ class Predictor:
                     ood_scores=ood_scores,
                     heatmap=heatmap,
                     cam_method=cam_method,
-                    target=int(target_list[i]),
+                    target=self._target_index(names[i]),
                     timings=timings,
                     image_width=item.original_size[0],
                     image_height=item.original_size[1],
-                    probabilities={name: float(probability_rows[i][j]) for j, name in enumerate(self.class_names)},
+                    probabilities=self._class_probabilities(outputs[i], p),
                     crop_box=tuple(float(v) for v in item.crop_box),
+                    dx_probabilities=dx_probabilities,
+                    dx_top=max(dx_probabilities, key=dx_probabilities.get) if dx_probabilities and accepted else "",
+                    cam_target=names[i],
                 )
             )
         return results
 
-    def _low_resolution_cams(self, activations: torch.Tensor, targets: torch.Tensor, cam_method: str) -> torch.Tensor:
+    def _low_resolution_cams(self, activations: torch.Tensor, names: list[str], cam_method: str) -> torch.Tensor:
         """CAMs at layer4's resolution from the pass's own activations; only the head is differentiated."""
         uses_grads = explain.USES_GRADIENTS[cam_method]
         leaf, _, head_logits = explain.forward_head(self.model, activations, with_grad=uses_grads)
-        grads = explain.target_gradients(leaf, head_logits, targets) if uses_grads else None
+        grads = explain.score_gradients(leaf, self._cam_scores(head_logits, names)) if uses_grads else None
         return explain.low_resolution_cams(cam_method, leaf.detach(), grads).cpu()
+
+    # --- what the heatmap explains ------------------------------------------------------------
+
+    @property
+    def cam_targets(self) -> list[str]:
+        """What a heatmap can explain: "malignant", "benign", then each diagnosis of a dx model."""
+        return ["malignant", "benign", *self.dx_names]
+
+    def check_cam_target(self, cam_target: str | None) -> str | None:
+        if cam_target is not None and cam_target not in self.cam_targets:
+            raise ValueError(f"unknown heatmap target {cam_target!r}; this model offers {', '.join(self.cam_targets)}")
+        return cam_target
+
+    def _output_name(self, index: int) -> str:
+        """The name of output ``index`` of the head (the legacy integer ``target``)."""
+        names = self.dx_names or self.class_names
+        if not 0 <= index < len(names):
+            raise ValueError(f"target {index} is not an output of this model (0 to {len(names) - 1})")
+        return names[index]
+
+    def _target_index(self, name: str) -> int:
+        """``Prediction.target``: the class index for a side, the output index for a diagnosis."""
+        return self.class_names.index(name) if name in self.class_names else self.dx_names.index(name)
+
+    def _cam_scores(self, logits: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """The scalar each image's heatmap explains, (N,).
+
+        A diagnosis (or a binary model's class): its logit, as Grad-CAM's class target. A side of
+        a dx model: the log-odds of P(malignant), logsumexp(malignant logits) - logsumexp(benign
+        logits), negated for benign: the evidence for the probability the verdict is drawn from.
+        """
+        outputs = self.dx_names or self.class_names
+        if not self.dx_names:
+            index = torch.tensor([outputs.index(n) for n in names], device=logits.device)
+            return logits.gather(1, index.view(-1, 1))[:, 0]
+        mask = self._malignant_outputs.to(logits.device)
+        log_odds = torch.logsumexp(logits[:, mask], dim=1) - torch.logsumexp(logits[:, ~mask], dim=1)
+        sign = torch.tensor([{"malignant": 1.0, "benign": -1.0}.get(n, 0.0) for n in names], device=logits.device)
+        index = torch.tensor([outputs.index(n) if n in outputs else 0 for n in names], device=logits.device)
+        return torch.where(sign != 0, sign * log_odds, logits.gather(1, index.view(-1, 1))[:, 0])
+
+    def _class_probabilities(self, outputs: torch.Tensor, p: float) -> dict[str, float]:
+        """Calibrated probability per class name (benign, malignant), whatever the head."""
+        if not self.dx_names:
+            return {name: float(outputs[j]) for j, name in enumerate(self.class_names)}
+        return {name: (p if name == "malignant" else 1.0 - p) for name in self.class_names}
 
     # --- public API -------------------------------------------------------------------------
 
@@ -406,11 +470,14 @@ class Predictor:
         with_heatmap: bool = True,
         decision_threshold: float | None = None,
         ood_threshold: float | None = None,
+        cam_target: str | None = None,
     ) -> Prediction:
         """Classify one image (path, bytes, file object or PIL image); InvalidImage if unreadable.
 
-        ``target`` picks the class the heatmap explains (default: the verdict's class);
-        ``decision_threshold`` and ``ood_threshold`` override the checkpoint's for this call.
+        ``cam_target`` picks what the heatmap explains: "malignant", "benign" or a diagnosis of a
+        dx model (see :attr:`cam_targets`); default: the verdict's side. ``target`` (an output
+        index) is the older way to pick. ``decision_threshold`` and ``ood_threshold`` override the
+        checkpoint's for this call.
         """
         started = time.perf_counter()
         prepared = self._prepare_one(image)
@@ -422,6 +489,7 @@ class Predictor:
             ood_method=ood_method,
             decision_threshold=decision_threshold,
             ood_threshold=ood_threshold,
+            cam_target=cam_target,
         )[0]
         prediction.timings["total"] = time.perf_counter() - started
         return prediction
@@ -445,6 +513,7 @@ class Predictor:
         ood_method: str | None = None,
         decision_threshold: float | None = None,
         ood_threshold: float | None = None,
+        cam_target: str | None = None,
     ) -> list[Prediction | InvalidImage]:
         """Classify many images, one forward pass per ``batch_size`` chunk.
 
@@ -491,6 +560,7 @@ class Predictor:
                         ood_method=ood_method,
                         decision_threshold=decision_threshold,
                         ood_threshold=ood_threshold,
+                        cam_target=cam_target,
                     )
                     for (index, _), prediction in zip(good, predictions, strict=True):
                         results[index] = prediction
@@ -507,8 +577,9 @@ class Predictor:
 
 def _build(checkpoint: dict[str, Any]) -> torch.nn.Module:
     """The network described by the checkpoint, with its weights; InvalidCheckpoint on any mismatch."""
+    outputs = len(checkpoint.get("dx_names") or checkpoint["class_names"])
     try:
-        model = build_model(checkpoint["arch"], checkpoint["head"], num_classes=len(checkpoint["class_names"]))
+        model = build_model(checkpoint["arch"], checkpoint["head"], num_classes=outputs)
     except (ValueError, KeyError) as error:
         raise InvalidCheckpoint(
             f"the checkpoint names a model this version cannot build ({checkpoint['arch']!r}, "
@@ -559,6 +630,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--ood-method", default=None, choices=sorted(ood.SCORERS), help="default: the checkpoint's")
     parser.add_argument("--cam-method", default="gradcam", choices=explain.CAM_METHODS)
+    parser.add_argument(
+        "--cam-target",
+        default=None,
+        help="what heatmaps explain: malignant, benign or a dx code (default: the verdict)",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     return parser
@@ -591,7 +667,14 @@ def _row(path: Path, result: Prediction | InvalidImage, detector_names: list[str
     )
     for name in detector_names:
         row[f"ood_{name}"] = f"{result.ood_scores[name]:.6f}"
+    if result.accepted:  # a rejected photo gets no diagnosis
+        row["dx_top"] = result.dx_top
+        row.update({f"p_{dx}": f"{p:.6f}" for dx, p in result.dx_probabilities.items() if dx in DX_CODES})
     return row
+
+
+#: One column per diagnosis of the label map, whatever the model: empty where it has no such output.
+DX_COLUMNS = ["dx_top", *(f"p_{dx}" for dx in DX_CODES)]
 
 
 def _score(
@@ -605,7 +688,11 @@ def _score(
     for start in range(0, len(images), group):
         chunk = images[start : start + group]
         results = predictor.predict_batch(
-            chunk, batch_size=args.batch_size, with_heatmap=heatmap_dir is not None, cam_method=args.cam_method
+            chunk,
+            batch_size=args.batch_size,
+            with_heatmap=heatmap_dir is not None,
+            cam_method=args.cam_method,
+            cam_target=args.cam_target,
         )
         for path, result in zip(chunk, results, strict=True):
             row = _row(path, result, names)
@@ -667,13 +754,14 @@ def _predict_files(args: argparse.Namespace, images: list[Path], info: DistInfo)
     predictor = Predictor.from_checkpoint(
         args.checkpoint, device=_device_for(args.device, info), ood_method=args.ood_method
     )
+    predictor.check_cam_target(args.cam_target)
     heatmap_dir = Path(args.heatmaps) if args.heatmaps else None
     if heatmap_dir:
         heatmap_dir.mkdir(parents=True, exist_ok=True)
     names = list(predictor.detectors)
     columns = ["path", "verdict", "p_malignant", "decision_threshold", "ood_method", "ood_score", "ood_threshold"]
     columns += ["accepted", "cam_method", "image_width", "image_height", "error"] + [f"ood_{n}" for n in names]
-    columns += ["heatmap"]
+    columns += ["heatmap"] + DX_COLUMNS
     out = Path(args.out)
     shard = images[info.rank :: info.world_size]
     with tqdm(total=len(shard), unit="img", file=sys.stderr, disable=not info.is_main) as bar:

@@ -26,7 +26,6 @@ from lesion.errors import InvalidCheckpoint, LesionError
 from lesion.events import read_events
 from lesion.files import CARD_FILE as CARD_FILE  # re-exported: lesion.runs.CARD_FILE stays importable
 from lesion.files import CONFIG_FILE, EVENTS_FILE, JOB_FILE, METRICS_FILE, MODEL_FILE, SPLIT_FILE
-from lesion.metrics import HEADLINE_METRICS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # The model shipped with the app (python -m train.export writes it; README, "The bundled model").
@@ -137,6 +136,10 @@ def headline_metrics(metrics: dict[str, Any]) -> tuple[dict[str, float], str]:
     Reads metrics.json (``headline`` + ``headline_split``), the ``done`` event's summary
     (``split`` + values), or per-split tables (test preferred over val).
     """
+
+    # Here, not at the top: lesion.metrics imports torch and scikit-learn, and the app's sidebar
+    # reads runs before the first page is drawn (bench/app.py, first verdict).
+    from lesion.metrics import HEADLINE_METRICS
 
     def pick(values: Any) -> dict[str, float]:
         if not isinstance(values, dict):

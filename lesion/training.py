@@ -49,8 +49,9 @@ from lesion.loaders import (  # noqa: F401
     make_loader,
 )
 from lesion.metrics import binary_metrics
-from lesion.model import backbone_parameters, build_model, load_backbone_weights
+from lesion.model import backbone_parameters, build_model, load_backbone_weights, replace_head
 from lesion.regularize import Regularizer, SoftTargetCrossEntropy
+from lesion.targets import BINARY, IGNORE_INDEX, Target, choose_target, output_probabilities, p_malignant
 from lesion.transforms import BatchAugment, resize_size
 
 EventCallback = Callable[[dict[str, Any]], None]
@@ -202,10 +203,14 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def class_weights(labels: np.ndarray) -> torch.Tensor:
-    """Inverse-frequency weights normalised to mean 1 (what the notebook's class weights did)."""
-    counts = np.bincount(labels, minlength=2).astype(float)
-    weights = counts.sum() / (2.0 * np.maximum(counts, 1.0))
+def class_weights(labels: np.ndarray, num_classes: int = 2) -> torch.Tensor:
+    """Inverse-frequency weights, total / (classes x count) (what the notebook's class weights did).
+
+    Per output of the head: per diagnosis for a dx head. Labels left out of the loss (negative) do not count.
+    """
+    labels = np.asarray(labels)
+    counts = np.bincount(labels[labels >= 0], minlength=num_classes).astype(float)
+    weights = counts.sum() / (num_classes * np.maximum(counts, 1.0))
     return torch.tensor(weights, dtype=torch.float32)
 
 
@@ -295,23 +300,27 @@ def validate(
     info: DistInfo,
     device: torch.device,
     criterion: nn.Module,
+    target: Target = BINARY,
     loader: DataLoader | None = None,
 ) -> dict[str, Any]:
     """Validation metrics over the whole split, each rank scoring its shard; every rank gets the result.
 
-    ``loader`` is the training loop's own validation loader (its workers persist); made here if None.
+    The loss is on the head's outputs; the metrics on P(malignant), the sum of the malignant outputs.
+    ``loader`` is the training loop's own validation loader (its workers persist; its labels must
+    be ``target``'s); made here if None.
     """
     if loader is None:
-        loader = make_loader(config, frame, cache, info, train=False, device=device)
+        loader = make_loader(config, frame, cache, info, train=False, device=device, target=target)
     out = collect_outputs(model, loader, device, config)
     indices = list(loader.sampler)
     gathered = all_gather_objects((indices, out["logits"], out["labels"]), info)
     order = torch.tensor([i for part in gathered for i in part[0]])
     logits = torch.cat([part[1] for part in gathered])[torch.argsort(order)]
     labels = torch.cat([part[2] for part in gathered])[torch.argsort(order)]
-    loss = criterion(logits, labels).item() if len(labels) else float("nan")
-    probabilities = torch.softmax(logits, 1)[:, 1].numpy()
-    metrics = binary_metrics(labels.numpy(), probabilities, 0.5, frame["dx"].tolist())
+    scored = labels != IGNORE_INDEX
+    loss = criterion(logits[scored], labels[scored]).item() if bool(scored.any()) else float("nan")
+    probabilities = p_malignant(output_probabilities(logits), target).numpy()
+    metrics = binary_metrics(frame["label"].to_numpy(), probabilities, 0.5, frame["dx"].tolist())
     return {"loss": loss, **metrics}
 
 
@@ -364,6 +373,7 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
     summary["weights"] = weights_note
     train_df = df[df["fold"] == "train"].reset_index(drop=True)
     val_df = df[df["fold"] == "val"].reset_index(drop=True)
+    target, train_df = _choose_head(config, model, train_df, summary)
     model.to(device)
     if config.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -378,8 +388,8 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
             find_unused_parameters=config.freeze_backbone_epochs > 0,
         )
 
-    loader = make_loader(config, train_df, cache, info, train=True, device=device, persistent=True)
-    val_loader = make_loader(config, val_df, cache, info, train=False, device=device, persistent=True)
+    loader = make_loader(config, train_df, cache, info, train=True, device=device, target=target, persistent=True)
+    val_loader = make_loader(config, val_df, cache, info, train=False, device=device, target=target, persistent=True)
     steps_per_epoch = min(len(loader), config.max_steps_per_epoch or len(loader))
     total_steps = steps_per_epoch * config.epochs
     optimizer = OPTIMIZERS[config.optimizer]([p for p in model.parameters()], config)
@@ -387,9 +397,10 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, warmup, config.schedule)
     )
-    weight = class_weights(train_df["label"].to_numpy()).to(device) if config.balance == "class_weights" else None
+    train_labels = target.indices(train_df["dx"].tolist(), train_df["label"].tolist())
+    weight = class_weights(train_labels, target.num_outputs).to(device) if config.balance == "class_weights" else None
     criterion = SoftTargetCrossEntropy(weight=weight, label_smoothing=config.label_smoothing)
-    regularizer = Regularizer(config, model)
+    regularizer = Regularizer(config, model, num_classes=target.num_outputs)
     val_criterion = nn.CrossEntropyLoss(weight=weight.cpu() if weight is not None else None)
 
     state = TrainState()
@@ -405,6 +416,9 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
         device=str(device),
         world_size=info.world_size,
         resumed_from_epoch=state.epoch,
+        target=target.kind,
+        outputs=list(target.names),
+        target_note=target.note,
         pid=os.getpid(),
         host=socket.gethostname(),
     )
@@ -434,7 +448,7 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
             break  # keep the last complete epoch's checkpoint: a partial epoch would break resume
         train_loss = mean_across_ranks(train_loss, seen, info)
         val = validate(
-            regularizer.eval_model(model), val_df, cache, config, info, device, val_criterion, loader=val_loader
+            regularizer.eval_model(model), val_df, cache, config, info, device, val_criterion, target, loader=val_loader
         )
         auc = val["roc_auc"] if val["roc_auc"] is not None else -1.0
         improved = auc > state.best_auc
@@ -461,9 +475,9 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
         if info.is_main:
             if improved:
                 kept = regularizer.eval_model(model)  # the EMA weights when enabled
-                save_checkpoint(make_checkpoint(config, kept, summary, epoch, history=state.history), best_path)
+                save_checkpoint(make_checkpoint(config, kept, summary, epoch, target, history=state.history), best_path)
                 events.emit("checkpoint", path=str(best_path), kind="best", epoch=epoch)
-            last = make_checkpoint(config, model, summary, epoch, history=state.history)
+            last = make_checkpoint(config, model, summary, epoch, target, history=state.history)
             last["training"] = training_state(optimizer, scheduler, state, regularizer)
             save_checkpoint(last, last_path)
             events.emit("checkpoint", path=str(last_path), kind="last", epoch=epoch)
@@ -478,7 +492,9 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
     if info.is_main:
         best = load_checkpoint(best_path)
         model.load_state_dict(best["state_dict"])
-        result = finalize(config, model, df, cache, device, run_dir, summary, state.history, stopped=stop.requested)
+        result = finalize(
+            config, model, df, cache, device, run_dir, summary, state.history, stopped=stop.requested, target=target
+        )
         events.emit(
             "done",
             metrics=result["metrics_summary"],
@@ -488,6 +504,32 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
         )
     barrier(info)
     return run_dir / MODEL_FILE
+
+
+def _choose_head(
+    config: TrainConfig, model: nn.Module, train_df: pd.DataFrame, summary: dict[str, Any]
+) -> tuple[Target, pd.DataFrame]:
+    """Pick the head for the training split (dx or binary), give ``model`` that head, note it in ``summary``.
+
+    A dx head learns only from images whose diagnosis it has an output for; the others (ISIC's
+    "other") still count in every benign / malignant figure. Returns the target and the frame to train on.
+    """
+    target = choose_target(config.target, train_df["dx"].tolist())
+    if target.num_outputs != len(CLASS_NAMES):
+        # Seeded, so a resumed run builds the same (then overwritten) head and runs stay reproducible.
+        torch.manual_seed(config.seed)
+        replace_head(model, config.head, target.num_outputs)
+    kept = train_df
+    if target.kind == "dx":
+        kept = train_df[train_df["dx"].isin(target.names)].reset_index(drop=True)
+    summary["target"] = {
+        "requested": config.target,
+        "kind": target.kind,
+        "outputs": list(target.names),
+        "note": target.note,
+        "train_images_without_dx_output": int(len(train_df) - len(kept)),
+    }
+    return target, kept
 
 
 def _resume(path: Path, model: nn.Module, optimizer, scheduler, regularizer: Regularizer | None = None) -> TrainState:

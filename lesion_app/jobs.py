@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from lesion.config import build_config
-from lesion.data import metadata_file
 from lesion.errors import DataError, LesionError
 from lesion.events import read_events
 from lesion.files import JOB_FILE, LOG_FILE, write_text_atomic
@@ -101,6 +100,8 @@ def resolve_data_file(data_root: str | Path | None, relative: str) -> Path:
 
 def has_metadata(folder: Path) -> bool:
     """True when ``python -m train --data folder`` would find a metadata CSV (same search, same depth)."""
+    from lesion.data import metadata_file  # here: lesion.data imports torch, and the sidebar runs before any page
+
     return metadata_file(folder) is not None
 
 

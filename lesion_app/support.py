@@ -27,6 +27,7 @@ from PIL import Image
 from lesion.config import recipe_measurement
 from lesion.files import SPLIT_FILE
 from lesion.images import MAX_BYTES, load_image
+from lesion.labels import DX_NAMES
 from lesion.runs import PROJECT_ROOT, ModelEntry
 
 DISCLAIMER = (
@@ -51,16 +52,6 @@ METRIC_LABELS = {
 }
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "heic", "heif"]
 SAMPLES_DIR = PROJECT_ROOT / "assets" / "samples"
-DX_NAMES = {
-    "mel": "melanoma",
-    "bcc": "basal cell carcinoma",
-    "akiec": "actinic keratosis / intraepithelial carcinoma",
-    "scc": "squamous cell carcinoma",
-    "nv": "nevus",
-    "bkl": "benign keratosis",
-    "df": "dermatofibroma",
-    "vasc": "vascular lesion",
-}
 # Side of the longest edge images are shown and heatmaps are kept at: enough for the page,
 # and a 50-megapixel phone photo does not keep 200 MB of heatmap in a session.
 DISPLAY_SIDE = 1024
@@ -232,20 +223,22 @@ def cached_prediction(
     name: str,
     cam_method: str,
     display: Image.Image,
+    cam_target: str | None = None,
 ) -> Any:
-    """The Prediction for these image bytes, this model file (path + mtime) and CAM method.
+    """The Prediction for these image bytes, this model file (path + mtime), CAM method and target.
 
     Computed once; moving a slider or switching the view reads it from ``cache``. The heatmap
     kept is resized to ``display``'s size (the prediction itself saw the full-resolution file).
+    ``cam_target`` None explains the verdict (see :meth:`lesion.predict.Predictor.predict`).
     """
-    key = ("prediction", digest(data), str(model.path), model.mtime, cam_method)
+    key = ("prediction", digest(data), str(model.path), model.mtime, cam_method, cam_target)
     if key in cache:
         if isinstance(cache, OrderedDict):
             cache.move_to_end(key)
         return cache[key]
     with _PREDICT_LOCK:
         count_predict_call(name)
-        prediction = predictor.predict(_named_bytes(data, name), cam_method=cam_method)
+        prediction = predictor.predict(_named_bytes(data, name), cam_method=cam_method, cam_target=cam_target)
     if prediction.heatmap is not None:
         prediction.heatmap = _resize_heatmap(prediction.heatmap, display.size)
     return _remember(cache, key, prediction)
@@ -257,11 +250,59 @@ def result_row(name: str, prediction: Any) -> dict[str, Any]:
         "image": name,
         "verdict": VERDICT_TEXT.get(prediction.verdict, prediction.verdict),
         "P(malignant)": round(float(prediction.p_malignant), 3),
+        "most likely diagnosis": next((row["diagnosis"] for row in top_diagnoses(prediction, 1)), ""),
         "decision threshold": round(float(prediction.decision_threshold), 3),
         "OOD score": _round(prediction.ood_score),
         "OOD threshold": _round(prediction.ood_threshold),
         "OOD method": prediction.ood_method or "",
     }
+
+
+def top_diagnoses(prediction: Any, count: int = 3) -> list[dict[str, Any]]:
+    """The ``count`` most probable diagnoses in plain words, most probable first.
+
+    Empty for a binary model and for a rejected photo: a photo that is not a lesion gets no diagnosis.
+    """
+    if not getattr(prediction, "accepted", False) or not getattr(prediction, "dx_probabilities", None):
+        return []
+    ranked = sorted(prediction.dx_probabilities.items(), key=lambda item: item[1], reverse=True)[:count]
+    return [{"diagnosis": DX_NAMES.get(dx, dx), "code": dx, "probability": float(p)} for dx, p in ranked]
+
+
+def cam_target_label(target: str | None) -> str:
+    """The "Heatmap explains:" choices in words.
+
+    None, the default, is the evidence for the verdict's side, as before the dx head: malignant for
+    a malignant verdict, benign for a benign one (so it is not labelled "malignant").
+    """
+    if target is None:
+        return "the verdict (default)"
+    if target in ("malignant", "benign"):
+        return target
+    return DX_NAMES.get(target, target)
+
+
+def cam_target_choices(predictor: Any) -> list[str | None]:
+    """None (the verdict, the default), malignant, benign, then each diagnosis of a dx model."""
+    return [None, "malignant", "benign", *getattr(predictor, "dx_names", [])]
+
+
+def diagnosis_chart(rows: Sequence[dict[str, Any]]) -> Any:
+    """A small horizontal Altair bar chart of :func:`top_diagnoses`."""
+    import altair as alt
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    return (
+        alt.Chart(frame)
+        .mark_bar(color="#457b9d")
+        .encode(
+            x=alt.X("probability:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%"), title=None),
+            y=alt.Y("diagnosis:N", sort="-x", title=None),
+            tooltip=[alt.Tooltip("diagnosis:N"), alt.Tooltip("probability:Q", format=".1%")],
+        )
+        .properties(height=30 * len(frame) + 10)
+    )
 
 
 def _round(value: Any, digits: int = 4) -> float | None:

@@ -66,6 +66,7 @@ def test_model_card_page_names_the_split_and_shows_plots(trained_run: Path, monk
     assert set(detectors["detector"]) == set(DETECTORS) and detectors["in use"].sum() == 1
     captions = [c for image in at.image for c in image.captions]
     assert "ROC curve (test split)" in captions and "Training and validation curves" in captions
+    assert "Diagnosis confusion matrix (most probable diagnosis) (test split)" in captions  # a dx model
     assert any(m.value.strip() == INTENDED_USE.strip() for m in at.markdown)  # its own tab
 
 

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
+from lesion.labels import DX_NAMES
 from lesion.predict import Predictor
 from lesion_app.support import VERDICT_TEXT
 
@@ -111,3 +112,42 @@ def test_bad_uploads_get_plain_errors_and_the_good_image_still_works(predict_pag
     assert "tiny.png" in errors[1] and "at least 32 pixels" in errors[1]
     assert "truncated.jpg" in errors[2]
     assert len(verdict_boxes(at)) == 1  # the good image got its answer
+
+
+def diagnosis_lines(at: AppTest) -> list[str]:
+    return [m.value for m in at.markdown if m.value.startswith("**Most likely diagnoses:**")]
+
+
+def test_top_three_diagnoses_beside_the_verdict_and_none_for_a_rejected_photo(
+    predict_page: AppTest, trained_run: Path
+) -> None:
+    at = predict_page
+    predictor = Predictor.from_checkpoint(trained_run / "model.pt")
+    # A lesion this tiny model's OOD check accepts (it rejects some real lesions too).
+    lesion = next(p for p in sorted(LESION.parent.glob("*.jpg")) if predictor.predict(p, with_heatmap=False).accepted)
+    at.file_uploader[0].upload(lesion.name, lesion.read_bytes(), "image/jpeg").upload(
+        CAR.name, CAR.read_bytes(), "image/jpeg"
+    )
+    at.run()
+    assert not at.exception
+    accepted = [p for p in (predictor.predict(path, with_heatmap=False) for path in (lesion, CAR)) if p.accepted]
+    lines = diagnosis_lines(at)
+    assert len(lines) == len(accepted) >= 1  # a rejected photo shows no diagnosis
+    for line, prediction in zip(lines, accepted, strict=True):
+        ranked = sorted(prediction.dx_probabilities, key=prediction.dx_probabilities.get, reverse=True)[:3]
+        shown = line.split("**")[-1].strip()
+        assert shown == ", ".join(f"{DX_NAMES[dx]} {prediction.dx_probabilities[dx]:.0%}" for dx in ranked)
+    assert len(at.get("vega_lite_chart")) == len(accepted)  # the small bar chart of each
+
+
+def test_heatmap_target_select_box_recomputes_the_heatmap(predict_page: AppTest, counter: Path) -> None:
+    at = predict_page
+    at.file_uploader[0].upload(LESION.name, LESION.read_bytes(), "image/jpeg")
+    at.run()
+    explains = next(box for box in at.selectbox if box.label == "Heatmap explains:")
+    assert explains.options[:3] == ["the verdict (default)", "malignant", "benign"]
+    assert "melanoma" in explains.options and calls(counter) == 1
+    explains.set_value("mel").run()
+    assert not at.exception
+    assert calls(counter) == 2
+    assert heatmaps(at) == [f"{LESION.name}: Grad-CAM heatmap: why melanoma?"]

@@ -145,16 +145,16 @@ def test_threshold_fallbacks() -> None:
         choose_threshold([0, 1], [0.2, 0.8], "magic")
 
 
-def test_roc_auc_interval_matches_a_bootstrap_and_narrows_with_more_data() -> None:
+def test_hanley_mcneil_interval_matches_a_bootstrap_and_narrows_with_more_data() -> None:
     from sklearn.metrics import roc_auc_score
 
-    from lesion.metrics import roc_auc_interval
+    from lesion.metrics import hanley_mcneil_interval
 
     rng = np.random.default_rng(0)
     y = np.array([0] * 70 + [1] * 60)
     p = np.where(y == 1, rng.normal(1.2, 1.0, y.size), rng.normal(0.0, 1.0, y.size))
     auc = roc_auc_score(y, p)
-    low, high = roc_auc_interval(auc, 60, 70)
+    low, high = hanley_mcneil_interval(auc, 60, 70)
     assert low < auc < high
     boots = []
     for _ in range(1000):
@@ -162,7 +162,7 @@ def test_roc_auc_interval_matches_a_bootstrap_and_narrows_with_more_data() -> No
         boots.append(roc_auc_score(y[index], p[index]))
     # The normal interval's half width is 1.96 standard errors; the bootstrap's spread agrees within 25 %.
     assert (high - low) / 2 / 1.96 == pytest.approx(np.std(boots), rel=0.25)
-    assert roc_auc_interval(auc, 600, 700)[1] - roc_auc_interval(auc, 600, 700)[0] < (high - low) / 2
-    assert roc_auc_interval(1.0, 5, 5) == (1.0, 1.0)
+    assert hanley_mcneil_interval(auc, 600, 700)[1] - hanley_mcneil_interval(auc, 600, 700)[0] < (high - low) / 2
+    assert hanley_mcneil_interval(1.0, 5, 5) == (1.0, 1.0)
     with pytest.raises(ValueError):
-        roc_auc_interval(0.8, 0, 10)
+        hanley_mcneil_interval(0.8, 0, 10)

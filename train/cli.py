@@ -68,6 +68,10 @@ def _progress(total_epochs: int):
         kind = event["event"]
         if kind == "start":
             print(f"training on {event['device']} with {event['n_images']} images: {event['sizes']}", file=sys.stderr)
+            if event.get("target"):
+                print(f"head: {event['target']} ({', '.join(event.get('outputs', []))})", file=sys.stderr)
+            if event.get("target_note"):
+                print(f"note: {event['target_note']}", file=sys.stderr)
             if event.get("resumed_from_epoch"):
                 print(f"resuming after epoch {event['resumed_from_epoch']}", file=sys.stderr)
         elif kind == "step":

@@ -44,11 +44,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def evaluate(args: argparse.Namespace) -> dict:
-    """Metrics of the checkpoint on the dataset, at the checkpoint's own decision threshold."""
+    """Metrics of the checkpoint on the dataset, at the checkpoint's own decision threshold.
+
+    A dx model adds ``dx``: balanced accuracy over diagnoses, per-dx recall, precision and
+    support, and the dx confusion matrix (:func:`lesion.metrics.dx_metrics`).
+    """
     import numpy as np
 
     from lesion import data as lesion_data
-    from lesion.metrics import binary_metrics
+    from lesion.errors import InvalidImage
+    from lesion.metrics import binary_metrics, dx_metrics
     from lesion.predict import Predictor
 
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
@@ -62,9 +67,16 @@ def evaluate(args: argparse.Namespace) -> dict:
         df = df[df["fold"] == args.split]
         if df.empty:
             raise LesionError(f"no images of {args.data} are in the {args.split} fold of {split_file}")
-    probabilities = np.asarray(predictor.probabilities(df["path"].tolist(), batch_size=args.batch_size))
+    predictions = predictor.predict_batch(df["path"].tolist(), batch_size=args.batch_size, with_heatmap=False)
+    for result in predictions:
+        if isinstance(result, InvalidImage):
+            raise result
+    probabilities = np.array([result.p_malignant for result in predictions], dtype=np.float64)
     threshold = predictor.decision_threshold
     metrics = binary_metrics(df["label"].to_numpy(), probabilities, threshold, df["dx"].tolist())
+    if predictor.dx_names:
+        table = [[result.dx_probabilities[name] for name in predictor.dx_names] for result in predictions]
+        metrics["dx"] = dx_metrics(df["dx"].tolist(), np.array(table), predictor.dx_names)
     metrics.update(
         checkpoint=str(args.checkpoint),
         data=str(args.data),
@@ -102,6 +114,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {key:18s} {value:.4f}" if isinstance(value, float) else f"  {key:18s} n/a")
     print(f"  threshold          {metrics['threshold']:.4f}")
     print(f"  confusion          {metrics['confusion']}")
+    dx = metrics.get("dx")
+    if dx:
+        balanced = dx["balanced_accuracy"]
+        print(f"  dx balanced acc.   {balanced:.4f}" if balanced is not None else "  dx balanced acc.   n/a")
+        for name in dx["names"]:
+            recall, precision = dx["recall"][name], dx["precision"][name]
+            print(
+                f"  {name:6s} n={dx['support'][name]:<5d} recall "
+                + (f"{recall:.3f}" if recall is not None else "n/a")
+                + " precision "
+                + (f"{precision:.3f}" if precision is not None else "n/a")
+            )
     return 0
 
 

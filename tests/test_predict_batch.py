@@ -152,7 +152,9 @@ def test_torchrun_two_processes_write_one_csv_equal_to_one_process(tmp_path: Pat
     corrupt.write_bytes(lesion_paths()[2].read_bytes()[:3000])
     inputs = [*map(str, lesion_paths()[:4]), str(corrupt), *map(str, ood_paths()[:2])]  # 7: uneven shards
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    common = ["--checkpoint", str(checkpoint_path), "--batch-size", "2"]
+    # One heatmap folder for both runs: its names come from the inputs, so the heatmap columns match.
+    heatmaps = tmp_path / "maps"
+    common = ["--checkpoint", str(checkpoint_path), "--batch-size", "2", "--heatmaps", str(heatmaps)]
     single = subprocess.run(
         [sys.executable, "-m", "lesion.predict", *common, "--out", str(tmp_path / "one.csv"), *inputs],
         cwd=REPO,
@@ -174,5 +176,7 @@ def test_torchrun_two_processes_write_one_csv_equal_to_one_process(tmp_path: Pat
     assert sharded.returncode == 0, sharded.stdout + sharded.stderr
     one, two = _rows(tmp_path / "one.csv"), _rows(tmp_path / "two.csv")
     assert [row["path"] for row in two] == inputs  # every input once, in the single run's order
-    assert "damaged or truncated" in two[4]["error"]
+    assert "damaged or truncated" in two[4]["error"] and two[4]["heatmap"] == ""
     assert one == two
+    drawn = [row["heatmap"] for i, row in enumerate(two) if i != 4]
+    assert all(drawn) and sorted(map(Path, drawn)) == sorted(heatmaps.iterdir())  # each rank drew its own share

@@ -139,8 +139,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{path.name} contains Python objects that could run code, so it was not loaded. "
             f"Only checkpoints written by lesion are accepted. ({str(error).splitlines()[0]})"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
-        raise InvalidCheckpoint(f"{path.name} is not a readable checkpoint (truncated or damaged?): {error}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError, TypeError) as error:
+        # Not a zip: torch falls back to its legacy format, whose weights-only unpickler fails on
+        # arbitrary bytes with KeyError / IndexError (seen with a text file named model.pt).
+        detail = (
+            f": {error}" if isinstance(error, (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError)) else ""
+        )
+        raise InvalidCheckpoint(
+            f"{path.name} is not a readable checkpoint (truncated, damaged, or not a checkpoint at all){detail}"
+        ) from None
     return check_checkpoint(checkpoint, path.name)
 
 

@@ -331,6 +331,7 @@ def _bad_checkpoints(trained_model: Path, folder: Path) -> dict[str, Path]:
     raw("truncated-50%", good[: len(good) // 2])
     raw("truncated-99%", good[: len(good) * 99 // 100])
     raw("empty", b"")
+    raw("a-text-file", b"hello, not a checkpoint\n")  # the legacy unpickler fails on it with a bare KeyError
     raw("a-jpeg", (REPO / "assets" / "samples" / "lesions" / "ISIC_0000032.jpg").read_bytes())
     return files
 

@@ -294,13 +294,7 @@ def roc_auc_interval(
     keys = np.asarray(groups if groups is not None else np.arange(y.size))
     if keys.shape != y.shape:
         raise ValueError(f"{keys.size} groups but {y.size} labels")
-    values = _bootstrap_aucs(y, [p], keys, resamples, seed)[:, 0]
-    values = values[np.isfinite(values)]
-    if len(values) < resamples / 2:
-        return None
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(values, [tail, 100 - tail])
-    return float(low), float(high)
+    return _percentile_interval(_bootstrap_aucs(y, [p], keys, resamples, seed)[:, 0], level, resamples)
 
 
 def roc_auc_difference_interval(
@@ -323,12 +317,16 @@ def roc_auc_difference_interval(
         return None
     keys = np.asarray(groups if groups is not None else np.arange(y.size))
     values = _bootstrap_aucs(y, [a, b], keys, resamples, seed)
-    difference = values[:, 0] - values[:, 1]
-    difference = difference[np.isfinite(difference)]
-    if len(difference) < resamples / 2:
+    return _percentile_interval(values[:, 0] - values[:, 1], level, resamples)
+
+
+def _percentile_interval(values: np.ndarray, level: float, resamples: int) -> tuple[float, float] | None:
+    """The central ``level`` interval of the finite bootstrap values; None when fewer than half are finite."""
+    values = values[np.isfinite(values)]
+    if len(values) < resamples / 2:
         return None
     tail = (1 - level) / 2 * 100
-    low, high = np.percentile(difference, [tail, 100 - tail])
+    low, high = np.percentile(values, [tail, 100 - tail])
     return float(low), float(high)
 
 

@@ -28,7 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lesion.config import build_config  # noqa: E402
 from lesion.data import read_split  # noqa: E402
-from lesion.metrics import roc_auc_difference_interval, roc_auc_interval  # noqa: E402
+from lesion.metrics import (  # noqa: E402
+    mean_roc_auc_difference_interval,
+    roc_auc_difference_interval,
+    roc_auc_interval,
+)
 from lesion.predict import Predictor  # noqa: E402
 from lesion.training import locate_data, run_training  # noqa: E402
 
@@ -63,8 +67,12 @@ def one_run(root: Path, seed: int, target: str, recipe: str, overrides: list[str
     run_dir = root / f"seed{seed}-{target}"
     config = build_config(recipe, [*overrides, f"--seed={seed}", f"--target={target}", f"--out={run_dir}"])
     started = time.perf_counter()
-    run_training(config)
-    seconds = time.perf_counter() - started
+    if (run_dir / "model.pt").exists():  # a finished run of an earlier call: measure it again, don't retrain
+        print(f"reusing {run_dir} (it has its model.pt)")
+        seconds = float("nan")
+    else:
+        run_training(config)
+        seconds = time.perf_counter() - started
     metrics = json.loads((run_dir / "metrics.json").read_text())
     device = "cuda" if config.device in ("auto", "cuda") and _cuda() else "cpu"
     y, p, lesions = test_scores(run_dir, device)
@@ -128,15 +136,33 @@ def report(runs: list[dict[str, Any]]) -> dict[str, Any]:
         low, high = interval or (None, None)
         pairs.append({"seed": seed, "difference": float(difference), "difference_95": interval})
         print(f"  seed {seed}: {difference:+.3f} [{_f(low)}, {_f(high)}] on {dx['n_test_lesions']} test lesions")
+    mean_interval = mean_roc_auc_difference_interval(
+        [(dx["_scores"][0], dx["_scores"][1], binary["_scores"][1], dx["_scores"][2]) for dx, binary in _pairs(runs)]
+    )
     means = {
         target: float(np.mean([r["roc_auc_rescored"] or np.nan for r in runs if r["target"] == target]))
         for target in TARGETS
     }
     print(
         f"\nmean test ROC-AUC over {len(pairs)} seed(s): dx {means['dx']:.3f}, binary {means['binary']:.3f}; "
-        f"mean difference {np.mean([p['difference'] for p in pairs]):+.3f}"
+        f"mean difference {np.mean([p['difference'] for p in pairs]):+.3f} "
+        f"[{_f((mean_interval or (None, None))[0])}, {_f((mean_interval or (None, None))[1])}] "
+        "(95 %, test lesions resampled within each seed)"
     )
-    return {"runs": [{k: v for k, v in r.items() if k != "_scores"} for r in runs], "pairs": pairs, "means": means}
+    return {
+        "runs": [{k: v for k, v in r.items() if k != "_scores"} for r in runs],
+        "pairs": pairs,
+        "means": means,
+        "mean_difference_95": mean_interval,
+    }
+
+
+def _pairs(runs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(dx run, binary run) per seed, in seed order."""
+    return [
+        tuple(next(r for r in runs if r["seed"] == seed and r["target"] == t) for t in TARGETS)  # type: ignore[misc]
+        for seed in sorted({run["seed"] for run in runs})
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -320,6 +320,33 @@ def roc_auc_difference_interval(
     return _percentile_interval(values[:, 0] - values[:, 1], level, resamples)
 
 
+def mean_roc_auc_difference_interval(
+    samples: Sequence[tuple[Any, Any, Any, Sequence[Any] | None]],
+    level: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float] | None:
+    """Bootstrap interval of the MEAN paired ROC-AUC difference over several independent splits.
+
+    ``samples`` holds one ``(y_true, p_a, p_b, groups)`` per split (per seed): each split's lesions
+    are resampled on their own, as in :func:`roc_auc_difference_interval`, and each round averages
+    the splits' differences. The splits are independent, so the mean's interval is narrower than any
+    one split's; it still only covers the test lesions' luck, not what a new seed would train.
+    """
+    if not samples:
+        return None
+    rounds = []
+    for index, (y_true, p_a, p_b, groups) in enumerate(samples):
+        y, a = _arrays(y_true, p_a)
+        _, b = _arrays(y_true, p_b)
+        if not _both_classes(y):
+            return None
+        keys = np.asarray(groups if groups is not None else np.arange(y.size))
+        values = _bootstrap_aucs(y, [a, b], keys, resamples, seed + index)
+        rounds.append(values[:, 0] - values[:, 1])
+    return _percentile_interval(np.mean(rounds, axis=0), level, resamples)
+
+
 def _percentile_interval(values: np.ndarray, level: float, resamples: int) -> tuple[float, float] | None:
     """The central ``level`` interval of the finite bootstrap values; None when fewer than half are finite."""
     values = values[np.isfinite(values)]

@@ -270,6 +270,24 @@ def test_paired_difference_interval_sees_a_better_model_and_not_a_copy() -> None
     assert roc_auc_difference_interval(y, good, good) == (0.0, 0.0)
 
 
+def test_mean_difference_over_seeds_is_narrower_than_one_seed() -> None:
+    from lesion.metrics import mean_roc_auc_difference_interval, roc_auc_difference_interval
+
+    rng = np.random.default_rng(3)
+    splits = []
+    for _ in range(3):
+        y = rng.integers(0, 2, 120)
+        splits.append((y, y * 0.5 + rng.random(120), y * 0.4 + rng.random(120), np.arange(120) // 2))
+    one = roc_auc_difference_interval(*splits[0][:3], splits[0][3])
+    low, high = mean_roc_auc_difference_interval(splits)
+    assert high - low < one[1] - one[0]  # three independent splits pin the mean down better than one
+    copies = [(y, a, a, g) for y, a, _, g in splits]
+    assert mean_roc_auc_difference_interval(copies) == (0.0, 0.0)
+    clearly = [(y, y * 0.9 + rng.random(len(y)), b, g) for y, _, b, g in splits]
+    assert mean_roc_auc_difference_interval(clearly)[0] > 0
+    assert mean_roc_auc_difference_interval([]) is None
+
+
 def test_training_and_evaluation_loaders_carry_the_dx_labels(tmp_path: Path) -> None:
     import pandas as pd
 

@@ -65,6 +65,7 @@ class TrainConfig:
     weights: str = "imagenet"  # imagenet, none, or a path to a local .pth state dict
     head: str = "linear"  # linear, or mlp (2048 -> 512 -> ReLU -> Dropout 0.5 -> outputs)
     target: str = "dx"  # dx (one output per diagnosis; binary when a side has < 2 diagnoses) or binary
+    side_loss: float = 0.0  # dx head: weight of a benign / malignant cross-entropy on P(malignant) added to the dx loss
     image_size: int = 224  # side of the square crop the network sees
     epochs: int = 20  # maximum number of epochs
     batch_size: int = 32  # images per step on each process
@@ -184,6 +185,8 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ConfigError(f"mix_prob must lie in [0, 1]; got {config.mix_prob}")
     if not 0 <= config.ema_decay < 1:
         raise ConfigError(f"ema_decay must lie in [0, 1) (0 = off); got {config.ema_decay}")
+    if not 0 <= config.side_loss <= 100:
+        raise ConfigError(f"side_loss must lie in [0, 100]; got {config.side_loss}")
     if not 0 <= config.label_smoothing < 1:
         raise ConfigError(f"label_smoothing must lie in [0, 1); got {config.label_smoothing}")
     if config.lr <= 0:

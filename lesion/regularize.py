@@ -107,6 +107,44 @@ class SoftTargetCrossEntropy(nn.Module):
         return -(weighted * log_p).sum() / weighted.sum()
 
 
+class DxSideCrossEntropy(nn.Module):
+    """A dx head's loss plus ``side_weight`` x the benign / malignant cross-entropy of P(malignant).
+
+    P(malignant) is the softmax mass of the malignant outputs, so the side term's two logits are
+    the log-sum-exp of each side's outputs; its target is the side of the dx target (the malignant
+    share of a soft, mixed target). Each term is a :class:`SoftTargetCrossEntropy` with its own class
+    weights (per diagnosis, per side). The side term trains the ranking the app's verdict uses
+    directly, while the dx term still spreads the mass over the diagnoses.
+    """
+
+    def __init__(
+        self,
+        malignant: torch.Tensor,
+        dx_weight: torch.Tensor | None = None,
+        side_weight_per_class: torch.Tensor | None = None,
+        side_weight: float = 1.0,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("malignant", malignant.bool(), persistent=False)
+        self.dx = SoftTargetCrossEntropy(dx_weight, label_smoothing)
+        self.side = SoftTargetCrossEntropy(side_weight_per_class, label_smoothing)
+        self.side_weight = side_weight
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits32 = logits.float()
+        side_logits = torch.stack(
+            [logits32[:, ~self.malignant].logsumexp(dim=1), logits32[:, self.malignant].logsumexp(dim=1)], dim=1
+        )
+        if target.is_floating_point():
+            malignant_share = (target.float() * self.malignant.float()).sum(dim=1)
+            side_target = torch.stack([1.0 - malignant_share, malignant_share], dim=1)
+        else:
+            # Images without a dx output (ignored by the dx term) are ignored here too.
+            side_target = torch.where(target >= 0, self.malignant[target.clamp_min(0)].long(), target)
+        return self.dx(logits, target) + self.side_weight * self.side(side_logits, side_target)
+
+
 # ---------------------------------------------------------------- EMA of the weights
 
 

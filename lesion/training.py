@@ -50,7 +50,7 @@ from lesion.loaders import (  # noqa: F401
 )
 from lesion.metrics import binary_metrics
 from lesion.model import backbone_parameters, build_model, load_backbone_weights, replace_head
-from lesion.regularize import Regularizer, SoftTargetCrossEntropy
+from lesion.regularize import DxSideCrossEntropy, Regularizer, SoftTargetCrossEntropy
 from lesion.targets import BINARY, IGNORE_INDEX, Target, choose_target, output_probabilities, p_malignant
 from lesion.transforms import BatchAugment, resize_size
 
@@ -399,7 +399,16 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
     )
     train_labels = target.indices(train_df["dx"].tolist(), train_df["label"].tolist())
     weight = class_weights(train_labels, target.num_outputs).to(device) if config.balance == "class_weights" else None
-    criterion = SoftTargetCrossEntropy(weight=weight, label_smoothing=config.label_smoothing)
+    criterion: nn.Module = SoftTargetCrossEntropy(weight=weight, label_smoothing=config.label_smoothing)
+    if target.kind == "dx" and config.side_loss > 0:
+        side_weight = class_weights(train_df["label"].to_numpy(), 2) if config.balance == "class_weights" else None
+        criterion = DxSideCrossEntropy(
+            target.malignant_mask(),
+            dx_weight=weight,
+            side_weight_per_class=side_weight,
+            side_weight=config.side_loss,
+            label_smoothing=config.label_smoothing,
+        ).to(device)
     regularizer = Regularizer(config, model, num_classes=target.num_outputs)
     val_criterion = nn.CrossEntropyLoss(weight=weight.cpu() if weight is not None else None)
 

@@ -302,3 +302,26 @@ def test_training_and_evaluation_loaders_carry_the_dx_labels(tmp_path: Path) -> 
     for train in (True, False):
         loader = make_loader(config, frame, None, DistInfo(), train=train, device=torch.device("cpu"), target=target)
         assert loader.dataset.labels == [1, 2, IGNORE_INDEX]
+
+
+def test_side_loss_is_the_binary_cross_entropy_of_p_malignant() -> None:
+    import torch
+
+    from lesion.regularize import DxSideCrossEntropy, SoftTargetCrossEntropy
+    from lesion.targets import dx_target, p_malignant
+
+    target = dx_target(["nv", "mel", "bkl", "bcc"])
+    torch.manual_seed(0)
+    logits = torch.randn(8, 4)
+    labels = torch.tensor([0, 1, 2, 3, 1, 0, -100, 3])
+    pure = SoftTargetCrossEntropy()(logits, labels)
+    assert torch.isclose(DxSideCrossEntropy(target.malignant_mask(), side_weight=0.0)(logits, labels), pure)
+    combined = DxSideCrossEntropy(target.malignant_mask(), side_weight=2.0)(logits, labels)
+    p = p_malignant(torch.softmax(logits, dim=1), target)
+    side = torch.tensor([bool(target.malignant[i]) for i in labels.clamp_min(0)]).float()
+    kept = labels >= 0  # an image without a dx output counts in neither term
+    binary = torch.nn.functional.binary_cross_entropy(p[kept], side[kept])
+    assert torch.isclose(combined, pure + 2.0 * binary, atol=1e-5)
+    soft = torch.nn.functional.one_hot(labels[kept], 4).float()  # mixed batches: soft targets, same loss
+    hard = DxSideCrossEntropy(target.malignant_mask())(logits[kept], labels[kept])
+    assert torch.isclose(DxSideCrossEntropy(target.malignant_mask())(logits[kept], soft), hard, atol=1e-5)

@@ -200,13 +200,13 @@ def report(checkpoint: Path, device: str, batch_size: int, reps: int) -> list[di
             f"notebook rule (max softmax < 0.8 rejected): photos accepted {notebook['ood_accepted']}/{len(photos_kept)}, "
             f"lesions rejected {notebook['lesions_rejected']}/{len(lesions_kept)}"
         )
-    default = predictor.ood_method
-    accepted = [
-        p.name
-        for p, s in zip(photos_kept, photo_scores[default], strict=True)
-        if s <= predictor.ood_thresholds[default]
-    ]
-    print(f"photos the default ({default}) accepts: {', '.join(accepted) or 'none'}")
+    for name in predictor.detectors:
+        accepted = [
+            p.name for p, s in zip(photos_kept, photo_scores[name], strict=True) if s <= predictor.ood_thresholds[name]
+        ]
+        if len(accepted) <= 3:  # the few a good detector lets through are worth naming
+            marker = " (the default)" if name == predictor.ood_method else ""
+            print(f"photos {name}{marker} accepts: {', '.join(accepted) or 'none'}")
     return rows
 
 

@@ -96,7 +96,13 @@ def test_export_halves_weights_records_split_and_remeasures(trained_run: Path, t
     full = Predictor.from_checkpoint(trained_run / "model.pt").predict(image, with_heatmap=False)
     assert predictor.predict(image, with_heatmap=False).p_malignant == pytest.approx(full.p_malignant, abs=0.01)
     assert json.loads((out.parent / "metrics.json").read_text())["test"] == checkpoint["metrics"]["test"]
-    assert "How this file was made" in (out.parent / "model_card.md").read_text()
+    card = (out.parent / "model_card.md").read_text()
+    assert "How this file was made" in card
+    # A dx model's diagnosis figures are re-measured too, and the card shows them.
+    dx = checkpoint["metrics"]["test"]["dx"]
+    assert dx["names"] == checkpoint["dx_names"] and dx["n"] == checkpoint["metrics"]["test"]["n"]
+    assert "Diagnosis (test split): balanced accuracy" in card and "Confusion matrix" in card
+    assert checkpoint["metrics"]["headline"]["dx_balanced_accuracy"] == dx["balanced_accuracy"]
     text = describe(checkpoint)
     assert "ResNet-18 trained from random weights on the bundled demo set" in text
     assert f"on {checkpoint['metrics']['test']['n_lesions']} held-out lesions" in text

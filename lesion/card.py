@@ -88,9 +88,15 @@ def _head_line(checkpoint: dict[str, Any], metrics: dict[str, Any]) -> str:
     if not names:
         return "- Head: benign / malignant" + (f" ({note})" if note else "")
     bad = [name for name, is_bad in zip(names, malignant, strict=True) if is_bad]
+    side = float((checkpoint.get("config") or {}).get("side_loss") or 0.0)
+    loss = (
+        f"; loss: diagnosis cross-entropy plus {side:g} x benign / malignant cross-entropy of P(malignant)"
+        if side
+        else "; loss: diagnosis cross-entropy"
+    )
     return (
         f"- Head: one output per diagnosis ({', '.join(names)}); P(malignant) is the sum of the calibrated "
-        f"probabilities of the malignant ones ({', '.join(bad)})"
+        f"probabilities of the malignant ones ({', '.join(bad)}){loss}"
     )
 
 

@@ -65,7 +65,7 @@ class TrainConfig:
     weights: str = "imagenet"  # imagenet, none, or a path to a local .pth state dict
     head: str = "linear"  # linear, or mlp (2048 -> 512 -> ReLU -> Dropout 0.5 -> outputs)
     target: str = "dx"  # dx (one output per diagnosis; binary when a side has < 2 diagnoses) or binary
-    side_loss: float = 0.0  # dx head: weight of a benign / malignant cross-entropy on P(malignant) added to the dx loss
+    side_loss: float = 1.0  # dx head: weight of a benign / malignant cross-entropy on P(malignant) added to the dx loss (0 = dx loss only)
     image_size: int = 224  # side of the square crop the network sees
     epochs: int = 20  # maximum number of epochs
     batch_size: int = 32  # images per step on each process

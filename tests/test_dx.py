@@ -81,6 +81,8 @@ def test_training_learns_the_diagnosis_and_reports_it(trained_run: Path) -> None
     assert (trained_run / "plots" / "dx_confusion.png").stat().st_size > 1000
     card = (trained_run / "model_card.md").read_text()
     assert "one output per diagnosis" in card and "Diagnosis (test split): balanced accuracy" in card
+    assert checkpoint["config"]["side_loss"] == 1.0  # the default: the dx loss plus the benign / malignant one
+    assert "plus 1 x benign / malignant cross-entropy of P(malignant)" in card
     start = json.loads((trained_run / "events.jsonl").read_text().splitlines()[0])
     assert start["target"] == "dx" and start["outputs"] == names
 

@@ -246,9 +246,32 @@ def read_metadata(
 
 
 def _lesions(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per lesion, sorted by id: its image count and label (malignant if any image is)."""
-    grouped = df.groupby("lesion_id", sort=True)["label"]
-    return pd.DataFrame({"n": grouped.size(), "label": grouped.max().astype(int)})
+    """One row per lesion, sorted by id: its image count, label (malignant if any image is) and dx.
+
+    A lesion's dx is its first image's (by image id); "" when the frame has no dx column.
+    """
+    grouped = df.groupby("lesion_id", sort=True)
+    label = grouped["label"].max().astype(int)
+    if "dx" in df.columns:
+        dx = df.sort_values("image_id").groupby("lesion_id", sort=True)["dx"].first().astype(str)
+    else:
+        dx = pd.Series("", index=label.index)
+    return pd.DataFrame({"n": grouped.size(), "label": label, "dx": dx})
+
+
+def _interleaved(ids: np.ndarray, strata: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``ids`` shuffled so that every stretch of the order holds each stratum in its overall share.
+
+    Each stratum is shuffled, and its j-th lesion (of n) gets the key (j + u) / n with one random
+    offset u per stratum; sorting by the key deals the strata out evenly, so cutting the order into
+    val, test and train gives each fold every diagnosis in about its share of the data.
+    """
+    keys = np.empty(len(ids))
+    for stratum in np.unique(strata):
+        members = np.flatnonzero(strata == stratum)
+        members = rng.permutation(members)
+        keys[members] = (np.arange(len(members)) + rng.random()) / len(members)
+    return ids[np.argsort(keys, kind="stable")]
 
 
 def select_subset(df: pd.DataFrame, max_images: int, seed: int) -> pd.DataFrame:
@@ -290,7 +313,13 @@ def split_by_lesion(df: pd.DataFrame, val_fraction: float, test_fraction: float,
     """Return a copy of ``df`` with a ``fold`` column: train, val or test.
 
     Lesions (not images) are shuffled with a seeded generator within each label and cut by
-    the fractions, so no lesion has images on two sides and every fold holds both labels.
+    the fractions, so no lesion has images on two sides and every fold holds both labels. Within a
+    label the order interleaves the diagnoses (:func:`_interleaved`), so each fold holds each
+    diagnosis in about its share: validation then looks like test, and what is fitted on it (the
+    decision threshold, the temperature, the OOD thresholds) carries over. (A split by label only
+    once gave validation 20 % and test 35 % of the demo set's nevi and melanomas, which come from
+    other ISIC collections than the rest, and the OOD threshold fitted on validation rejected 9 %
+    of test lesions instead of 5 %.)
     Lesion ids are sorted first, so the result does not depend on the order of the rows.
     """
     lesions = _lesions(df)
@@ -305,7 +334,8 @@ def split_by_lesion(df: pd.DataFrame, val_fraction: float, test_fraction: float,
     rng = np.random.default_rng(seed)
     fold_of: dict[str, str] = {}
     for label in range(len(CLASS_NAMES)):
-        ids = rng.permutation(lesions.index[lesions["label"] == label].to_numpy())
+        members = lesions[lesions["label"] == label]
+        ids = _interleaved(members.index.to_numpy(), members["dx"].to_numpy(), rng)
         n_val, n_test = _fold_sizes(len(ids), val_fraction, test_fraction)
         fold_of.update(dict.fromkeys(ids[:n_val], "val"))
         fold_of.update(dict.fromkeys(ids[n_val : n_val + n_test], "test"))

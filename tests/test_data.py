@@ -255,6 +255,39 @@ def test_split_has_no_lesion_leak_and_both_labels_everywhere(n_lesions: int, per
         assert abs(sizes["val"] - 0.15) < 0.02 and abs(sizes["test"] - 0.15) < 0.02
 
 
+def test_split_gives_each_fold_every_diagnosis_in_its_share() -> None:
+    # Two benign and two malignant diagnoses of very different sizes, as in HAM10000 (nv dominates).
+    rng = np.random.default_rng(5)
+    sizes = {"nv": 600, "bkl": 60, "mel": 100, "df": 0, "bcc": 40}
+    rows = []
+    for dx, count in sizes.items():
+        for i in range(count):
+            label = int(dx in ("mel", "bcc"))
+            for j in range(int(rng.integers(1, 3))):
+                rows.append({"image_id": f"{dx}{i}_{j}", "lesion_id": f"{dx}{i}", "dx": dx, "label": label})
+    df = pd.DataFrame(rows)
+    for seed in range(3):
+        split = split_by_lesion(df, 0.15, 0.15, seed=seed)
+        _assert_no_leak(split)
+        per_lesion = split.groupby("lesion_id")[["dx", "fold"]].first()
+        counts = pd.crosstab(per_lesion["dx"], per_lesion["fold"])
+        for dx, count in sizes.items():
+            if count:  # val and test each hold 15 % of every diagnosis, give or take one lesion
+                assert abs(counts.at[dx, "val"] - 0.15 * count) <= 1.5, (seed, dx, counts)
+                assert abs(counts.at[dx, "test"] - 0.15 * count) <= 1.5, (seed, dx, counts)
+
+
+def test_split_of_the_demo_set_matches_validation_to_test() -> None:
+    from lesion.data import read_metadata
+
+    frame, _ = read_metadata(Path(__file__).resolve().parent.parent / "assets" / "demo")
+    split = split_by_lesion(frame, 0.15, 0.15, seed=0)
+    per_lesion = split.groupby("lesion_id")[["dx", "fold"]].first()
+    counts = pd.crosstab(per_lesion["dx"], per_lesion["fold"])
+    # Nevi and melanomas come from other ISIC collections than the rest: equal shares in val and test.
+    assert (counts["val"] - counts["test"]).abs().max() <= 2, counts
+
+
 def test_split_is_deterministic_and_ignores_row_order() -> None:
     df = _synthetic(200, 4)
     first = split_by_lesion(df, 0.2, 0.1, seed=7).set_index("image_id")["fold"]

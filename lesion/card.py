@@ -149,7 +149,7 @@ def render_model_card(checkpoint: dict[str, Any], name: str = "model") -> str:
         "## Data and split",
         f"- Source: {data.get('layout', 'unknown')} metadata `{data.get('metadata', '?')}`; {data.get('n_images', '?')} images "
         f"of {data.get('n_lesions', '?')} lesions",
-        "- Split by lesion (no lesion on two sides), stratified by label, seeded; saved as split.csv",
+        "- Split by lesion (no lesion on two sides), stratified by label and diagnosis, seeded; saved as split.csv",
         f"- Images skipped as missing, unreadable or of unknown diagnosis: {n_skipped}",
         f"- ISIC rows dropped as Indeterminate: {data.get('dropped_indeterminate', 0)}",
         "",

@@ -251,6 +251,19 @@ def test_layer_statistics_are_the_stage_means_and_stds_of_the_same_pass():
     assert not any(m._forward_hooks for m in model.modules())  # closed with the block
 
 
+def test_pooled_statistics_keep_their_digits_on_large_offsets_and_bf16() -> None:
+    from lesion.model import pooled_statistics
+
+    torch.manual_seed(1)
+    x = 1000.0 + torch.randn(3, 8, 56, 56)  # a large mean over a small spread: one-pass moments would cancel
+    reference = torch.cat([x.double().mean(dim=(2, 3)), x.double().std(dim=(2, 3), correction=0)], dim=1)
+    assert torch.allclose(pooled_statistics(x).double(), reference, rtol=1e-4, atol=1e-3)
+    low = x.bfloat16()  # an autocast pass hands the hooks bf16 activations
+    assert pooled_statistics(low).dtype == torch.float32
+    expected = torch.cat([low.double().mean(dim=(2, 3)), low.double().std(dim=(2, 3), correction=0)], dim=1)
+    assert torch.allclose(pooled_statistics(low).double(), expected, rtol=1e-4, atol=1e-2)
+
+
 def _observed_tiny_model(rows: int = 40):
     """Features, logits and stage statistics of real sample lesions through a tiny random ResNet-18."""
     from tests.helpers_model import batch_of, lesion_paths

@@ -125,7 +125,7 @@ def report(runs: list[dict[str, Any]]) -> dict[str, Any]:
         )
         if run["note"]:
             print(f"      note: {run['note']}")
-    pairs = []
+    pairs, samples = [], []
     print("\npaired difference of test ROC-AUC, dx - binary (same test lesions; bootstrap over lesions)")
     for seed in sorted({run["seed"] for run in runs}):
         dx, binary = (next(r for r in runs if r["seed"] == seed and r["target"] == t) for t in TARGETS)
@@ -133,12 +133,12 @@ def report(runs: list[dict[str, Any]]) -> dict[str, Any]:
         _, p_binary, _ = binary["_scores"]
         difference = (dx["roc_auc_rescored"] or np.nan) - (binary["roc_auc_rescored"] or np.nan)
         interval = roc_auc_difference_interval(y, p_dx, p_binary, lesions)
+        samples.append((y, p_dx, p_binary, lesions))
         low, high = interval or (None, None)
         pairs.append({"seed": seed, "difference": float(difference), "difference_95": interval})
         print(f"  seed {seed}: {difference:+.3f} [{_f(low)}, {_f(high)}] on {dx['n_test_lesions']} test lesions")
-    mean_interval = mean_roc_auc_difference_interval(
-        [(dx["_scores"][0], dx["_scores"][1], binary["_scores"][1], dx["_scores"][2]) for dx, binary in _pairs(runs)]
-    )
+    mean_interval = mean_roc_auc_difference_interval(samples)
+    mean_low, mean_high = mean_interval or (None, None)
     means = {
         target: float(np.mean([r["roc_auc_rescored"] or np.nan for r in runs if r["target"] == target]))
         for target in TARGETS
@@ -146,7 +146,7 @@ def report(runs: list[dict[str, Any]]) -> dict[str, Any]:
     print(
         f"\nmean test ROC-AUC over {len(pairs)} seed(s): dx {means['dx']:.3f}, binary {means['binary']:.3f}; "
         f"mean difference {np.mean([p['difference'] for p in pairs]):+.3f} "
-        f"[{_f((mean_interval or (None, None))[0])}, {_f((mean_interval or (None, None))[1])}] "
+        f"[{_f(mean_low)}, {_f(mean_high)}] "
         "(95 %, test lesions resampled within each seed)"
     )
     return {
@@ -155,14 +155,6 @@ def report(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "means": means,
         "mean_difference_95": mean_interval,
     }
-
-
-def _pairs(runs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """(dx run, binary run) per seed, in seed order."""
-    return [
-        tuple(next(r for r in runs if r["seed"] == seed and r["target"] == t) for t in TARGETS)  # type: ignore[misc]
-        for seed in sorted({run["seed"] for run in runs})
-    ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -92,7 +92,7 @@ def rescore(checkpoint: dict[str, Any], folds: tuple[str, ...] = ("val", "test")
     Probabilities come from :meth:`Predictor.probabilities` (decode, evaluation transform, forward,
     temperature) and are judged at the checkpoint's decision threshold, as ``train.evaluate`` does.
     """
-    from lesion.metrics import binary_metrics, dx_metrics
+    from lesion.metrics import binary_metrics
     from lesion.predict import Predictor
 
     predictor = Predictor(checkpoint, device="cpu")
@@ -111,9 +111,9 @@ def rescore(checkpoint: dict[str, Any], folds: tuple[str, ...] = ("val", "test")
             part["label"].to_numpy(), probabilities, predictor.decision_threshold, part["dx"].tolist()
         )
         metrics["n_lesions"] = int(part["lesion_id"].nunique())
-        if predictor.dx_names:  # a dx head: its diagnosis figures, re-measured like the rest
-            table = [[p.dx_probabilities[name] for name in predictor.dx_names] for p in predictions]
-            metrics["dx"] = dx_metrics(part["dx"].tolist(), table, predictor.dx_names)
+        dx = predictor.dx_metrics(predictions, part["dx"].tolist())
+        if dx is not None:  # a dx head: its diagnosis figures, re-measured like the rest
+            metrics["dx"] = dx
         metrics["ood_accepted"] = {
             name: sum(p.ood_scores[name] <= predictor.ood_thresholds[name] for p in predictions) / len(predictions)
             for name in predictor.ood_thresholds

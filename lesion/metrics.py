@@ -288,13 +288,8 @@ def roc_auc_interval(
     Images of one lesion are not independent, so resampling lesions rather than images keeps the
     interval honest. Resamples with one class only are skipped; None when fewer than half remain.
     """
-    y, p = _arrays(y_true, p_malignant)
-    if not _both_classes(y):
-        return None
-    keys = np.asarray(groups if groups is not None else np.arange(y.size))
-    if keys.shape != y.shape:
-        raise ValueError(f"{keys.size} groups but {y.size} labels")
-    return _percentile_interval(_bootstrap_aucs(y, [p], keys, resamples, seed)[:, 0], level, resamples)
+    values = _lesion_bootstrap(y_true, [p_malignant], groups, resamples, seed)
+    return None if values is None else _percentile_interval(values[:, 0], level, resamples)
 
 
 def roc_auc_difference_interval(
@@ -311,13 +306,8 @@ def roc_auc_difference_interval(
     Both models are scored on the same resampled lesions, so what the split's luck does to both
     cancels; an interval that contains 0 means the data cannot tell the two apart.
     """
-    y, a = _arrays(y_true, p_a)
-    _, b = _arrays(y_true, p_b)
-    if not _both_classes(y):
-        return None
-    keys = np.asarray(groups if groups is not None else np.arange(y.size))
-    values = _bootstrap_aucs(y, [a, b], keys, resamples, seed)
-    return _percentile_interval(values[:, 0] - values[:, 1], level, resamples)
+    values = _lesion_bootstrap(y_true, [p_a, p_b], groups, resamples, seed)
+    return None if values is None else _percentile_interval(values[:, 0] - values[:, 1], level, resamples)
 
 
 def mean_roc_auc_difference_interval(
@@ -333,18 +323,25 @@ def mean_roc_auc_difference_interval(
     the splits' differences. The splits are independent, so the mean's interval is narrower than any
     one split's; it still only covers the test lesions' luck, not what a new seed would train.
     """
-    if not samples:
-        return None
     rounds = []
     for index, (y_true, p_a, p_b, groups) in enumerate(samples):
-        y, a = _arrays(y_true, p_a)
-        _, b = _arrays(y_true, p_b)
-        if not _both_classes(y):
+        values = _lesion_bootstrap(y_true, [p_a, p_b], groups, resamples, seed + index)
+        if values is None:
             return None
-        keys = np.asarray(groups if groups is not None else np.arange(y.size))
-        values = _bootstrap_aucs(y, [a, b], keys, resamples, seed + index)
         rounds.append(values[:, 0] - values[:, 1])
-    return _percentile_interval(np.mean(rounds, axis=0), level, resamples)
+    return _percentile_interval(np.mean(rounds, axis=0), level, resamples) if rounds else None
+
+
+def _lesion_bootstrap(
+    y_true: Any, scores: list[Any], groups: Sequence[Any] | None, resamples: int, seed: int
+) -> np.ndarray | None:
+    """ROC-AUC of each score on resamples of whole groups (images when None); None with one class."""
+    y = _arrays(y_true, scores[0])[0]
+    if not _both_classes(y):
+        return None
+    columns = [_arrays(y_true, score)[1] for score in scores]
+    keys = np.asarray(groups if groups is not None else np.arange(y.size))
+    return _bootstrap_aucs(y, columns, keys, resamples, seed)
 
 
 def _percentile_interval(values: np.ndarray, level: float, resamples: int) -> tuple[float, float] | None:

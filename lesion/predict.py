@@ -48,7 +48,7 @@ from lesion.images import ImageSource, jpeg_for_device, load_image, load_image_w
 from lesion.labels import DX_CODES
 from lesion.model import LayerStatistics, build_model, forward_parts
 from lesion.regularize import flip_logits
-from lesion.targets import output_probabilities, target_of_checkpoint
+from lesion.targets import output_probabilities, side_logits, target_of_checkpoint
 from lesion.transforms import (
     centre_crop_uint8,
     crop_origin,
@@ -447,8 +447,8 @@ class Predictor:
         if not self.dx_names:
             index = torch.tensor([outputs.index(n) for n in names], device=logits.device)
             return logits.gather(1, index.view(-1, 1))[:, 0]
-        mask = self._malignant_outputs.to(logits.device)
-        log_odds = torch.logsumexp(logits[:, mask], dim=1) - torch.logsumexp(logits[:, ~mask], dim=1)
+        sides = side_logits(logits, self._malignant_outputs)
+        log_odds = sides[:, 1] - sides[:, 0]
         sign = torch.tensor([{"malignant": 1.0, "benign": -1.0}.get(n, 0.0) for n in names], device=logits.device)
         index = torch.tensor([outputs.index(n) if n in outputs else 0 for n in names], device=logits.device)
         return torch.where(sign != 0, sign * log_odds, logits.gather(1, index.view(-1, 1))[:, 0])
@@ -573,6 +573,15 @@ class Predictor:
             if isinstance(result, InvalidImage):
                 raise result
         return np.array([result.p_malignant for result in results], dtype=np.float64)
+
+    def dx_metrics(self, predictions: Sequence[Prediction], dx_true: Sequence[str]) -> dict[str, Any] | None:
+        """Diagnosis figures (:func:`lesion.metrics.dx_metrics`) of these predictions; None for a binary model."""
+        if not self.dx_names:
+            return None
+        from lesion.metrics import dx_metrics
+
+        table = [[prediction.dx_probabilities[name] for name in self.dx_names] for prediction in predictions]
+        return dx_metrics(dx_true, np.array(table), self.dx_names)
 
 
 def _build(checkpoint: dict[str, Any]) -> torch.nn.Module:

@@ -25,6 +25,7 @@ from torch.nn import functional as F
 
 from lesion.errors import LesionError
 from lesion.model import unwrap
+from lesion.targets import side_logits
 
 # Views averaged by test-time augmentation: the image, flipped left-right, upside-down, and both.
 FLIP_DIMS: tuple[tuple[int, ...], ...] = ((), (3,), (2,), (2, 3))
@@ -132,17 +133,14 @@ class DxSideCrossEntropy(nn.Module):
         self.side_weight = side_weight
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits32 = logits.float()
-        side_logits = torch.stack(
-            [logits32[:, ~self.malignant].logsumexp(dim=1), logits32[:, self.malignant].logsumexp(dim=1)], dim=1
-        )
+        sides = side_logits(logits, self.malignant)
         if target.is_floating_point():
             malignant_share = (target.float() * self.malignant.float()).sum(dim=1)
             side_target = torch.stack([1.0 - malignant_share, malignant_share], dim=1)
         else:
             # Images without a dx output (ignored by the dx term) are ignored here too.
             side_target = torch.where(target >= 0, self.malignant[target.clamp_min(0)].long(), target)
-        return self.dx(logits, target) + self.side_weight * self.side(side_logits, side_target)
+        return self.dx(logits, target) + self.side_weight * self.side(sides, side_target)
 
 
 # ---------------------------------------------------------------- EMA of the weights

@@ -105,3 +105,14 @@ def output_probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torc
 def p_malignant(probabilities: torch.Tensor, target: Target) -> torch.Tensor:
     """P(malignant) per image: the sum of the malignant outputs' probabilities, (N,)."""
     return probabilities[:, target.malignant_mask().to(probabilities.device)].sum(dim=1)
+
+
+def side_logits(logits: torch.Tensor, malignant: torch.Tensor) -> torch.Tensor:
+    """(N, 2) float32: log-sum-exp of the benign outputs, then of the malignant ones.
+
+    Their softmax is (1 - P(malignant), P(malignant)) and their difference the log-odds of
+    P(malignant), for any head (``malignant``: the boolean mask of :meth:`Target.malignant_mask`).
+    """
+    logits = logits.float()
+    mask = malignant.to(logits.device)
+    return torch.stack([logits[:, ~mask].logsumexp(dim=1), logits[:, mask].logsumexp(dim=1)], dim=1)

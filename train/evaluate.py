@@ -53,7 +53,7 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     from lesion import data as lesion_data
     from lesion.errors import InvalidImage
-    from lesion.metrics import binary_metrics, dx_metrics
+    from lesion.metrics import binary_metrics
     from lesion.predict import Predictor
 
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
@@ -74,9 +74,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     probabilities = np.array([result.p_malignant for result in predictions], dtype=np.float64)
     threshold = predictor.decision_threshold
     metrics = binary_metrics(df["label"].to_numpy(), probabilities, threshold, df["dx"].tolist())
-    if predictor.dx_names:
-        table = [[result.dx_probabilities[name] for name in predictor.dx_names] for result in predictions]
-        metrics["dx"] = dx_metrics(df["dx"].tolist(), np.array(table), predictor.dx_names)
+    dx = predictor.dx_metrics(predictions, df["dx"].tolist())
+    if dx is not None:
+        metrics["dx"] = dx
     metrics.update(
         checkpoint=str(args.checkpoint),
         data=str(args.data),

@@ -32,7 +32,8 @@ deviations of layer1..layer4 from :class:`lesion.model.LayerStatistics`, same pa
 
 - ``mahalanobis_layers``: one Mahalanobis distance per stage to the training lesions (one Gaussian
   for all classes: low-level statistics are not class-specific, and a diagnosis with a dozen images
-  would give a noisy class mean), each standardised on validation lesions, averaged.
+  would give a noisy class mean), each standardised on validation lesions, averaged. The Gaussians
+  are fitted to the square roots of the statistics (``LAYER_POWER``), which are far less skewed.
 - ``mahalanobis_layers_max``: the same distances, the largest standardised one.
 - ``knn_layers``: cosine distance to the k-th nearest training image in each stage's whitened
   principal subspace, standardised on validation lesions, averaged.
@@ -66,6 +67,11 @@ ENERGY_TEMPERATURE = 1.0
 KNN_BANK_SIZE = 4096
 KNN_SEED = 0
 LAYER_RANK = 64  # principal directions kept per stage for the layer Mahalanobis distances
+#: The layer Mahalanobis detectors fit their Gaussians to the SQUARE ROOTS of the pooled statistics:
+#: channel means and standard deviations of post-ReLU maps are non-negative and right-skewed, and the
+#: root makes them far more Gaussian. On six demo runs (ResNet-18 and -50 at 128 px) it raised the
+#: ROC-AUC against the development photos on every one (0.984 -> 0.992 on the ResNet-50); see the README.
+LAYER_POWER = 0.5
 KNN_LAYER_RANK = 24  # whitened directions per stage for knn_layers
 VIM_RANK = 64  # principal subspace of ViM (at most half the feature width)
 ASH_PERCENTILE = 90.0
@@ -217,10 +223,26 @@ def _score_scale(stats: Stats, seen: Observed) -> torch.Tensor:
     return _shaped_energy(seen, float(stats.get("percentile", SCALE_PERCENTILE)), prune=False, name="scale")
 
 
+def _power(stats: Stats) -> float:
+    """The power the stage statistics are raised to; 1 for statistics fitted before it existed."""
+    power = float(stats.get("power", 1.0))
+    if not 0 < power <= 1:  # NaN fails this too
+        raise ValueError(f"the layer statistics' power must lie in (0, 1]; got {power}")
+    return power
+
+
+def _stage(stats: Stats, seen: Observed, name: str) -> torch.Tensor:
+    """One stage's pooled statistics, raised to the fitted power (they are >= 0: post-ReLU maps)."""
+    power = _power(stats)
+    values = _layer(seen, name)
+    return values if power == 1 else values.clamp_min(0) ** power
+
+
 def _layer_mahalanobis(stats: Stats, seen: Observed) -> torch.Tensor:
     """(N, stages) standardised distances."""
     return torch.stack(
-        [_standardise(stats, n, gaussian_distance(stats, _layer(seen, n), f"{n}.")) for n in stats["layers"]], dim=1
+        [_standardise(stats, n, gaussian_distance(stats, _stage(stats, seen, n), f"{n}.")) for n in stats["layers"]],
+        dim=1,
     )
 
 
@@ -317,11 +339,11 @@ def _fit_vim(train: Observed, labels: torch.Tensor, val: Observed, k: int) -> St
 
 def _fit_mahalanobis_layers(train: Observed, labels: torch.Tensor, val: Observed, k: int) -> Stats:
     names = sorted(train.layers or {})
-    stats: Stats = {"layers": names}
+    stats: Stats = {"layers": names, "power": LAYER_POWER}
     for name in names:
-        for key, value in fit_gaussian(_layer(train, name), LAYER_RANK).items():
+        for key, value in fit_gaussian(_stage(stats, train, name), LAYER_RANK).items():
             stats[f"{name}.{key}"] = value
-        _set_standardisation(stats, name, gaussian_distance(stats, _layer(val, name), f"{name}."))
+        _set_standardisation(stats, name, gaussian_distance(stats, _stage(stats, val, name), f"{name}."))
     return stats
 
 

@@ -332,3 +332,33 @@ def test_layer_statistics_stay_compact():
     sizes = {name: ood.stats_bytes(stats) for name, stats in detectors.items()}
     assert sizes["mahalanobis_layers"] < 300_000 and sizes["vim"] < 100_000, sizes
     assert sizes["knn_layers"] < 250_000, sizes
+
+
+def test_layer_gaussians_are_fitted_to_square_roots_and_older_statistics_keep_scoring():
+    model, features, logits, layers = _observed_tiny_model()
+    fit = ood.fit_detectors(
+        features[:28],
+        torch.arange(28) % 3,
+        logits[:28],
+        features[28:],
+        logits[28:],
+        train_layers={n: v[:28] for n, v in layers.items()},
+        val_layers={n: v[28:] for n, v in layers.items()},
+        names=["mahalanobis_layers_max", "knn_layers"],
+    )
+    stats = fit["mahalanobis_layers_max"]
+    assert stats["power"] == ood.LAYER_POWER == 0.5 and "power" not in fit["knn_layers"]
+    # The stage Gaussians live in root space: the layer1 distance is the plain Gaussian distance of the roots.
+    rooted = layers["layer1"].clamp_min(0).sqrt()
+    direct = ood.gaussian_distance(stats, rooted, "layer1.")
+    standardised = (direct - stats["layer1.loc"]) / stats["layer1.scale"]
+    per_stage = ood._layer_mahalanobis(stats, ood.Observed(features, logits, layers))
+    assert torch.allclose(per_stage[:, 0], standardised, atol=1e-5)
+    # Statistics written before the power existed (no "power" key) are read as power 1: the raw values.
+    older = {k: v for k, v in stats.items() if k != "power"}
+    raw = ood.gaussian_distance(older, layers["layer1"], "layer1.")
+    per_stage_old = ood._layer_mahalanobis(older, ood.Observed(features, logits, layers))
+    assert torch.allclose(per_stage_old[:, 0], (raw - stats["layer1.loc"]) / stats["layer1.scale"], atol=1e-5)
+    for bad in (0.0, -1.0, 2.0, float("nan")):
+        with pytest.raises(ValueError, match="power"):
+            ood.score("mahalanobis_layers_max", {**stats, "power": bad}, features, logits, layers=layers)

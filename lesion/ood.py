@@ -69,8 +69,9 @@ KNN_SEED = 0
 LAYER_RANK = 64  # principal directions kept per stage for the layer Mahalanobis distances
 #: The layer Mahalanobis detectors fit their Gaussians to the SQUARE ROOTS of the pooled statistics:
 #: channel means and standard deviations of post-ReLU maps are non-negative and right-skewed, and the
-#: root makes them far more Gaussian. On six demo runs (ResNet-18 and -50 at 128 px) it raised the
-#: ROC-AUC against the development photos on every one (0.984 -> 0.992 on the ResNet-50); see the README.
+#: root makes them far more Gaussian. On nine demo runs (ResNet-18 at 128 px, ResNet-50 at 128 and 224 px)
+#: it raised the ROC-AUC against the development photos on every one (0.984 -> 0.992 on a ResNet-50
+#: at 128 px); see the README's "Rejecting photos that are not lesions".
 LAYER_POWER = 0.5
 KNN_LAYER_RANK = 24  # whitened directions per stage for knn_layers
 VIM_RANK = 64  # principal subspace of ViM (at most half the feature width)

@@ -275,20 +275,23 @@ def _observed_tiny_model(rows: int = 40):
     return model, features, logits, layers
 
 
-def test_every_detector_fits_scores_and_survives_weights_only_round_trip():
-    model, features, logits, layers = _observed_tiny_model()
-    labels = torch.arange(40) % 3
-    detectors = ood.fit_detectors(
+def _fit_first_28(features, logits, layers, **options) -> dict[str, dict]:
+    """Detectors fitted on the first 28 images (labels 0, 1, 2 in turn), thresholds on the rest."""
+    return ood.fit_detectors(
         features[:28],
-        labels[:28],
+        torch.arange(28) % 3,
         logits[:28],
         features[28:],
         logits[28:],
-        k=3,
         train_layers={n: v[:28] for n, v in layers.items()},
         val_layers={n: v[28:] for n, v in layers.items()},
-        head=model.fc,
+        **options,
     )
+
+
+def test_every_detector_fits_scores_and_survives_weights_only_round_trip():
+    model, features, logits, layers = _observed_tiny_model()
+    detectors = _fit_first_28(features, logits, layers, k=3, head=model.fc)
     assert set(detectors) == set(ood.DETECTORS)
     buffer = io.BytesIO()
     torch.save({"detectors": detectors}, buffer)
@@ -336,16 +339,7 @@ def test_layer_statistics_stay_compact():
 
 def test_layer_gaussians_are_fitted_to_square_roots_and_older_statistics_keep_scoring():
     model, features, logits, layers = _observed_tiny_model()
-    fit = ood.fit_detectors(
-        features[:28],
-        torch.arange(28) % 3,
-        logits[:28],
-        features[28:],
-        logits[28:],
-        train_layers={n: v[:28] for n, v in layers.items()},
-        val_layers={n: v[28:] for n, v in layers.items()},
-        names=["mahalanobis_layers_max", "knn_layers"],
-    )
+    fit = _fit_first_28(features, logits, layers, names=["mahalanobis_layers_max", "knn_layers"])
     stats = fit["mahalanobis_layers_max"]
     assert stats["power"] == ood.LAYER_POWER == 0.5 and "power" not in fit["knn_layers"]
     # The stage Gaussians live in root space: the layer1 distance is the plain Gaussian distance of the roots.

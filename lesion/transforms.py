@@ -76,7 +76,8 @@ def _draft_step(width: int, height: int, scale: float) -> int:
     """The 1/step scale Pillow's JPEG draft mode picks for ``load_image`` (1 when it decodes in full)."""
     wanted = (max(1, int(width * scale)) + 1, max(1, int(height * scale)) + 1)
     ratio = min(width // wanted[0], height // wanted[1])
-    return next(step for step in (8, 4, 2, 1) if ratio >= step)
+    # ratio is 0 when the image is enlarged (a 180 px photo for a 256 px model): no draft mode.
+    return next((step for step in (8, 4, 2) if ratio >= step), 1)
 
 
 def resize_short_side_tensor(image: torch.Tensor, short_side: int) -> torch.Tensor:

@@ -11,7 +11,8 @@ from files (``--chunks`` batches per call, so reading ahead can overlap scoring)
 batched forward. Goals: (2) <= 1.3x (1) (<= 1.5x on a GPU); (3) ~4x; batch >= 0.8x.
 The device is named in the first line (GPU model, or the CPU's cores and torch threads).
 The checkpoint is built in memory (random weights; OOD fitted on random features of the
-full bank size, so scoring costs what it costs with a real model).
+full bank size and on random layer statistics of the stages' widths, with the default detector
+chosen as training chooses it, so scoring costs what it costs with a real model).
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ sys.path.insert(0, str(REPO))
 
 from lesion import ood  # noqa: E402
 from lesion.checkpoint import new_checkpoint  # noqa: E402
+from lesion.config import TrainConfig  # noqa: E402
 from lesion.explain import reference_cam  # noqa: E402
 from lesion.images import load_image  # noqa: E402
-from lesion.model import build_model, feature_dim  # noqa: E402
+from lesion.model import LayerStatistics, build_model, feature_dim, forward_parts  # noqa: E402
 from lesion.predict import Predictor  # noqa: E402
 
 
@@ -70,8 +72,24 @@ def build_checkpoint(arch: str, image_size: int) -> dict:
     train_features = torch.randn(ood.KNN_BANK_SIZE + 100, dim).abs()
     train_logits = torch.randn(len(train_features), 2)
     labels = (torch.arange(len(train_features)) % 2).long()
-    detectors = ood.fit_detectors(train_features, labels, train_logits, train_features[:200], train_logits[:200])
-    ood_state = {"method": "mahalanobis", "detectors": detectors, "keep": 0.95}
+    # Layer statistics of the widths this network's stages give, so the multi-layer detectors (the
+    # default among them) are fitted and scored too; as many rows as the demo set's training fold.
+    with LayerStatistics(model) as tap, tap.capture() as shapes, torch.no_grad():
+        forward_parts(model, torch.zeros(1, 3, 64, 64))
+    rows = 650
+    train_layers = {name: torch.randn(rows, v.shape[1]).abs() for name, v in shapes.items()}
+    val_layers = {name: v[:200] for name, v in train_layers.items()}
+    detectors = ood.fit_detectors(
+        train_features,
+        labels,
+        train_logits,
+        train_features[:200],
+        train_logits[:200],
+        train_layers=train_layers,
+        val_layers=val_layers,
+        head=model.fc,
+    )
+    ood_state = {"method": TrainConfig().ood_method, "detectors": detectors, "keep": 0.95}
     return new_checkpoint(model, arch, "linear", image_size, ood=ood_state)
 
 

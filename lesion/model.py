@@ -147,11 +147,21 @@ LAYER_NAMES = ("layer1", "layer2", "layer3", "layer4")
 def pooled_statistics(activations: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) -> (N, 2C) float32: each channel's spatial mean, then its spatial standard deviation."""
     # float32 whatever the autocast dtype: bf16 sums over 56 x 56 positions lose too many digits.
-    flat = activations.float().flatten(2)
+    x = activations.float()
+    if x.is_cuda:
+        return _pooled_one_kernel(x)
+    flat = x.flatten(2)
     mean = flat.mean(dim=2)
     # Two passes (mean, then the mean square about it) rather than torch.std_mean: the same figures
     # to ~1e-7, and 4-8x faster on the CPU, where std_mean over the spatial dims is single-threaded.
     std = (flat - mean.unsqueeze(2)).square().mean(dim=2).sqrt()
+    return torch.cat([mean, std], dim=1)
+
+
+def _pooled_one_kernel(x: torch.Tensor) -> torch.Tensor:
+    """:func:`pooled_statistics` in one reduction kernel: for a GPU, where each launched operation costs
+    ~10 microseconds at batch 1 (the two passes are 5 launches a stage)."""
+    std, mean = torch.std_mean(x, dim=(2, 3), correction=0)
     return torch.cat([mean, std], dim=1)
 
 

@@ -239,12 +239,76 @@ def _stage(stats: Stats, seen: Observed, name: str) -> torch.Tensor:
     return values if power == 1 else values.clamp_min(0) ** power
 
 
-def _layer_mahalanobis(stats: Stats, seen: Observed) -> torch.Tensor:
-    """(N, stages) standardised distances."""
+def _layer_mahalanobis_by_stage(stats: Stats, seen: Observed) -> torch.Tensor:
+    """(N, stages) standardised distances, one stage at a time: the reference for :func:`_layer_mahalanobis`."""
     return torch.stack(
         [_standardise(stats, n, gaussian_distance(stats, _stage(stats, seen, n), f"{n}.")) for n in stats["layers"]],
         dim=1,
     )
+
+
+#: Packed forms of fitted layer statistics, per (stats dict, device); see :func:`_packed_layers`.
+_PACKED: dict[tuple[int, str], tuple[tuple, tuple, dict[str, torch.Tensor]]] = {}
+_PACKED_ENTRIES = 8
+
+
+def _packed_layers(stats: Stats, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every stage's Gaussian as one block-diagonal problem, built once per stats dict and device.
+
+    With c = x - mean over all stages at once and p = c @ basis (block-diagonal), the squared
+    distances of all stages are [c, p]^2 @ weights, where ``weights`` holds each stage's residual
+    precision against its dimensions and its direction weights against its directions. On a GPU
+    at batch 1 every launched operation costs ~10 microseconds whatever its size, so a dozen
+    operations instead of ~60 is what keeps the detector within a few per cent of the forward pass.
+    The cache holds the tensors it was built from and the plain values it used, and rebuilds when
+    any of them changed (a new checkpoint, a re-standardised stage).
+    """
+    names = list(stats["layers"])
+    sources = tuple(stats[f"{n}.{key}"] for n in names for key in ("mean", "basis", "weights"))
+    values = tuple(float(stats[f"{n}.{key}"]) for n in names for key in ("residual_precision", "loc", "scale"))
+    key = (id(stats), str(device))
+    hit = _PACKED.get(key)
+    if hit is not None and hit[1] == values and all(a is b for a, b in zip(hit[0], sources, strict=True)):
+        return hit[2]
+    means = [stats[f"{n}.mean"].float().reshape(1, -1) for n in names]
+    bases = [stats[f"{n}.basis"].float() for n in names]
+    dims = [m.shape[1] for m in means]
+    ranks = [b.shape[1] for b in bases]
+    dim, rank = sum(dims), sum(ranks)
+    basis = torch.zeros(dim, rank)
+    weights = torch.zeros(dim + rank, len(names))
+    row = col = 0
+    for i, n in enumerate(names):
+        basis[row : row + dims[i], col : col + ranks[i]] = bases[i].cpu()
+        weights[row : row + dims[i], i] = float(stats[f"{n}.residual_precision"])
+        weights[dim + col : dim + col + ranks[i], i] = stats[f"{n}.weights"].float().cpu()
+        row, col = row + dims[i], col + ranks[i]
+    scale = torch.tensor([float(stats[f"{n}.scale"]) for n in names], dtype=torch.float64)
+    loc = torch.tensor([float(stats[f"{n}.loc"]) for n in names], dtype=torch.float64)
+    packed = {
+        "mean": torch.cat([m.cpu() for m in means], dim=1).to(device),
+        "basis": basis.to(device),
+        "weights": weights.to(device),
+        "inv_scale": (1 / scale).float().to(device),
+        "bias": (-loc / scale).float().to(device),
+    }
+    if len(_PACKED) >= _PACKED_ENTRIES:
+        _PACKED.pop(next(iter(_PACKED)))
+    _PACKED[key] = (sources, values, packed)
+    return packed
+
+
+def _layer_mahalanobis(stats: Stats, seen: Observed) -> torch.Tensor:
+    """(N, stages) standardised distances, every stage in the same few operations."""
+    x = torch.cat([_layer(seen, n) for n in stats["layers"]], dim=1)
+    power = _power(stats)
+    if power != 1:
+        x = x.clamp_min(0) ** power
+    packed = _packed_layers(stats, x.device)
+    centred = x - packed["mean"]
+    projected = centred @ packed["basis"]
+    squared = torch.cat([centred, projected], dim=1).square_() @ packed["weights"]
+    return torch.addcmul(packed["bias"], squared.clamp_min_(0).sqrt_(), packed["inv_scale"])
 
 
 def _score_mahalanobis_layers(stats: Stats, seen: Observed) -> torch.Tensor:

@@ -12,7 +12,7 @@ from scipy.stats.mstats import hdquantiles
 from sklearn.covariance import LedoitWolf
 
 from lesion import ood
-from lesion.model import LAYER_NAMES, LayerStatistics, build_model, forward_parts
+from lesion.model import LAYER_NAMES, LayerStatistics, build_model, forward_parts, pooled_statistics
 
 # Two classes of four 2-D points each: class means (1, 1) and (11, 11), and the within-class
 # covariance (population, divided by n) is exactly the identity.
@@ -335,6 +335,34 @@ def test_layer_statistics_stay_compact():
     sizes = {name: ood.stats_bytes(stats) for name, stats in detectors.items()}
     assert sizes["mahalanobis_layers"] < 300_000 and sizes["vim"] < 100_000, sizes
     assert sizes["knn_layers"] < 250_000, sizes
+
+
+def test_packed_layer_distances_equal_the_stage_by_stage_ones_and_follow_changed_statistics():
+    model, features, logits, layers = _observed_tiny_model()
+    stats = _fit_first_28(features, logits, layers, names=["mahalanobis_layers"])["mahalanobis_layers"]
+    keys = set(stats)
+    for power_stats in (stats, {k: v for k, v in stats.items() if k != "power"}):  # root space, and power 1
+        for rows in (slice(None), slice(3, 4)):  # a batch, and one image as the app scores it
+            seen = ood.Observed(features[rows], logits[rows], {n: v[rows] for n, v in layers.items()})
+            packed = ood._layer_mahalanobis(power_stats, seen)
+            reference = ood._layer_mahalanobis_by_stage(power_stats, seen)
+            assert packed.shape == reference.shape == (len(features[rows]), 4)
+            assert torch.allclose(packed, reference, rtol=1e-4, atol=1e-4)
+    assert set(stats) == keys  # scoring adds nothing that a checkpoint would then carry
+    # A re-standardised stage (same dict, same tensors) is seen at once, not served from the cache.
+    seen = ood.Observed(features, logits, layers)
+    before = ood._layer_mahalanobis(stats, seen)
+    stats["layer2.loc"] += 1.0
+    after = ood._layer_mahalanobis(stats, seen)
+    assert torch.allclose(after[:, 1], before[:, 1] - 1.0 / stats["layer2.scale"], atol=1e-5)
+    assert torch.equal(after[:, [0, 2, 3]], before[:, [0, 2, 3]])
+
+
+def test_one_kernel_pooled_statistics_equal_the_two_pass_ones():
+    from lesion.model import _pooled_one_kernel
+
+    activations = torch.randn(3, 16, 14, 14).relu() * 5
+    assert torch.allclose(_pooled_one_kernel(activations), pooled_statistics(activations), rtol=1e-5, atol=1e-6)
 
 
 def test_layer_gaussians_are_fitted_to_square_roots_and_older_statistics_keep_scoring():

@@ -169,13 +169,13 @@ def scoring_costs(predictor: Predictor, image: Path, reps: int) -> tuple[float, 
 
 
 def _in_pass_costs(predictor: Predictor, batch: torch.Tensor, reps: int, bare) -> dict[str, float]:
-    """On a GPU: what the hooks and the scoring add to one pass whose results are then read, as a prediction does.
+    """On a GPU: what the hooks and the scoring add to a pass, timed together as a prediction runs them.
 
-    The columns above time each part on its own after the device has finished; in a prediction the
-    scoring is queued behind the pass (Predictor._run), so its launches overlap the pass still running
-    on the device. Measured as (pass + hooks + scoring, then wait) minus (bare pass, then wait), the
-    two alternating, so both see the same clocks. (On a CPU nothing overlaps and the difference of two
-    noisy passes says little, so this is not printed there.)
+    The columns above time the scoring on its own, after the device has finished the pass. Here it is
+    (pass with the layer hooks + scoring, then wait) minus (bare pass, then wait), the runs alternating
+    so that both see the same clocks: at batch 1 a GPU pass is bound by the launches of its operations,
+    and this counts the hooks' own Python too. (On a CPU the difference of two passes is mostly noise,
+    so it is printed on a GPU only.)
     """
     model, device = predictor.model, predictor.device
 
@@ -249,7 +249,7 @@ def report(checkpoint: Path, device: str, batch_size: int, reps: int) -> list[di
     print(f"(* = the checkpoint's default; all detectors together: {all_cost:.1%} of the forward, {total_kb:.0f} KB)")
     if "_in_pass_default" in costs:
         print(
-            f"in a prediction's pass on this GPU (scoring queued behind the pass, then read): the default adds "
+            f"timed inside the pass on this GPU (hooks + scoring, then wait, against a bare pass): the default adds "
             f"{costs.pop('_in_pass_default'):.1%} to the bare pass, every detector {costs.pop('_in_pass_every'):.1%}"
         )
     if "msp" in predictor.detectors:

@@ -330,18 +330,6 @@ class Predictor:
         batch = self._batch(prepared)
         # Through _forward, so the layer tap captures this pass for the multi-layer detectors.
         activations, features, logits, layers = self._forward(batch)
-        forward_s = time.perf_counter() - started
-
-        # The OOD scores are queued now, before anything is read back: on a GPU their many small
-        # operations are launched while the device still runs the pass, instead of one after another
-        # once it has finished (on a CPU the order changes nothing).
-        started = time.perf_counter()
-        computed = self._ood_scores(features, logits, layers)
-        detector_names = list(computed)
-        stacked = torch.stack([computed[n].float().reshape(-1) for n in detector_names], 1) if detector_names else None
-        ood_s = time.perf_counter() - started
-
-        started = time.perf_counter()
         if self.tta:
             with torch.no_grad():  # after the tapped pass: flips change neither the heatmap nor the OOD scores
                 class_logits = flip_logits(self.model, batch, logits)
@@ -349,7 +337,7 @@ class Predictor:
             class_logits = logits
         outputs = output_probabilities(class_logits, self.temperature).cpu()
         p_malignant = outputs[:, self._malignant_outputs.cpu()].sum(dim=1)
-        forward_s += time.perf_counter() - started
+        forward_s = time.perf_counter() - started
 
         started = time.perf_counter()
         # Default target: the class the verdict names, so the map shows the evidence for it.
@@ -361,10 +349,13 @@ class Predictor:
         cam_s = time.perf_counter() - started
 
         started = time.perf_counter()
+        computed = self._ood_scores(features, logits, layers)
         # One copy to the host for every detector: each .cpu() would wait for the device.
-        columns = stacked.cpu().tolist() if stacked is not None else [[] for _ in prepared]
+        detector_names = list(computed)
+        stacked = [computed[name].float().reshape(-1) for name in detector_names]
+        columns = torch.stack(stacked, dim=1).cpu().tolist() if detector_names else [[] for _ in prepared]
         scores = {name: [row[j] for row in columns] for j, name in enumerate(detector_names)}
-        ood_s += time.perf_counter() - started
+        ood_s = time.perf_counter() - started
 
         threshold = self.ood_thresholds.get(method, float("nan")) if ood_threshold is None else float(ood_threshold)
         results = []

@@ -52,6 +52,7 @@ These are our own short implementations; pytorch-ood is not a dependency.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -250,6 +251,8 @@ def _layer_mahalanobis_by_stage(stats: Stats, seen: Observed) -> torch.Tensor:
 #: Packed forms of fitted layer statistics, per (stats dict, device); see :func:`_packed_layers`.
 _PACKED: dict[tuple[int, str], tuple[tuple, tuple, dict[str, torch.Tensor]]] = {}
 _PACKED_ENTRIES = 8
+# The app scores from several threads: building an entry twice is harmless, racing the eviction is not.
+_PACKED_LOCK = threading.Lock()
 
 
 def _packed_layers(stats: Stats, device: torch.device) -> dict[str, torch.Tensor]:
@@ -292,9 +295,10 @@ def _packed_layers(stats: Stats, device: torch.device) -> dict[str, torch.Tensor
         "inv_scale": (1 / scale).float().to(device),
         "bias": (-loc / scale).float().to(device),
     }
-    if len(_PACKED) >= _PACKED_ENTRIES:
-        _PACKED.pop(next(iter(_PACKED)))
-    _PACKED[key] = (sources, values, packed)
+    with _PACKED_LOCK:
+        while len(_PACKED) >= _PACKED_ENTRIES:
+            _PACKED.pop(next(iter(_PACKED)))
+        _PACKED[key] = (sources, values, packed)
     return packed
 
 

@@ -53,6 +53,7 @@ These are our own short implementations; pytorch-ood is not a dependency.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -248,14 +249,66 @@ def _layer_mahalanobis_by_stage(stats: Stats, seen: Observed) -> torch.Tensor:
     )
 
 
-#: Packed forms of fitted layer statistics, per (stats dict, device); see :func:`_packed_layers`.
-_PACKED: dict[tuple[int, str], tuple[tuple, tuple, dict[str, torch.Tensor]]] = {}
+@dataclass(frozen=True)
+class _Packed:
+    """Every stage's Gaussian as one block-diagonal problem (see :func:`_packed_layers`)."""
+
+    dims: tuple[int, ...]  # each stage's width, in order: what the pass must give
+    mean: torch.Tensor  # (1, sum of widths)
+    basis: torch.Tensor  # (sum of widths, sum of ranks), block-diagonal
+    weights: torch.Tensor  # (sum of widths + sum of ranks, stages)
+    inv_scale: torch.Tensor  # (stages,)
+    bias: torch.Tensor  # (stages,) = -loc / scale
+
+
+#: (id of the stats dict, device) -> (weak references to the tensors it was built from, their
+#: versions, the plain values it used, the packed form). Weak, so a dropped checkpoint frees it.
+_PACKED: dict[tuple[int, str], tuple[tuple, tuple, tuple, _Packed]] = {}
 _PACKED_ENTRIES = 8
 # The app scores from several threads: building an entry twice is harmless, racing the eviction is not.
 _PACKED_LOCK = threading.Lock()
 
 
-def _packed_layers(stats: Stats, device: torch.device) -> dict[str, torch.Tensor]:
+def _pack(stats: Stats, names: list[str], device: torch.device) -> _Packed:
+    """Build the packed form, refusing stage statistics that do not fit together (ValueError)."""
+    means, bases, weights_by_stage = [], [], []
+    for n in names:
+        mean, basis, weights = (stats[f"{n}.{key}"] for key in ("mean", "basis", "weights"))
+        if not all(torch.is_tensor(t) for t in (mean, basis, weights)):
+            raise TypeError(f"the {n} statistics must be tensors")
+        dim = mean.shape[-1] if mean.dim() in (1, 2) and mean.numel() == mean.shape[-1] else -1
+        if dim < 1 or basis.dim() != 2 or basis.shape[0] != dim or tuple(weights.shape) != (basis.shape[1],):
+            raise ValueError(
+                f"the {n} statistics do not fit together (mean {tuple(mean.shape)}, basis "
+                f"{tuple(basis.shape)}, weights {tuple(weights.shape)})"
+            )
+        means.append(mean.float().reshape(1, dim).cpu())
+        bases.append(basis.float().cpu())
+        weights_by_stage.append(weights.float().cpu())
+    dims = tuple(m.shape[1] for m in means)
+    ranks = [b.shape[1] for b in bases]
+    dim, rank = sum(dims), sum(ranks)
+    basis = torch.zeros(dim, rank)
+    weights = torch.zeros(dim + rank, len(names))
+    row = col = 0
+    for i, n in enumerate(names):
+        basis[row : row + dims[i], col : col + ranks[i]] = bases[i]
+        weights[row : row + dims[i], i] = float(stats[f"{n}.residual_precision"])
+        weights[dim + col : dim + col + ranks[i], i] = weights_by_stage[i]
+        row, col = row + dims[i], col + ranks[i]
+    scale = torch.tensor([float(stats[f"{n}.scale"]) for n in names], dtype=torch.float64)
+    loc = torch.tensor([float(stats[f"{n}.loc"]) for n in names], dtype=torch.float64)
+    return _Packed(
+        dims=dims,
+        mean=torch.cat(means, dim=1).to(device),
+        basis=basis.to(device),
+        weights=weights.to(device),
+        inv_scale=(1 / scale).float().to(device),
+        bias=(-loc / scale).float().to(device),
+    )
+
+
+def _packed_layers(stats: Stats, device: torch.device) -> _Packed:
     """Every stage's Gaussian as one block-diagonal problem, built once per stats dict and device.
 
     With c = x - mean over all stages at once and p = c @ basis (block-diagonal), the squared
@@ -263,56 +316,52 @@ def _packed_layers(stats: Stats, device: torch.device) -> dict[str, torch.Tensor
     precision against its dimensions and its direction weights against its directions. On a GPU
     at batch 1 every launched operation costs ~10 microseconds whatever its size, so a dozen
     operations instead of ~60 is what keeps the detector within a few per cent of the forward pass.
-    The cache holds the tensors it was built from and the plain values it used, and rebuilds when
-    any of them changed (a new checkpoint, a re-standardised stage).
+    The cache entry is used only while the dict holds the very tensors it was built from, unchanged
+    (same objects, same versions), and the same plain values; anything else builds it again.
     """
     names = list(stats["layers"])
     sources = tuple(stats[f"{n}.{key}"] for n in names for key in ("mean", "basis", "weights"))
+    versions = tuple(getattr(t, "_version", None) for t in sources)
     values = tuple(float(stats[f"{n}.{key}"]) for n in names for key in ("residual_precision", "loc", "scale"))
     key = (id(stats), str(device))
     hit = _PACKED.get(key)
-    if hit is not None and hit[1] == values and all(a is b for a, b in zip(hit[0], sources, strict=True)):
-        return hit[2]
-    means = [stats[f"{n}.mean"].float().reshape(1, -1) for n in names]
-    bases = [stats[f"{n}.basis"].float() for n in names]
-    dims = [m.shape[1] for m in means]
-    ranks = [b.shape[1] for b in bases]
-    dim, rank = sum(dims), sum(ranks)
-    basis = torch.zeros(dim, rank)
-    weights = torch.zeros(dim + rank, len(names))
-    row = col = 0
-    for i, n in enumerate(names):
-        basis[row : row + dims[i], col : col + ranks[i]] = bases[i].cpu()
-        weights[row : row + dims[i], i] = float(stats[f"{n}.residual_precision"])
-        weights[dim + col : dim + col + ranks[i], i] = stats[f"{n}.weights"].float().cpu()
-        row, col = row + dims[i], col + ranks[i]
-    scale = torch.tensor([float(stats[f"{n}.scale"]) for n in names], dtype=torch.float64)
-    loc = torch.tensor([float(stats[f"{n}.loc"]) for n in names], dtype=torch.float64)
-    packed = {
-        "mean": torch.cat([m.cpu() for m in means], dim=1).to(device),
-        "basis": basis.to(device),
-        "weights": weights.to(device),
-        "inv_scale": (1 / scale).float().to(device),
-        "bias": (-loc / scale).float().to(device),
-    }
+    if (
+        hit is not None
+        and hit[1] == versions
+        and hit[2] == values
+        and all(ref() is t for ref, t in zip(hit[0], sources, strict=True))
+    ):
+        return hit[3]
+    packed = _pack(stats, names, device)
+    refs = tuple(weakref.ref(t) for t in sources)
     with _PACKED_LOCK:
-        while len(_PACKED) >= _PACKED_ENTRIES:
+        for stale in [k for k, entry in _PACKED.items() if any(ref() is None for ref in entry[0])]:
+            del _PACKED[stale]  # built from statistics nobody holds any more
+        while key not in _PACKED and len(_PACKED) >= _PACKED_ENTRIES:
             _PACKED.pop(next(iter(_PACKED)))
-        _PACKED[key] = (sources, values, packed)
+        _PACKED[key] = (refs, versions, values, packed)
     return packed
 
 
 def _layer_mahalanobis(stats: Stats, seen: Observed) -> torch.Tensor:
     """(N, stages) standardised distances, every stage in the same few operations."""
-    x = torch.cat([_layer(seen, n) for n in stats["layers"]], dim=1)
+    parts = [_layer(seen, n) for n in stats["layers"]]
+    if not parts:
+        raise ValueError("the layer statistics name no stage")
+    packed = _packed_layers(stats, parts[0].device)
+    if tuple(p.shape[1] for p in parts) != packed.dims:
+        raise ValueError(
+            f"the layer statistics fit stages of widths {packed.dims}, this pass gave "
+            f"{tuple(p.shape[1] for p in parts)}"
+        )
+    x = torch.cat(parts, dim=1)
     power = _power(stats)
     if power != 1:
         x = x.clamp_min(0) ** power
-    packed = _packed_layers(stats, x.device)
-    centred = x - packed["mean"]
-    projected = centred @ packed["basis"]
-    squared = torch.cat([centred, projected], dim=1).square_() @ packed["weights"]
-    return torch.addcmul(packed["bias"], squared.clamp_min_(0).sqrt_(), packed["inv_scale"])
+    centred = x - packed.mean
+    projected = centred @ packed.basis
+    squared = torch.cat([centred, projected], dim=1).square_() @ packed.weights
+    return torch.addcmul(packed.bias, squared.clamp_min_(0).sqrt_(), packed.inv_scale)
 
 
 def _score_mahalanobis_layers(stats: Stats, seen: Observed) -> torch.Tensor:

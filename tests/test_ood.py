@@ -358,6 +358,45 @@ def test_packed_layer_distances_equal_the_stage_by_stage_ones_and_follow_changed
     assert torch.equal(after[:, [0, 2, 3]], before[:, [0, 2, 3]])
 
 
+def _stages_of_mixed_ranks() -> tuple[dict, ood.Observed]:
+    """Four stages of widths 12, 20, 8, 30 kept at ranks 5, 20, 8, 3: two of them full rank (no residual)."""
+    generator = torch.Generator().manual_seed(0)
+    widths, ranks = (12, 20, 8, 30), (5, 20, 8, 3)
+    train = {f"layer{i + 1}": torch.rand(60, w, generator=generator) for i, w in enumerate(widths)}
+    test = {f"layer{i + 1}": torch.rand(7, w, generator=generator) * 1.5 for i, w in enumerate(widths)}
+    stats: dict = {"layers": list(train), "power": 0.5}
+    for (name, x), rank in zip(train.items(), ranks, strict=True):
+        for key, value in ood.fit_gaussian(x.sqrt(), rank).items():
+            stats[f"{name}.{key}"] = value
+        ood._set_standardisation(stats, name, ood.gaussian_distance(stats, x[:20].sqrt(), f"{name}."))
+    assert stats["layer2.residual_precision"] == stats["layer3.residual_precision"] == 0.0
+    return stats, ood.Observed(torch.zeros(7, 1), torch.zeros(7, 2), test)
+
+
+def test_packed_distances_hold_for_mixed_ranks_and_follow_replaced_or_edited_tensors():
+    stats, seen = _stages_of_mixed_ranks()
+
+    def agrees() -> bool:
+        return torch.allclose(
+            ood._layer_mahalanobis(stats, seen), ood._layer_mahalanobis_by_stage(stats, seen), rtol=1e-5, atol=1e-5
+        )
+
+    assert agrees()
+    before = ood._layer_mahalanobis(stats, seen)
+    stats["layer3.mean"] = stats["layer3.mean"] + 0.25  # a new tensor in the same dict
+    assert agrees() and not torch.allclose(ood._layer_mahalanobis(stats, seen)[:, 2], before[:, 2])
+    stats["layer4.weights"].mul_(0.5)  # the same tensor, edited in place
+    assert agrees()
+    # Statistics of stages as wide as these in total, but cut differently, are refused, not misread.
+    shifted = dict(seen.layers, layer1=seen.layers["layer1"][:, :10])
+    shifted["layer2"] = torch.cat([seen.layers["layer2"], seen.layers["layer2"][:, :2]], dim=1)
+    with pytest.raises(ValueError, match="widths"):
+        ood._layer_mahalanobis(stats, ood.Observed(seen.features, seen.logits, shifted))
+    for key, bad in (("layer1.basis", stats["layer1.basis"][:1]), ("layer2.weights", torch.tensor(1.0))):
+        with pytest.raises(ValueError, match="do not fit together"):
+            ood._layer_mahalanobis({**stats, key: bad}, seen)
+
+
 def test_one_kernel_pooled_statistics_equal_the_two_pass_ones():
     from lesion.model import _pooled_one_kernel
 

@@ -9,8 +9,10 @@ same run, against a bare forward of one image:
     2026-11-27;
   - after: the statistics as the hooks now take them (one std_mean kernel a stage on a GPU) and
     the packed distances the detectors use (lesion.ood._layer_mahalanobis);
-  - every fitted detector, as each prediction scores them all;
-and checks that both give the same distances. At batch 1 on a GPU a pass is bound by how many
+  - every fitted detector, as each prediction scores them all (before: the three layer detectors
+    stage by stage);
+and checks that both give the same distances. It also counts the aten operations each way
+dispatches (a device-independent count: at batch 1 a GPU pays ~10-20 microseconds for each). At batch 1 on a GPU a pass is bound by how many
 operations it launches, so this is where the difference shows; on a CPU both cost a few per cent.
 Each time is the fastest of --reps runs after 5 warmups, synchronising the device around each.
 """
@@ -24,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -49,6 +52,42 @@ def fastest(run: Callable[[], object], reps: int, device: torch.device) -> float
         if index >= 5:
             best = min(best, time.perf_counter() - started)
     return best
+
+
+class _Counting(TorchDispatchMode):
+    """Counts the aten operations dispatched inside it (what a GPU pays ~10-20 microseconds each for at batch 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def operations(run: Callable[[], object]) -> int:
+    """How many aten operations ``run`` dispatches (views included: they cost dispatch time too)."""
+    with _Counting() as counting:
+        run()
+    return counting.count
+
+
+#: The layer detectors as they were scored before packing: stage by stage.
+BY_STAGE: dict[str, Callable[[dict, ood.Observed], torch.Tensor]] = {
+    "mahalanobis_layers": lambda s, seen: ood._layer_mahalanobis_by_stage(s, seen).mean(dim=1),
+    "mahalanobis_layers_max": lambda s, seen: ood._layer_mahalanobis_by_stage(s, seen).max(dim=1).values,
+    "knn_layers": lambda s, seen: ood._knn_layers_by_stage(s, seen).mean(dim=1),
+}
+
+
+def every_detector(predictor: Predictor, seen: ood.Observed, before: bool) -> None:
+    """Every fitted detector, as a prediction scores them (``before``: the layer ones stage by stage)."""
+    for name, stats in predictor.detectors.items():
+        if before and name in BY_STAGE:
+            BY_STAGE[name](stats, seen)
+        else:
+            ood.DETECTORS[name].score(stats, seen)
 
 
 def two_pass(activations: torch.Tensor) -> torch.Tensor:
@@ -80,6 +119,16 @@ def measure(arch: str, size: int, device: torch.device, reps: int) -> str:
         score_before = fastest(lambda: ood._layer_mahalanobis_by_stage(stats, seen).max(dim=1).values, reps, device)
         score_after = fastest(lambda: ood._layer_mahalanobis(stats, seen).max(dim=1).values, reps, device)
         every = fastest(lambda: predictor._ood_scores(features, logits, layers), reps, device)
+        full = ood.Observed(features, logits, layers, model.fc)
+        every_before = fastest(lambda: every_detector(predictor, full, True), reps, device)
+        ops = {
+            "default before": operations(lambda: [two_pass(outputs[n]) for n in LAYER_NAMES])
+            + operations(lambda: BY_STAGE["mahalanobis_layers_max"](stats, seen)),
+            "default after": operations(lambda: [pooled_statistics(outputs[n]) for n in LAYER_NAMES])
+            + operations(lambda: ood._layer_mahalanobis(stats, seen).max(dim=1).values),
+            "every before": operations(lambda: every_detector(predictor, full, True)),
+            "every after": operations(lambda: every_detector(predictor, full, False)),
+        }
         same = torch.allclose(
             ood._layer_mahalanobis(stats, seen), ood._layer_mahalanobis_by_stage(stats, seen), rtol=1e-4, atol=1e-4
         )
@@ -88,7 +137,9 @@ def measure(arch: str, size: int, device: torch.device, reps: int) -> str:
         f"{arch}@{size}: bare forward {bare * 1e3:.2f} ms | default detector before {before * 1e3:.3f} ms "
         f"({before / bare:.1%}: statistics {taps_before * 1e3:.3f} + distances {score_before * 1e3:.3f}) | "
         f"after {after * 1e3:.3f} ms ({after / bare:.1%}: {taps_after * 1e3:.3f} + {score_after * 1e3:.3f}) | "
-        f"every detector, after: {(every + taps_after) / bare:.1%} | same distances: {same}"
+        f"every detector: before {(every_before + taps_before) / bare:.1%}, after {(every + taps_after) / bare:.1%} | "
+        f"same distances: {same}\n    aten operations dispatched: default detector {ops['default before']} -> "
+        f"{ops['default after']}, every detector (hooks excluded) {ops['every before']} -> {ops['every after']}"
     )
 
 

@@ -261,10 +261,10 @@ class _Packed:
     bias: torch.Tensor  # (stages,) = -loc / scale
 
 
-#: (id of the stats dict, device) -> (weak references to the tensors it was built from, their
+#: (id of the stats dict, device, kind) -> (weak references to the tensors it was built from, their
 #: versions, the plain values it used, the packed form). Weak, so a dropped checkpoint frees it.
 _PACKED: dict[tuple[int, str], tuple[tuple, tuple, tuple, _Packed]] = {}
-_PACKED_ENTRIES = 8
+_PACKED_ENTRIES = 16  # three a predictor (the two Mahalanobis detectors and knn_layers)
 # The app scores from several threads: building an entry twice is harmless, racing the eviction is not.
 _PACKED_LOCK = threading.Lock()
 
@@ -308,22 +308,15 @@ def _pack(stats: Stats, names: list[str], device: torch.device) -> _Packed:
     )
 
 
-def _packed_layers(stats: Stats, device: torch.device) -> _Packed:
-    """Every stage's Gaussian as one block-diagonal problem, built once per stats dict and device.
+def _cached(stats: Stats, device: torch.device, kind: str, sources: tuple, values: tuple, build: Callable[[], Any]):
+    """``build()``, or what it gave before for this stats dict, device and kind if nothing has changed.
 
-    With c = x - mean over all stages at once and p = c @ basis (block-diagonal), the squared
-    distances of all stages are [c, p]^2 @ weights, where ``weights`` holds each stage's residual
-    precision against its dimensions and its direction weights against its directions. On a GPU
-    at batch 1 every launched operation costs ~10 microseconds whatever its size, so a dozen
-    operations instead of ~60 is what keeps the detector within a few per cent of the forward pass.
-    The cache entry is used only while the dict holds the very tensors it was built from, unchanged
-    (same objects, same versions), and the same plain values; anything else builds it again.
+    An entry is used only while the dict holds the very tensors it was built from, unchanged (same
+    objects, same versions), and the same plain values; anything else builds it again. Entries keep
+    weak references, so statistics nobody holds any more free theirs.
     """
-    names = list(stats["layers"])
-    sources = tuple(stats[f"{n}.{key}"] for n in names for key in ("mean", "basis", "weights"))
     versions = tuple(getattr(t, "_version", None) for t in sources)
-    values = tuple(float(stats[f"{n}.{key}"]) for n in names for key in ("residual_precision", "loc", "scale"))
-    key = (id(stats), str(device))
+    key = (id(stats), str(device), kind)
     hit = _PACKED.get(key)
     if (
         hit is not None
@@ -332,7 +325,7 @@ def _packed_layers(stats: Stats, device: torch.device) -> _Packed:
         and all(ref() is t for ref, t in zip(hit[0], sources, strict=True))
     ):
         return hit[3]
-    packed = _pack(stats, names, device)
+    packed = build()
     refs = tuple(weakref.ref(t) for t in sources)
     with _PACKED_LOCK:
         for stale in [k for k, entry in _PACKED.items() if any(ref() is None for ref in entry[0])]:
@@ -343,17 +336,35 @@ def _packed_layers(stats: Stats, device: torch.device) -> _Packed:
     return packed
 
 
+def _packed_layers(stats: Stats, device: torch.device) -> _Packed:
+    """Every stage's Gaussian as one block-diagonal problem, built once per stats dict and device.
+
+    With c = x - mean over all stages at once and p = c @ basis (block-diagonal), the squared
+    distances of all stages are [c, p]^2 @ weights, where ``weights`` holds each stage's residual
+    precision against its dimensions and its direction weights against its directions. On a GPU
+    at batch 1 every launched operation costs ~10 microseconds whatever its size, so a dozen
+    operations instead of ~60 is what keeps the detector within a few per cent of the forward pass.
+    """
+    names = list(stats["layers"])
+    sources = tuple(stats[f"{n}.{key}"] for n in names for key in ("mean", "basis", "weights"))
+    values = tuple(float(stats[f"{n}.{key}"]) for n in names for key in ("residual_precision", "loc", "scale"))
+    return _cached(stats, device, "mahalanobis", sources, values, lambda: _pack(stats, names, device))
+
+
+def _check_widths(parts: list[torch.Tensor], dims: tuple[int, ...]) -> None:
+    if tuple(p.shape[1] for p in parts) != dims:
+        raise ValueError(
+            f"the layer statistics fit stages of widths {dims}, this pass gave {tuple(p.shape[1] for p in parts)}"
+        )
+
+
 def _layer_mahalanobis(stats: Stats, seen: Observed) -> torch.Tensor:
     """(N, stages) standardised distances, every stage in the same few operations."""
     parts = [_layer(seen, n) for n in stats["layers"]]
     if not parts:
         raise ValueError("the layer statistics name no stage")
     packed = _packed_layers(stats, parts[0].device)
-    if tuple(p.shape[1] for p in parts) != packed.dims:
-        raise ValueError(
-            f"the layer statistics fit stages of widths {packed.dims}, this pass gave "
-            f"{tuple(p.shape[1] for p in parts)}"
-        )
+    _check_widths(parts, packed.dims)
     x = torch.cat(parts, dim=1)
     power = _power(stats)
     if power != 1:
@@ -381,9 +392,87 @@ def _knn_layer_distances(stats: Stats, seen: Observed, name: str) -> torch.Tenso
     return _knn_distance(stats[f"{name}.bank"], _whiten(stats, name, _layer(seen, name)), int(stats["k"]))
 
 
+def _knn_layers_by_stage(stats: Stats, seen: Observed) -> torch.Tensor:
+    """(N, stages) standardised distances, one stage at a time: the reference for :func:`_knn_layers`."""
+    return torch.stack([_standardise(stats, n, _knn_layer_distances(stats, seen, n)) for n in stats["layers"]], dim=1)
+
+
+@dataclass(frozen=True)
+class _PackedKnn:
+    """Every stage's whitening and bank in one problem (see :func:`_packed_knn`)."""
+
+    dims: tuple[int, ...]  # each stage's width, in order
+    rank: int  # whitened directions per stage, the narrower stages padded with zeros
+    mean: torch.Tensor  # (1, sum of widths)
+    basis: torch.Tensor  # (sum of widths, stages * rank), block-diagonal, whitening scale folded in
+    banks: torch.Tensor  # (stages, rank, bank rows): each stage's bank, transposed and padded
+    k: int
+    inv_scale: torch.Tensor  # (stages, 1)
+    bias: torch.Tensor  # (stages, 1) = (1 - loc) / scale, since the distance is 1 - similarity
+
+
+def _pack_knn(stats: Stats, names: list[str], device: torch.device) -> _PackedKnn | None:
+    """Build the packed form; None when the banks differ in size (then each stage is scored alone)."""
+    parts = []
+    for n in names:
+        mean, basis, scale_inv, bank = (stats[f"{n}.{key}"] for key in ("mean", "basis", "scale_inv", "bank"))
+        if not all(torch.is_tensor(t) for t in (mean, basis, scale_inv, bank)):
+            raise TypeError(f"the {n} statistics must be tensors")
+        dim = mean.shape[-1] if mean.dim() in (1, 2) and mean.numel() == mean.shape[-1] else -1
+        rank = basis.shape[1] if basis.dim() == 2 else -1
+        if dim < 1 or basis.shape[0] != dim or tuple(scale_inv.shape) != (rank,) or bank.dim() != 2:
+            raise ValueError(f"the {n} statistics do not fit together")
+        if bank.shape[1] != rank:
+            raise ValueError(f"the {n} bank has {bank.shape[1]} columns for {rank} whitened directions")
+        parts.append((mean.float().reshape(1, dim).cpu(), basis.float().cpu(), scale_inv.float().cpu(), bank))
+    if len({bank.shape[0] for *_, bank in parts}) != 1:
+        return None
+    dims = tuple(mean.shape[1] for mean, *_ in parts)
+    rank = max(basis.shape[1] for _, basis, _, _ in parts)
+    basis = torch.zeros(sum(dims), len(names) * rank)
+    banks = torch.zeros(len(names), rank, parts[0][3].shape[0])
+    row = 0
+    for i, (_, stage_basis, scale_inv, bank) in enumerate(parts):
+        # Zero columns add nothing to a norm or a dot product: a padded stage gives the same cosines.
+        basis[row : row + dims[i], i * rank : i * rank + stage_basis.shape[1]] = stage_basis * scale_inv
+        banks[i, : bank.shape[1]] = bank.float().cpu().T
+        row += dims[i]
+    scale = torch.tensor([float(stats[f"{n}.scale"]) for n in names], dtype=torch.float64)
+    loc = torch.tensor([float(stats[f"{n}.loc"]) for n in names], dtype=torch.float64)
+    return _PackedKnn(
+        dims=dims,
+        rank=rank,
+        mean=torch.cat([mean for mean, *_ in parts], dim=1).to(device),
+        basis=basis.to(device),
+        banks=banks.to(device),
+        k=min(int(stats["k"]), parts[0][3].shape[0]),
+        inv_scale=(1 / scale).float().reshape(-1, 1).to(device),
+        bias=((1 - loc) / scale).float().reshape(-1, 1).to(device),
+    )
+
+
+def _knn_layers(stats: Stats, seen: Observed) -> torch.Tensor:
+    """(N, stages) standardised distances, every stage in the same dozen operations."""
+    names = list(stats["layers"])
+    parts = [_layer(seen, n) for n in names]
+    if not parts:
+        raise ValueError("the layer statistics name no stage")
+    device = parts[0].device
+    sources = tuple(stats[f"{n}.{key}"] for n in names for key in ("mean", "basis", "scale_inv", "bank"))
+    values = tuple(float(stats[f"{n}.{key}"]) for n in names for key in ("loc", "scale")) + (int(stats["k"]),)
+    packed = _cached(stats, device, "knn", sources, values, lambda: _pack_knn(stats, names, device))
+    if packed is None:
+        return _knn_layers_by_stage(stats, seen)
+    _check_widths(parts, packed.dims)
+    whitened = (torch.cat(parts, dim=1) - packed.mean) @ packed.basis  # (N, stages * rank)
+    per_stage = torch.nn.functional.normalize(whitened.view(len(whitened), len(names), packed.rank), dim=2)
+    similarity = torch.bmm(per_stage.transpose(0, 1), packed.banks)  # (stages, N, bank rows)
+    kth = similarity.topk(packed.k, dim=2).values[:, :, -1]
+    return torch.addcmul(packed.bias, kth, packed.inv_scale, value=-1).T
+
+
 def _score_knn_layers(stats: Stats, seen: Observed) -> torch.Tensor:
-    parts = [_standardise(stats, n, _knn_layer_distances(stats, seen, n)) for n in stats["layers"]]
-    return torch.stack(parts, dim=1).mean(dim=1)
+    return _knn_layers(stats, seen).mean(dim=1)
 
 
 # --- fitting: (train, train labels, validation, k) -> stats ---------------------------------------

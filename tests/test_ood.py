@@ -401,6 +401,33 @@ def test_packed_distances_hold_for_mixed_ranks_and_follow_replaced_or_edited_ten
             ood._layer_mahalanobis({**stats, key: bad}, seen)
 
 
+def test_packed_knn_layers_equal_the_stage_by_stage_ones():
+    model, features, logits, layers = _observed_tiny_model()
+    stats = _fit_first_28(features, logits, layers, names=["knn_layers"], k=3)["knn_layers"]
+    seen = ood.Observed(features, logits, layers)
+    assert torch.allclose(ood._knn_layers(stats, seen), ood._knn_layers_by_stage(stats, seen), atol=1e-5)
+    # Stages of different widths whitened to different ranks (12, 20, 8, 24): padded with zeros when packed.
+    generator = torch.Generator().manual_seed(1)
+    widths = (12, 20, 8, 30)
+    train = {f"layer{i + 1}": torch.rand(60, w, generator=generator) for i, w in enumerate(widths)}
+    val = {n: torch.rand(15, v.shape[1], generator=generator) for n, v in train.items()}
+    test = {n: torch.rand(9, v.shape[1], generator=generator) * 1.3 for n, v in train.items()}
+    mixed = ood._fit_knn_layers(
+        ood.Observed(torch.zeros(60, 1), torch.zeros(60, 2), train), None, ood.Observed(None, None, val), 5
+    )
+    assert [mixed[f"{n}.basis"].shape[1] for n in train] == [12, 20, 8, 24]
+    seen = ood.Observed(None, None, test)
+    packed = ood._knn_layers(mixed, seen)
+    assert packed.shape == (9, 4)
+    assert torch.allclose(packed, ood._knn_layers_by_stage(mixed, seen), atol=1e-5)
+    # Banks of different sizes (not what fitting makes) are scored stage by stage, with the same result.
+    uneven = {**mixed, "layer2.bank": mixed["layer2.bank"][:40]}
+    assert torch.allclose(ood._knn_layers(uneven, seen), ood._knn_layers_by_stage(uneven, seen), atol=1e-6)
+    shifted = dict(test, layer1=test["layer1"][:, :10], layer2=torch.cat([test["layer2"], test["layer1"][:, :2]], 1))
+    with pytest.raises(ValueError, match="widths"):
+        ood._knn_layers(mixed, ood.Observed(None, None, shifted))
+
+
 def test_one_kernel_pooled_statistics_equal_the_two_pass_ones():
     from lesion.model import _pooled_one_kernel
 

@@ -182,9 +182,8 @@ def _in_pass_costs(predictor: Predictor, batch: torch.Tensor, reps: int, bare) -
     def scored(names: list[str]) -> Callable[[], None]:
         def run() -> None:
             _, features, logits, layers = predictor._forward(batch)
-            with torch.no_grad():
-                for name in names:
-                    ood.score(name, predictor.detectors[name], features, logits, layers=layers, head=model.fc)
+            chosen = {name: predictor.detectors[name] for name in names}
+            ood.score_all(chosen, features, logits, layers=layers, head=model.fc)  # as Predictor._run scores
 
         return run
 

@@ -81,13 +81,16 @@ BY_STAGE: dict[str, Callable[[dict, ood.Observed], torch.Tensor]] = {
 }
 
 
-def every_detector(predictor: Predictor, seen: ood.Observed, before: bool) -> None:
-    """Every fitted detector, as a prediction scores them (``before``: the layer ones stage by stage)."""
+def every_detector(predictor: Predictor, pass_: tuple, before: bool) -> None:
+    """Every fitted detector on one pass, as a prediction scores them (``before``: the layer ones stage
+    by stage, each on its own; after: :func:`lesion.ood.score_all`, which shares what it can)."""
+    features, logits, layers, head = pass_
+    if not before:
+        ood.score_all(predictor.detectors, features, logits, layers=layers, head=head)
+        return
+    seen = ood.Observed(features, logits, layers, head)
     for name, stats in predictor.detectors.items():
-        if before and name in BY_STAGE:
-            BY_STAGE[name](stats, seen)
-        else:
-            ood.DETECTORS[name].score(stats, seen)
+        (BY_STAGE[name] if name in BY_STAGE else ood.DETECTORS[name].score)(stats, seen)
 
 
 def two_pass(activations: torch.Tensor) -> torch.Tensor:
@@ -114,18 +117,22 @@ def measure(arch: str, size: int, device: torch.device, reps: int) -> str:
     with torch.no_grad():
         layers = {n: pooled_statistics(outputs[n]) for n in LAYER_NAMES}
         seen = ood.Observed(features, logits, layers)
+
+        def fresh() -> ood.Observed:  # a new pass each time: nothing shared from the last run
+            return ood.Observed(features, logits, layers)
+
         taps_before = fastest(lambda: [two_pass(outputs[n]) for n in LAYER_NAMES], reps, device)
         taps_after = fastest(lambda: [pooled_statistics(outputs[n]) for n in LAYER_NAMES], reps, device)
         score_before = fastest(lambda: ood._layer_mahalanobis_by_stage(stats, seen).max(dim=1).values, reps, device)
-        score_after = fastest(lambda: ood._layer_mahalanobis(stats, seen).max(dim=1).values, reps, device)
+        score_after = fastest(lambda: ood._layer_mahalanobis(stats, fresh()).max(dim=1).values, reps, device)
         every = fastest(lambda: predictor._ood_scores(features, logits, layers), reps, device)
-        full = ood.Observed(features, logits, layers, model.fc)
+        full = (features, logits, layers, model.fc)
         every_before = fastest(lambda: every_detector(predictor, full, True), reps, device)
         ops = {
             "default before": operations(lambda: [two_pass(outputs[n]) for n in LAYER_NAMES])
             + operations(lambda: BY_STAGE["mahalanobis_layers_max"](stats, seen)),
             "default after": operations(lambda: [pooled_statistics(outputs[n]) for n in LAYER_NAMES])
-            + operations(lambda: ood._layer_mahalanobis(stats, seen).max(dim=1).values),
+            + operations(lambda: ood._layer_mahalanobis(stats, fresh()).max(dim=1).values),
             "every before": operations(lambda: every_detector(predictor, full, True)),
             "every after": operations(lambda: every_detector(predictor, full, False)),
         }

@@ -55,7 +55,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -93,6 +93,8 @@ class Observed:
     logits: torch.Tensor  # (N, C) raw logits
     layers: dict[str, torch.Tensor] | None = None  # stage name -> (N, 2 * channels), LayerStatistics
     head: Callable[[torch.Tensor], torch.Tensor] | None = None  # the classifier head, features -> logits
+    # Work detectors fitted alike share within one scoring of this pass (see :func:`score_all`).
+    memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
 # --- shared pieces ---------------------------------------------------------------------------
@@ -308,15 +310,16 @@ def _pack(stats: Stats, names: list[str], device: torch.device) -> _Packed:
     )
 
 
-def _cached(stats: Stats, device: torch.device, kind: str, sources: tuple, values: tuple, build: Callable[[], Any]):
-    """``build()``, or what it gave before for this stats dict, device and kind if nothing has changed.
+def _cached(device: torch.device, kind: str, sources: tuple, values: tuple, build: Callable[[], Any]):
+    """``build()``, or what it gave before for these very tensors and values on this device.
 
-    An entry is used only while the dict holds the very tensors it was built from, unchanged (same
-    objects, same versions), and the same plain values; anything else builds it again. Entries keep
-    weak references, so statistics nobody holds any more free theirs.
+    Keyed by the tensors themselves (detectors fitted alike share their tensors, and so one entry),
+    used only while they are the same objects, unchanged (same versions), with the same plain values;
+    anything else builds it again. Entries keep weak references, so statistics nobody holds any more
+    free theirs.
     """
     versions = tuple(getattr(t, "_version", None) for t in sources)
-    key = (id(stats), str(device), kind)
+    key = (kind, str(device), tuple(id(t) for t in sources), values)
     hit = _PACKED.get(key)
     if (
         hit is not None
@@ -348,7 +351,7 @@ def _packed_layers(stats: Stats, device: torch.device) -> _Packed:
     names = list(stats["layers"])
     sources = tuple(stats[f"{n}.{key}"] for n in names for key in ("mean", "basis", "weights"))
     values = tuple(float(stats[f"{n}.{key}"]) for n in names for key in ("residual_precision", "loc", "scale"))
-    return _cached(stats, device, "mahalanobis", sources, values, lambda: _pack(stats, names, device))
+    return _cached(device, "mahalanobis", sources, values, lambda: _pack(stats, names, device))
 
 
 def _check_widths(parts: list[torch.Tensor], dims: tuple[int, ...]) -> None:
@@ -365,14 +368,20 @@ def _layer_mahalanobis(stats: Stats, seen: Observed) -> torch.Tensor:
         raise ValueError("the layer statistics name no stage")
     packed = _packed_layers(stats, parts[0].device)
     _check_widths(parts, packed.dims)
-    x = torch.cat(parts, dim=1)
     power = _power(stats)
+    # mahalanobis_layers and mahalanobis_layers_max share their statistics: one computation a pass.
+    shared = seen.memo.get(("mahalanobis_layers", id(packed), power))
+    if shared is not None and shared[0] is packed:
+        return shared[1]
+    x = torch.cat(parts, dim=1)
     if power != 1:
         x = x.clamp_min(0) ** power
     centred = x - packed.mean
     projected = centred @ packed.basis
     squared = torch.cat([centred, projected], dim=1).square_() @ packed.weights
-    return torch.addcmul(packed.bias, squared.clamp_min_(0).sqrt_(), packed.inv_scale)
+    distances = torch.addcmul(packed.bias, squared.clamp_min_(0).sqrt_(), packed.inv_scale)
+    seen.memo[("mahalanobis_layers", id(packed), power)] = (packed, distances)
+    return distances
 
 
 def _score_mahalanobis_layers(stats: Stats, seen: Observed) -> torch.Tensor:
@@ -460,7 +469,7 @@ def _knn_layers(stats: Stats, seen: Observed) -> torch.Tensor:
     device = parts[0].device
     sources = tuple(stats[f"{n}.{key}"] for n in names for key in ("mean", "basis", "scale_inv", "bank"))
     values = tuple(float(stats[f"{n}.{key}"]) for n in names for key in ("loc", "scale")) + (int(stats["k"]),)
-    packed = _cached(stats, device, "knn", sources, values, lambda: _pack_knn(stats, names, device))
+    packed = _cached(device, "knn", sources, values, lambda: _pack_knn(stats, names, device))
     if packed is None:
         return _knn_layers_by_stage(stats, seen)
     _check_widths(parts, packed.dims)
@@ -640,6 +649,22 @@ def score(
     if method not in DETECTORS:
         raise ValueError(f"unknown OOD method {method!r}; choose one of {', '.join(DETECTORS)}")
     return DETECTORS[method].score(stats, Observed(features, logits, layers, head))
+
+
+@torch.no_grad()
+def score_all(
+    detectors: dict[str, Stats],
+    features: torch.Tensor,
+    logits: torch.Tensor,
+    layers: dict[str, torch.Tensor] | None = None,
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """:func:`score` for every ``{name: stats}`` on one pass, sharing what detectors fitted alike share."""
+    seen = Observed(features, logits, layers, head)
+    for name in detectors:
+        if name not in DETECTORS:
+            raise ValueError(f"unknown OOD method {name!r}; choose one of {', '.join(DETECTORS)}")
+    return {name: DETECTORS[name].score(stats, seen) for name, stats in detectors.items()}
 
 
 # --- thresholds ---------------------------------------------------------------------------------

@@ -163,11 +163,19 @@ class Predictor:
         self.transform = eval_transform(self.image_size, self.mean, self.std)
         self.model = _build(checkpoint).to(self.device).eval()
         ood_entry = checkpoint.get("ood") or {}
-        # Stats as float32 on the device once, so scoring converts nothing per call.
+        # Stats as float32 on the device once, so scoring converts nothing per call. A tensor that
+        # detectors fitted alike share in the checkpoint stays shared (one copy, and one packed form).
+        converted: dict[int, torch.Tensor] = {}
+
+        def on_device(value: Any) -> Any:
+            if not torch.is_tensor(value):
+                return value
+            if id(value) not in converted:
+                converted[id(value)] = value.float().to(self.device)
+            return converted[id(value)]
+
         self.detectors: dict[str, dict[str, Any]] = {
-            name: {
-                key: value.float().to(self.device) if torch.is_tensor(value) else value for key, value in stats.items()
-            }
+            name: {key: on_device(value) for key, value in stats.items()}
             for name, stats in (ood_entry.get("detectors") or {}).items()
         }
         self.ood_available = bool(self.detectors)
@@ -187,10 +195,7 @@ class Predictor:
 
     def _ood_scores(self, features: torch.Tensor, logits: torch.Tensor, layers: dict | None) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            return {
-                name: ood.score(name, stats, features, logits, layers=layers, head=self.model.fc)
-                for name, stats in self.detectors.items()
-            }
+            return ood.score_all(self.detectors, features, logits, layers=layers, head=self.model.fc)
 
     def _check_detectors_fit(self) -> None:
         """Score one blank image now, so OOD statistics that do not fit the network are refused at load.

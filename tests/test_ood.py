@@ -428,6 +428,24 @@ def test_packed_knn_layers_equal_the_stage_by_stage_ones():
         ood._knn_layers(mixed, ood.Observed(None, None, shifted))
 
 
+def test_score_all_shares_the_stage_distances_of_detectors_fitted_alike():
+    model, features, logits, layers = _observed_tiny_model()
+    fit = _fit_first_28(features, logits, layers, k=3, head=model.fc)
+    both = ood.score_all(fit, features, logits, layers=layers, head=model.fc)
+    for name, stats in fit.items():  # the same scores as one detector at a time
+        alone = ood.score(name, stats, features, logits, layers=layers, head=model.fc)
+        assert torch.allclose(both[name], alone, atol=1e-6), name
+    # The two Mahalanobis layer detectors hold the same tensors, so the second reads the first's distances.
+    mean_stats, max_stats = fit["mahalanobis_layers"], fit["mahalanobis_layers_max"]
+    assert mean_stats["layer1.basis"] is max_stats["layer1.basis"]
+    seen = ood.Observed(features, logits, layers)
+    assert ood._layer_mahalanobis(mean_stats, seen) is ood._layer_mahalanobis(max_stats, seen)
+    older = {k: v for k, v in max_stats.items() if k != "power"}  # another power: computed afresh
+    assert not torch.allclose(ood._layer_mahalanobis(older, seen), ood._layer_mahalanobis(mean_stats, seen))
+    with pytest.raises(ValueError, match="unknown OOD method"):
+        ood.score_all({"nope": {}}, features, logits)
+
+
 def test_one_kernel_pooled_statistics_equal_the_two_pass_ones():
     from lesion.model import _pooled_one_kernel
 

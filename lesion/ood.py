@@ -52,6 +52,7 @@ These are our own short implementations; pytorch-ood is not a dependency.
 
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -263,10 +264,10 @@ class _Packed:
     bias: torch.Tensor  # (stages,) = -loc / scale
 
 
-#: (id of the stats dict, device, kind) -> (weak references to the tensors it was built from, their
-#: versions, the plain values it used, the packed form). Weak, so a dropped checkpoint frees it.
-_PACKED: dict[tuple[int, str], tuple[tuple, tuple, tuple, _Packed]] = {}
-_PACKED_ENTRIES = 16  # three a predictor (the two Mahalanobis detectors and knn_layers)
+#: (kind, device, ids of the source tensors, plain values) -> (weak references to those tensors, their
+#: versions, the plain values, the packed form). Weak, so a dropped checkpoint frees its entry.
+_PACKED: dict[tuple, tuple[tuple, tuple, tuple, Any]] = {}
+_PACKED_ENTRIES = 16  # two a predictor: the Mahalanobis layer detectors (shared) and knn_layers
 # The app scores from several threads: building an entry twice is harmless, racing the eviction is not.
 _PACKED_LOCK = threading.Lock()
 
@@ -310,6 +311,18 @@ def _pack(stats: Stats, names: list[str], device: torch.device) -> _Packed:
     )
 
 
+def _version_of(value: Any) -> int | None:
+    """A tensor's in-place edit counter; None for inference tensors (they keep none) and non-tensors."""
+    return value._version if torch.is_tensor(value) and not value.is_inference() else None
+
+
+def _finite(values: tuple, what: str) -> tuple:
+    """``values``, or ValueError when one is NaN or infinite (a damaged checkpoint; it would score NaN)."""
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"the {what} statistics hold a value that is not finite: {values}")
+    return values
+
+
 def _cached(device: torch.device, kind: str, sources: tuple, values: tuple, build: Callable[[], Any]):
     """``build()``, or what it gave before for these very tensors and values on this device.
 
@@ -318,7 +331,7 @@ def _cached(device: torch.device, kind: str, sources: tuple, values: tuple, buil
     anything else builds it again. Entries keep weak references, so statistics nobody holds any more
     free theirs.
     """
-    versions = tuple(getattr(t, "_version", None) for t in sources)
+    versions = tuple(_version_of(t) for t in sources)
     key = (kind, str(device), tuple(id(t) for t in sources), values)
     hit = _PACKED.get(key)
     if (
@@ -351,7 +364,7 @@ def _packed_layers(stats: Stats, device: torch.device) -> _Packed:
     names = list(stats["layers"])
     sources = tuple(stats[f"{n}.{key}"] for n in names for key in ("mean", "basis", "weights"))
     values = tuple(float(stats[f"{n}.{key}"]) for n in names for key in ("residual_precision", "loc", "scale"))
-    return _cached(device, "mahalanobis", sources, values, lambda: _pack(stats, names, device))
+    return _cached(device, "mahalanobis", sources, _finite(values, "layer"), lambda: _pack(stats, names, device))
 
 
 def _check_widths(parts: list[torch.Tensor], dims: tuple[int, ...]) -> None:
@@ -370,9 +383,11 @@ def _layer_mahalanobis(stats: Stats, seen: Observed) -> torch.Tensor:
     _check_widths(parts, packed.dims)
     power = _power(stats)
     # mahalanobis_layers and mahalanobis_layers_max share their statistics: one computation a pass.
-    shared = seen.memo.get(("mahalanobis_layers", id(packed), power))
-    if shared is not None and shared[0] is packed:
-        return shared[1]
+    # The memo holds what it was computed from and is used only for the very same inputs.
+    memo_key = ("mahalanobis_layers", id(packed), power, tuple(stats["layers"]))
+    shared = seen.memo.get(memo_key)
+    if shared is not None and shared[0] is packed and all(a is b for a, b in zip(shared[1], parts, strict=True)):
+        return shared[2]
     x = torch.cat(parts, dim=1)
     if power != 1:
         x = x.clamp_min(0) ** power
@@ -380,7 +395,7 @@ def _layer_mahalanobis(stats: Stats, seen: Observed) -> torch.Tensor:
     projected = centred @ packed.basis
     squared = torch.cat([centred, projected], dim=1).square_() @ packed.weights
     distances = torch.addcmul(packed.bias, squared.clamp_min_(0).sqrt_(), packed.inv_scale)
-    seen.memo[("mahalanobis_layers", id(packed), power)] = (packed, distances)
+    seen.memo[memo_key] = (packed, tuple(parts), distances)
     return distances
 
 
@@ -468,7 +483,8 @@ def _knn_layers(stats: Stats, seen: Observed) -> torch.Tensor:
         raise ValueError("the layer statistics name no stage")
     device = parts[0].device
     sources = tuple(stats[f"{n}.{key}"] for n in names for key in ("mean", "basis", "scale_inv", "bank"))
-    values = tuple(float(stats[f"{n}.{key}"]) for n in names for key in ("loc", "scale")) + (int(stats["k"]),)
+    values = _finite(tuple(float(stats[f"{n}.{key}"]) for n in names for key in ("loc", "scale")), "knn_layers")
+    values += (int(stats["k"]),)
     packed = _cached(device, "knn", sources, values, lambda: _pack_knn(stats, names, device))
     if packed is None:
         return _knn_layers_by_stage(stats, seen)

@@ -179,7 +179,10 @@ class Predictor:
             for name, stats in (ood_entry.get("detectors") or {}).items()
         }
         self.ood_available = bool(self.detectors)
-        self.ood_thresholds: dict[str, float] = {name: float(s["threshold"]) for name, s in self.detectors.items()}
+        try:
+            self.ood_thresholds: dict[str, float] = {name: float(s["threshold"]) for name, s in self.detectors.items()}
+        except (KeyError, TypeError, ValueError, ArithmeticError) as error:
+            raise InvalidCheckpoint(f"the checkpoint's OOD thresholds are unreadable ({error!r})") from None
         self.ood_method = self._check_ood_method(ood_method or ood_entry.get("method") or "mahalanobis")
         # Layer statistics cost a little per pass: collect them only when a fitted detector uses them.
         self._needs_layers = any(getattr(ood.DETECTORS.get(name), "needs_layers", False) for name in self.detectors)
@@ -208,7 +211,7 @@ class Predictor:
         try:
             _, features, logits, layers = self._forward(blank)
             self._ood_scores(features, logits, layers)
-        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as error:
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError, ArithmeticError) as error:
             raise InvalidCheckpoint(f"the checkpoint's OOD statistics do not fit its network ({error})") from None
 
     @classmethod

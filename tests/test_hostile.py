@@ -339,6 +339,16 @@ def _bad_checkpoints(trained_model: Path, folder: Path) -> dict[str, Path]:
             layers[f"{name}.mean"], layers[f"{name}.basis"] = mean[:, :grow], basis[:grow]
     shifted["ood"]["detectors"]["mahalanobis_layers_max"] = layers
     save("layer-stats-cut-at-other-widths", shifted)
+    for label, key, value in (
+        ("layer-stats-nan-location", "layer1.loc", float("nan")),
+        ("ood-threshold-overflow", "threshold", 10**400),
+    ):
+        damaged = {**real, "ood": {**real["ood"], "detectors": dict(real["ood"]["detectors"])}}
+        damaged["ood"]["detectors"]["mahalanobis_layers_max"] = {
+            **real["ood"]["detectors"]["mahalanobis_layers_max"],
+            key: value,
+        }
+        save(label, damaged)
     raw("truncated-10-bytes", good[:10])
     raw("truncated-50%", good[: len(good) // 2])
     raw("truncated-99%", good[: len(good) * 99 // 100])
@@ -369,6 +379,8 @@ def test_foreign_newer_and_damaged_checkpoints_get_plain_messages(trained_model:
                     "unknown-arch",
                     "ood-stats-of-another-network",
                     "layer-stats-cut-at-other-widths",
+                    "layer-stats-nan-location",
+                    "ood-threshold-overflow",
                 ):
                     failures.append(f"{name}: {load.__name__} accepted it")
     assert not failures, "\n".join(failures)

@@ -423,6 +423,10 @@ def test_packed_knn_layers_equal_the_stage_by_stage_ones():
     # Banks of different sizes (not what fitting makes) are scored stage by stage, with the same result.
     uneven = {**mixed, "layer2.bank": mixed["layer2.bank"][:40]}
     assert torch.allclose(ood._knn_layers(uneven, seen), ood._knn_layers_by_stage(uneven, seen), atol=1e-6)
+    # k beyond the bank, then k and one stage's location changed in the same dict: the cache follows.
+    for key, value in (("k", 1000), ("k", 2), ("layer3.loc", mixed["layer3.loc"] + 0.5)):
+        mixed[key] = value
+        assert torch.allclose(ood._knn_layers(mixed, seen), ood._knn_layers_by_stage(mixed, seen), atol=1e-5), key
     shifted = dict(test, layer1=test["layer1"][:, :10], layer2=torch.cat([test["layer2"], test["layer1"][:, :2]], 1))
     with pytest.raises(ValueError, match="widths"):
         ood._knn_layers(mixed, ood.Observed(None, None, shifted))
@@ -444,6 +448,28 @@ def test_score_all_shares_the_stage_distances_of_detectors_fitted_alike():
     assert not torch.allclose(ood._layer_mahalanobis(older, seen), ood._layer_mahalanobis(mean_stats, seen))
     with pytest.raises(ValueError, match="unknown OOD method"):
         ood.score_all({"nope": {}}, features, logits)
+    # A pass reused with other statistics for a stage is computed afresh, not read from the memo.
+    first = ood._layer_mahalanobis(mean_stats, seen).clone()
+    seen.layers = dict(layers, layer2=layers["layer2"] * 2)
+    again = ood._layer_mahalanobis(mean_stats, seen)
+    assert not torch.allclose(again[:, 1], first[:, 1])
+    assert torch.allclose(again, ood._layer_mahalanobis_by_stage(mean_stats, seen), atol=1e-4)
+
+
+def test_packed_detectors_work_on_inference_tensors_and_refuse_values_that_are_not_finite():
+    model, features, logits, layers = _observed_tiny_model()
+    fit = _fit_first_28(features, logits, layers, names=["mahalanobis_layers_max", "knn_layers"], k=3)
+    with torch.inference_mode():  # as a caller may build a Predictor: inference tensors keep no version counter
+        frozen = {
+            name: {k: v.float() + 0 if torch.is_tensor(v) else v for k, v in st.items()} for name, st in fit.items()
+        }
+        for name, stats in frozen.items():
+            got = ood.score(name, stats, features, logits, layers=layers)
+            assert torch.allclose(got, ood.score(name, fit[name], features, logits, layers=layers), atol=1e-5)
+    for name, key in (("mahalanobis_layers_max", "layer1.loc"), ("knn_layers", "layer4.scale")):
+        for bad in (float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="not finite"):
+                ood.score(name, {**fit[name], key: bad}, features, logits, layers=layers)
 
 
 def test_one_kernel_pooled_statistics_equal_the_two_pass_ones():

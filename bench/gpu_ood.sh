@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU figure of the OOD issue in one go, each naming its device (about 6 minutes on one H200).
+# Every GPU figure of the OOD issue in one go, each naming its device (estimated at 6 minutes on one H200
+# from the pieces timed there on 2026-11-27: training 216 s side by side, the two benches about 2 minutes).
 #
 #   bash bench/gpu_ood.sh            # one GPU: three demo models trained side by side, then the tables
 #   bash bench/gpu_ood.sh --tiny     # the same steps with tiny settings on the CPU (a check that they run)

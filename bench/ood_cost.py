@@ -14,14 +14,14 @@ same run, against a bare forward of one image:
 and checks that both give the same distances. It also counts the aten operations each way
 dispatches (a device-independent count: at batch 1 a GPU pays ~10-20 microseconds for each). At batch 1 on a GPU a pass is bound by how many
 operations it launches, so this is where the difference shows; on a CPU both cost a few per cent.
-Each time is the fastest of --reps runs after 5 warmups, synchronising the device around each.
+Each time is the fastest of --reps runs after 3 warmups, waiting for the device after each
+(bench/ood.py's timer).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,26 +32,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from ood import _fastest_seconds  # noqa: E402  (bench/ood.py: fastest of reps after warmups, device waited for)
 from predict import build_checkpoint  # noqa: E402
 
 from lesion import ood  # noqa: E402
-from lesion.model import LAYER_NAMES, forward_parts, pooled_statistics, unwrap  # noqa: E402
+from lesion.model import LAYER_NAMES, _pooled_two_pass, forward_parts, pooled_statistics, unwrap  # noqa: E402
 from lesion.predict import Predictor  # noqa: E402
-
-
-def fastest(run: Callable[[], object], reps: int, device: torch.device) -> float:
-    """The fastest of ``reps`` timed runs after 5 warmups, waiting for the device around each."""
-    best = float("inf")
-    for index in range(reps + 5):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if index >= 5:
-            best = min(best, time.perf_counter() - started)
-    return best
 
 
 class _Counting(TorchDispatchMode):
@@ -93,13 +79,6 @@ def every_detector(predictor: Predictor, pass_: tuple, before: bool) -> None:
         (BY_STAGE[name] if name in BY_STAGE else ood.DETECTORS[name].score)(stats, seen)
 
 
-def two_pass(activations: torch.Tensor) -> torch.Tensor:
-    """The pooled statistics as every device computed them before: mean, then the mean square about it."""
-    flat = activations.float().flatten(2)
-    mean = flat.mean(dim=2)
-    return torch.cat([mean, (flat - mean.unsqueeze(2)).square().mean(dim=2).sqrt()], dim=1)
-
-
 def measure(arch: str, size: int, device: torch.device, reps: int) -> str:
     predictor = Predictor(build_checkpoint(arch, size), device=str(device))
     model = unwrap(predictor.model)
@@ -109,7 +88,7 @@ def measure(arch: str, size: int, device: torch.device, reps: int) -> str:
         getattr(model, n).register_forward_hook(lambda m, i, o, n=n: outputs.__setitem__(n, o)) for n in LAYER_NAMES
     ]
     with torch.no_grad():
-        bare = fastest(lambda: forward_parts(model, x), reps, device)
+        bare = _fastest_seconds(lambda: forward_parts(model, x), reps, device)
         _, features, logits = forward_parts(model, x)
     for handle in handles:
         handle.remove()
@@ -121,15 +100,17 @@ def measure(arch: str, size: int, device: torch.device, reps: int) -> str:
         def fresh() -> ood.Observed:  # a new pass each time: nothing shared from the last run
             return ood.Observed(features, logits, layers)
 
-        taps_before = fastest(lambda: [two_pass(outputs[n]) for n in LAYER_NAMES], reps, device)
-        taps_after = fastest(lambda: [pooled_statistics(outputs[n]) for n in LAYER_NAMES], reps, device)
-        score_before = fastest(lambda: ood._layer_mahalanobis_by_stage(stats, seen).max(dim=1).values, reps, device)
-        score_after = fastest(lambda: ood._layer_mahalanobis(stats, fresh()).max(dim=1).values, reps, device)
-        every = fastest(lambda: predictor._ood_scores(features, logits, layers), reps, device)
+        taps_before = _fastest_seconds(lambda: [_pooled_two_pass(outputs[n]) for n in LAYER_NAMES], reps, device)
+        taps_after = _fastest_seconds(lambda: [pooled_statistics(outputs[n]) for n in LAYER_NAMES], reps, device)
+        score_before = _fastest_seconds(
+            lambda: ood._layer_mahalanobis_by_stage(stats, seen).max(dim=1).values, reps, device
+        )
+        score_after = _fastest_seconds(lambda: ood._layer_mahalanobis(stats, fresh()).max(dim=1).values, reps, device)
+        every = _fastest_seconds(lambda: predictor._ood_scores(features, logits, layers), reps, device)
         full = (features, logits, layers, model.fc)
-        every_before = fastest(lambda: every_detector(predictor, full, True), reps, device)
+        every_before = _fastest_seconds(lambda: every_detector(predictor, full, True), reps, device)
         ops = {
-            "default before": operations(lambda: [two_pass(outputs[n]) for n in LAYER_NAMES])
+            "default before": operations(lambda: [_pooled_two_pass(outputs[n]) for n in LAYER_NAMES])
             + operations(lambda: BY_STAGE["mahalanobis_layers_max"](stats, seen)),
             "default after": operations(lambda: [pooled_statistics(outputs[n]) for n in LAYER_NAMES])
             + operations(lambda: ood._layer_mahalanobis(stats, fresh()).max(dim=1).values),

@@ -148,12 +148,17 @@ def pooled_statistics(activations: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) -> (N, 2C) float32: each channel's spatial mean, then its spatial standard deviation."""
     # float32 whatever the autocast dtype: bf16 sums over 56 x 56 positions lose too many digits.
     x = activations.float()
-    if x.is_cuda:
-        return _pooled_one_kernel(x)
+    return _pooled_one_kernel(x) if x.is_cuda else _pooled_two_pass(x)
+
+
+def _pooled_two_pass(x: torch.Tensor) -> torch.Tensor:
+    """:func:`pooled_statistics` in two passes (mean, then the mean square about it), for a CPU.
+
+    The same figures as torch.std_mean to ~1e-7, and 4-8x faster on the CPU, where std_mean over the
+    spatial dims is single-threaded.
+    """
     flat = x.flatten(2)
     mean = flat.mean(dim=2)
-    # Two passes (mean, then the mean square about it) rather than torch.std_mean: the same figures
-    # to ~1e-7, and 4-8x faster on the CPU, where std_mean over the spatial dims is single-threaded.
     std = (flat - mean.unsqueeze(2)).square().mean(dim=2).sqrt()
     return torch.cat([mean, std], dim=1)
 

@@ -265,11 +265,31 @@ class _Packed:
 
 
 #: (kind, device, ids of the source tensors, plain values) -> (weak references to those tensors, their
-#: versions, the plain values, the packed form). Weak, so a dropped checkpoint frees its entry.
-_PACKED: dict[tuple, tuple[tuple, tuple, tuple, Any]] = {}
+#: versions, the packed form). Weak, so a dropped checkpoint frees its entry.
+_PACKED: dict[tuple, tuple[tuple, tuple, Any]] = {}
 _PACKED_ENTRIES = 16  # two a predictor: the Mahalanobis layer detectors (shared) and knn_layers
 # The app scores from several threads: building an entry twice is harmless, racing the eviction is not.
 _PACKED_LOCK = threading.Lock()
+
+
+def _stage_width(mean: torch.Tensor) -> int:
+    """A stage's width from its fitted mean, (D,) or (1, D); -1 for any other shape."""
+    return mean.shape[-1] if mean.dim() in (1, 2) and mean.numel() == mean.shape[-1] else -1
+
+
+def _standardisation(stats: Stats, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each stage's validation location and scale, float64, in ``names`` order."""
+    loc = torch.tensor([float(stats[f"{n}.loc"]) for n in names], dtype=torch.float64)
+    scale = torch.tensor([float(stats[f"{n}.scale"]) for n in names], dtype=torch.float64)
+    return loc, scale
+
+
+def _stage_parts(stats: Stats, seen: Observed) -> list[torch.Tensor]:
+    """The pass's statistics for each stage the detector was fitted on, in its order."""
+    parts = [_layer(seen, n) for n in stats["layers"]]
+    if not parts:
+        raise ValueError("the layer statistics name no stage")
+    return parts
 
 
 def _pack(stats: Stats, names: list[str], device: torch.device) -> _Packed:
@@ -279,7 +299,7 @@ def _pack(stats: Stats, names: list[str], device: torch.device) -> _Packed:
         mean, basis, weights = (stats[f"{n}.{key}"] for key in ("mean", "basis", "weights"))
         if not all(torch.is_tensor(t) for t in (mean, basis, weights)):
             raise TypeError(f"the {n} statistics must be tensors")
-        dim = mean.shape[-1] if mean.dim() in (1, 2) and mean.numel() == mean.shape[-1] else -1
+        dim = _stage_width(mean)
         if dim < 1 or basis.dim() != 2 or basis.shape[0] != dim or tuple(weights.shape) != (basis.shape[1],):
             raise ValueError(
                 f"the {n} statistics do not fit together (mean {tuple(mean.shape)}, basis "
@@ -299,8 +319,7 @@ def _pack(stats: Stats, names: list[str], device: torch.device) -> _Packed:
         weights[row : row + dims[i], i] = float(stats[f"{n}.residual_precision"])
         weights[dim + col : dim + col + ranks[i], i] = weights_by_stage[i]
         row, col = row + dims[i], col + ranks[i]
-    scale = torch.tensor([float(stats[f"{n}.scale"]) for n in names], dtype=torch.float64)
-    loc = torch.tensor([float(stats[f"{n}.loc"]) for n in names], dtype=torch.float64)
+    loc, scale = _standardisation(stats, names)
     return _Packed(
         dims=dims,
         mean=torch.cat(means, dim=1).to(device),
@@ -334,13 +353,8 @@ def _cached(device: torch.device, kind: str, sources: tuple, values: tuple, buil
     versions = tuple(_version_of(t) for t in sources)
     key = (kind, str(device), tuple(id(t) for t in sources), values)
     hit = _PACKED.get(key)
-    if (
-        hit is not None
-        and hit[1] == versions
-        and hit[2] == values
-        and all(ref() is t for ref, t in zip(hit[0], sources, strict=True))
-    ):
-        return hit[3]
+    if hit is not None and hit[1] == versions and all(ref() is t for ref, t in zip(hit[0], sources, strict=True)):
+        return hit[2]
     packed = build()
     refs = tuple(weakref.ref(t) for t in sources)
     with _PACKED_LOCK:
@@ -348,12 +362,12 @@ def _cached(device: torch.device, kind: str, sources: tuple, values: tuple, buil
             del _PACKED[stale]  # built from statistics nobody holds any more
         while key not in _PACKED and len(_PACKED) >= _PACKED_ENTRIES:
             _PACKED.pop(next(iter(_PACKED)))
-        _PACKED[key] = (refs, versions, values, packed)
+        _PACKED[key] = (refs, versions, packed)
     return packed
 
 
 def _packed_layers(stats: Stats, device: torch.device) -> _Packed:
-    """Every stage's Gaussian as one block-diagonal problem, built once per stats dict and device.
+    """Every stage's Gaussian as one block-diagonal problem, built once per fitted tensors and device.
 
     With c = x - mean over all stages at once and p = c @ basis (block-diagonal), the squared
     distances of all stages are [c, p]^2 @ weights, where ``weights`` holds each stage's residual
@@ -376,15 +390,13 @@ def _check_widths(parts: list[torch.Tensor], dims: tuple[int, ...]) -> None:
 
 def _layer_mahalanobis(stats: Stats, seen: Observed) -> torch.Tensor:
     """(N, stages) standardised distances, every stage in the same few operations."""
-    parts = [_layer(seen, n) for n in stats["layers"]]
-    if not parts:
-        raise ValueError("the layer statistics name no stage")
+    parts = _stage_parts(stats, seen)
     packed = _packed_layers(stats, parts[0].device)
     _check_widths(parts, packed.dims)
     power = _power(stats)
     # mahalanobis_layers and mahalanobis_layers_max share their statistics: one computation a pass.
     # The memo holds what it was computed from and is used only for the very same inputs.
-    memo_key = ("mahalanobis_layers", id(packed), power, tuple(stats["layers"]))
+    memo_key = ("mahalanobis_layers", id(packed), power)
     shared = seen.memo.get(memo_key)
     if shared is not None and shared[0] is packed and all(a is b for a, b in zip(shared[1], parts, strict=True)):
         return shared[2]
@@ -442,7 +454,7 @@ def _pack_knn(stats: Stats, names: list[str], device: torch.device) -> _PackedKn
         mean, basis, scale_inv, bank = (stats[f"{n}.{key}"] for key in ("mean", "basis", "scale_inv", "bank"))
         if not all(torch.is_tensor(t) for t in (mean, basis, scale_inv, bank)):
             raise TypeError(f"the {n} statistics must be tensors")
-        dim = mean.shape[-1] if mean.dim() in (1, 2) and mean.numel() == mean.shape[-1] else -1
+        dim = _stage_width(mean)
         rank = basis.shape[1] if basis.dim() == 2 else -1
         if dim < 1 or basis.shape[0] != dim or tuple(scale_inv.shape) != (rank,) or bank.dim() != 2:
             raise ValueError(f"the {n} statistics do not fit together")
@@ -461,8 +473,7 @@ def _pack_knn(stats: Stats, names: list[str], device: torch.device) -> _PackedKn
         basis[row : row + dims[i], i * rank : i * rank + stage_basis.shape[1]] = stage_basis * scale_inv
         banks[i, : bank.shape[1]] = bank.float().cpu().T
         row += dims[i]
-    scale = torch.tensor([float(stats[f"{n}.scale"]) for n in names], dtype=torch.float64)
-    loc = torch.tensor([float(stats[f"{n}.loc"]) for n in names], dtype=torch.float64)
+    loc, scale = _standardisation(stats, names)
     return _PackedKnn(
         dims=dims,
         rank=rank,
@@ -478,9 +489,7 @@ def _pack_knn(stats: Stats, names: list[str], device: torch.device) -> _PackedKn
 def _knn_layers(stats: Stats, seen: Observed) -> torch.Tensor:
     """(N, stages) standardised distances, every stage in the same dozen operations."""
     names = list(stats["layers"])
-    parts = [_layer(seen, n) for n in names]
-    if not parts:
-        raise ValueError("the layer statistics name no stage")
+    parts = _stage_parts(stats, seen)
     device = parts[0].device
     sources = tuple(stats[f"{n}.{key}"] for n in names for key in ("mean", "basis", "scale_inv", "bank"))
     values = _finite(tuple(float(stats[f"{n}.{key}"]) for n in names for key in ("loc", "scale")), "knn_layers")

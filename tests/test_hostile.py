@@ -323,13 +323,19 @@ def _bad_checkpoints(trained_model: Path, folder: Path) -> dict[str, Path]:
         ("decision_threshold", "x"),
     ):
         save(f"{key}={value}", {**real, key: value})
-    wrong = {**real, "ood": {**real["ood"], "detectors": dict(real["ood"]["detectors"])}}
-    mahalanobis = wrong["ood"]["detectors"]["mahalanobis"]
-    wrong["ood"]["detectors"]["mahalanobis"] = {**mahalanobis, "means": mahalanobis["means"][:, :5]}
-    save("ood-stats-of-another-network", wrong)
+    detectors = real["ood"]["detectors"]
+
+    def with_detector(name: str, stats: dict) -> dict:
+        """The real checkpoint with one detector's statistics replaced."""
+        return {**real, "ood": {**real["ood"], "detectors": {**detectors, name: stats}}}
+
+    mahalanobis = detectors["mahalanobis"]
+    save(
+        "ood-stats-of-another-network",
+        with_detector("mahalanobis", {**mahalanobis, "means": mahalanobis["means"][:, :5]}),
+    )
     # The default detector's stage statistics cut at other widths that add up to the same total.
-    shifted = {**real, "ood": {**real["ood"], "detectors": dict(real["ood"]["detectors"])}}
-    layers = dict(shifted["ood"]["detectors"]["mahalanobis_layers_max"])
+    layers = dict(detectors["mahalanobis_layers_max"])
     for name, grow in (("layer1", 2), ("layer2", -2)):
         mean, basis = layers[f"{name}.mean"], layers[f"{name}.basis"]
         if grow > 0:
@@ -337,18 +343,12 @@ def _bad_checkpoints(trained_model: Path, folder: Path) -> dict[str, Path]:
             layers[f"{name}.basis"] = torch.cat([basis, basis[:grow]], dim=0)
         else:
             layers[f"{name}.mean"], layers[f"{name}.basis"] = mean[:, :grow], basis[:grow]
-    shifted["ood"]["detectors"]["mahalanobis_layers_max"] = layers
-    save("layer-stats-cut-at-other-widths", shifted)
+    save("layer-stats-cut-at-other-widths", with_detector("mahalanobis_layers_max", layers))
     for label, key, value in (
         ("layer-stats-nan-location", "layer1.loc", float("nan")),
         ("ood-threshold-overflow", "threshold", 10**400),
     ):
-        damaged = {**real, "ood": {**real["ood"], "detectors": dict(real["ood"]["detectors"])}}
-        damaged["ood"]["detectors"]["mahalanobis_layers_max"] = {
-            **real["ood"]["detectors"]["mahalanobis_layers_max"],
-            key: value,
-        }
-        save(label, damaged)
+        save(label, with_detector("mahalanobis_layers_max", {**detectors["mahalanobis_layers_max"], key: value}))
     raw("truncated-10-bytes", good[:10])
     raw("truncated-50%", good[: len(good) // 2])
     raw("truncated-99%", good[: len(good) * 99 // 100])

@@ -473,10 +473,11 @@ def test_packed_detectors_work_on_inference_tensors_and_refuse_values_that_are_n
 
 
 def test_one_kernel_pooled_statistics_equal_the_two_pass_ones():
-    from lesion.model import _pooled_one_kernel
+    from lesion.model import _pooled_one_kernel, _pooled_two_pass
 
     activations = torch.randn(3, 16, 14, 14).relu() * 5
-    assert torch.allclose(_pooled_one_kernel(activations), pooled_statistics(activations), rtol=1e-5, atol=1e-6)
+    assert torch.equal(pooled_statistics(activations), _pooled_two_pass(activations))  # the CPU's path
+    assert torch.allclose(_pooled_one_kernel(activations), _pooled_two_pass(activations), rtol=1e-5, atol=1e-6)
 
 
 def test_layer_gaussians_are_fitted_to_square_roots_and_older_statistics_keep_scoring():

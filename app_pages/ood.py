@@ -68,15 +68,17 @@ for uploads, kind in ((own_ood, "OOD photo"), (own_lesions, "lesion")):
         gallery.append((f"your {kind}: {upload.name}", data, kind, f"{upload.name} (uploaded as {kind})", shown))
 
 with st.spinner("Scoring the gallery once…"):
-    scores = cached_ood_scores(st.session_state["ood_scores"], predictor, model, [(g[0], g[1]) for g in gallery])
-gallery = [g for g in gallery if g[0] in scores]  # an image the network could not read has no score
+    scored = cached_ood_scores(st.session_state["ood_scores"], predictor, model, [(g[0], g[1]) for g in gallery])
+# An image the network could not read has no score. In order, not by name: two uploads may share one.
+kept = [(g, s) for g, s in zip(gallery, scored, strict=True) if s is not None]
+gallery, scores = [g for g, _ in kept], [s for _, s in kept]
 if not gallery:
     st.warning(
         "None of the gallery images could be read, so there is nothing to set the threshold against. "
         "Upload readable photos and lesion images above."
     )
     st.stop()
-values = np.array([scores[g[0]][method] for g in gallery])
+values = np.array([s[method] for s in scores])
 is_ood = np.array([g[2] == "OOD photo" for g in gallery])
 
 low, high, step = slider_range(values, [thresholds[method]])
@@ -102,7 +104,7 @@ if spread.get("median") is not None:
     )
 
 if "msp" in thresholds:
-    msp = np.array([scores[g[0]]["msp"] for g in gallery])
+    msp = np.array([s["msp"] for s in scores])
     notebook = evaluate(msp[~is_ood], msp[is_ood], NOTEBOOK_MSP_THRESHOLD)
     st.table(
         [
@@ -120,7 +122,8 @@ if "msp" in thresholds:
     )
 
 left, right = st.columns(2)
-rows = [{"kind": g[2], "score": float(v)} for g, v in zip(gallery, values, strict=True)]
+# A NaN score (the detector could not score that image; it is rejected) has no place on the axis.
+rows = [{"kind": g[2], "score": float(v)} for g, v in zip(gallery, values, strict=True) if np.isfinite(v)]
 left.altair_chart(histogram_chart(rows, threshold, method), width="stretch")
 operating = {
     "lesions rejected": ours["lesions_rejected"] / max(int((~is_ood).sum()), 1),

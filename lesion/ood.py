@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -331,8 +332,8 @@ def _pack(stats: Stats, names: list[str], device: torch.device) -> _Packed:
 
 
 def _version_of(value: Any) -> int | None:
-    """A tensor's in-place edit counter; None for inference tensors (they keep none) and non-tensors."""
-    return value._version if torch.is_tensor(value) and not value.is_inference() else None
+    """A tensor's in-place edit counter; None for non-tensors."""
+    return value._version if torch.is_tensor(value) else None
 
 
 def _finite(values: tuple, what: str) -> tuple:
@@ -348,8 +349,12 @@ def _cached(device: torch.device, kind: str, sources: tuple, values: tuple, buil
     Keyed by the tensors themselves (detectors fitted alike share their tensors, and so one entry),
     used only while they are the same objects, unchanged (same versions), with the same plain values;
     anything else builds it again. Entries keep weak references, so statistics nobody holds any more
-    free theirs.
+    free theirs. Inference tensors keep no version counter, so an in-place edit of one could not be
+    seen: statistics that hold one are never cached (the Predictor converts its own to ordinary
+    tensors, so this costs only callers that fit or edit statistics under torch.inference_mode).
     """
+    if any(torch.is_tensor(t) and t.is_inference() for t in sources):
+        return build()
     versions = tuple(_version_of(t) for t in sources)
     key = (kind, str(device), tuple(id(t) for t in sources), values)
     hit = _PACKED.get(key)
@@ -705,13 +710,18 @@ def harrell_davis_quantile(values: Any, q: float) -> float:
     n = len(ordered)
     if n == 0:
         raise ValueError("a quantile needs at least one value")
+    if np.isnan(ordered).any():
+        raise ValueError("a quantile of scores that include NaN is undefined")
     if n == 1:
         return float(ordered[0])
     a, b = q * (n + 1), (1 - q) * (n + 1)
     from scipy.stats import beta as beta_distribution  # here: only fitting needs scipy (app start-up)
 
     weights = np.diff(beta_distribution.cdf(np.arange(n + 1) / n, a, b))
-    return float(weights @ ordered)
+    # Far order statistics get weights that underflow to 0: leave them out, so that an infinite
+    # score there does not turn the estimate into 0 * inf = NaN.
+    used = weights > 0
+    return float(weights[used] @ ordered[used])
 
 
 def keep_threshold(scores: torch.Tensor, keep: float) -> float:
@@ -780,7 +790,7 @@ def fit_detectors(
     train_labels = train_labels.detach().cpu().long()
     detectors: dict[str, dict] = {}
     fitted: dict[Callable, Stats] = {}
-    for name in names or DETECTORS:
+    for name in DETECTORS if names is None else names:
         detector = DETECTORS[name]
         if (detector.needs_layers and not (train.layers and val.layers)) or (detector.needs_head and head is None):
             continue
@@ -790,6 +800,12 @@ def fit_detectors(
             # Detectors fitted alike share the tensors: torch.save writes a shared tensor once.
             stats = dict(fitted[detector.fit])
             val_scores = detector.score(stats, val)
+        if not bool(torch.isfinite(val_scores).all()):
+            # No threshold can be set on scores that are not numbers; the predictor would refuse it.
+            warnings.warn(
+                f"OOD detector {name!r} left out: it gives non-finite scores on validation lesions", stacklevel=2
+            )
+            continue
         stats["threshold"] = keep_threshold(val_scores, keep)
         stats["rejection_spread"] = rejection_spread(val_scores, keep)
         detectors[name] = stats
@@ -821,21 +837,44 @@ def _as_numpy(values: Any) -> np.ndarray:
     return np.asarray(values, dtype=np.float64).ravel()
 
 
+def ranked(*groups: Any) -> list[np.ndarray]:
+    """The score arrays with every non-finite score replaced by a finite one that ranks the same.
+
+    NaN (a detector that could not score the image, which the predictor rejects) and +inf rank
+    above every finite score, -inf below: ROC figures count them as the predictor decides them,
+    and scikit-learn, which refuses non-finite scores, can compute them.
+    """
+    arrays = [_as_numpy(g) for g in groups]
+    finite = np.concatenate([a[np.isfinite(a)] for a in arrays]) if arrays else np.array([])
+    top = float(finite.max()) if len(finite) else 0.0
+    bottom = float(finite.min()) if len(finite) else 0.0
+    span = top - bottom or abs(top) or 1.0
+    out = []
+    for a in arrays:
+        a = a.copy()
+        a[np.isnan(a) | (a == np.inf)] = top + span
+        a[a == -np.inf] = bottom - span
+        out.append(a)
+    return out
+
+
 def evaluate(lesion_scores: Any, ood_scores: Any, threshold: float) -> dict[str, float | int]:
     """How well scores separate OOD images (positive) from lesions, and what ``threshold`` does.
 
     ``fpr_at_95_tpr`` is the share of OOD images accepted when the threshold accepts 95 % of
-    the lesions given here (the usual OOD benchmark number; lower is better).
+    the lesions given here (the usual OOD benchmark number; lower is better). A NaN score counts
+    as rejected, as the predictor decides it.
     """
-    lesions, ood = _as_numpy(lesion_scores), _as_numpy(ood_scores)
+    lesions, ood = (np.where(np.isnan(x), np.inf, x) for x in (_as_numpy(lesion_scores), _as_numpy(ood_scores)))
     result: dict[str, float | int] = {"roc_auc": float("nan"), "fpr_at_95_tpr": float("nan")}
     if len(lesions) and len(ood):
         truth = np.r_[np.zeros(len(lesions)), np.ones(len(ood))]
         from sklearn.metrics import roc_auc_score
 
-        result["roc_auc"] = float(roc_auc_score(truth, np.r_[lesions, ood]))
-        at_95 = float(np.quantile(lesions, 0.95))
-        result["fpr_at_95_tpr"] = float(np.mean(ood <= at_95))
+        ranked_lesions, ranked_ood = ranked(lesions, ood)
+        result["roc_auc"] = float(roc_auc_score(truth, np.r_[ranked_lesions, ranked_ood]))
+        at_95 = float(np.quantile(ranked_lesions, 0.95))
+        result["fpr_at_95_tpr"] = float(np.mean(ranked_ood <= at_95))
     result.update(
         threshold=float(threshold),
         lesions_accepted=int(np.sum(lesions <= threshold)),

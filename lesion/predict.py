@@ -162,7 +162,7 @@ class Predictor:
         # and normalises whole batches with the same operations (see lesion.transforms.normalise_batch).
         self.transform = eval_transform(self.image_size, self.mean, self.std)
         self.model = _build(checkpoint).to(self.device).eval()
-        ood_entry = checkpoint.get("ood") or {}
+        ood_entry = _ood_entry(checkpoint.get("ood"))
         # Stats as float32 on the device once, so scoring converts nothing per call. A tensor that
         # detectors fitted alike share in the checkpoint stays shared (one copy, and one packed form).
         converted: dict[int, torch.Tensor] = {}
@@ -171,19 +171,32 @@ class Predictor:
             if not torch.is_tensor(value):
                 return value
             if id(value) not in converted:
-                converted[id(value)] = value.float().to(self.device)
+                # Ordinary tensors even when the caller is in torch.inference_mode: inference tensors
+                # keep no version counter, so an in-place edit of the statistics would go unseen.
+                with torch.inference_mode(False):
+                    tensor = value.float().to(self.device)
+                    converted[id(value)] = tensor.clone() if tensor.is_inference() else tensor
             return converted[id(value)]
 
         self.detectors: dict[str, dict[str, Any]] = {
             name: {key: on_device(value) for key, value in stats.items()}
-            for name, stats in (ood_entry.get("detectors") or {}).items()
+            for name, stats in ood_entry["detectors"].items()
         }
         self.ood_available = bool(self.detectors)
         try:
             self.ood_thresholds: dict[str, float] = {name: float(s["threshold"]) for name, s in self.detectors.items()}
         except (KeyError, TypeError, ValueError, ArithmeticError) as error:
             raise InvalidCheckpoint(f"the checkpoint's OOD thresholds are unreadable ({error!r})") from None
-        self.ood_method = self._check_ood_method(ood_method or ood_entry.get("method") or "mahalanobis")
+        for name, value in self.ood_thresholds.items():
+            if not math.isfinite(value):  # NaN would accept every photo, +inf too, -inf reject every lesion
+                raise InvalidCheckpoint(f"the checkpoint's {name} OOD threshold is not a finite number ({value})")
+        if ood_method is not None:
+            self.ood_method = self._check_ood_method(ood_method)
+        else:
+            try:
+                self.ood_method = self._check_ood_method(ood_entry.get("method") or "mahalanobis", asked=False)
+            except ValueError as error:
+                raise InvalidCheckpoint(f"the checkpoint's OOD method is unusable: {error}") from None
         # Layer statistics cost a little per pass: collect them only when a fitted detector uses them.
         self._needs_layers = any(getattr(ood.DETECTORS.get(name), "needs_layers", False) for name in self.detectors)
         self._layer_tap = LayerStatistics(self.model) if self._needs_layers else None
@@ -210,18 +223,28 @@ class Predictor:
         blank = torch.zeros(1, 3, self.image_size, self.image_size, device=self.device)
         try:
             _, features, logits, layers = self._forward(blank)
-            self._ood_scores(features, logits, layers)
+            scores = self._ood_scores(features, logits, layers)
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError, ArithmeticError) as error:
             raise InvalidCheckpoint(f"the checkpoint's OOD statistics do not fit its network ({error})") from None
+        # Statistics that score NaN (a NaN or zero in them) would reject every photo as unscorable.
+        broken = [name for name, values in scores.items() if not bool(torch.isfinite(values).all())]
+        if broken:
+            raise InvalidCheckpoint(f"the checkpoint's {', '.join(broken)} OOD statistics give no finite score")
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", ood_method: str | None = None) -> Predictor:
         """Load ``path`` with :func:`lesion.checkpoint.load_checkpoint`; InvalidCheckpoint if unusable."""
         return cls(load_checkpoint(path, map_location="cpu"), device=device, ood_method=ood_method)
 
-    def _check_ood_method(self, method: str) -> str:
+    def _check_ood_method(self, method: str, *, asked: bool = True) -> str:
+        """``method`` if this checkpoint can score it, else ValueError (``asked``: the caller named it)."""
         if method not in ood.SCORERS:
             raise ValueError(f"unknown OOD method {method!r}; choose one of {', '.join(ood.SCORERS)}")
+        if not self.ood_available and asked:
+            raise ValueError(
+                f"this checkpoint has no fitted OOD detectors (an intermediate checkpoint?), so it cannot score "
+                f"{method!r}; use a run's model.pt, or leave the OOD method unset"
+            )
         if self.ood_available and method not in self.detectors:
             raise ValueError(f"this checkpoint has no fitted {method!r} detector; it has {', '.join(self.detectors)}")
         return method
@@ -366,6 +389,8 @@ class Predictor:
         ood_s = time.perf_counter() - started
 
         threshold = self.ood_thresholds.get(method, float("nan")) if ood_threshold is None else float(ood_threshold)
+        if math.isnan(threshold) and method in scores:
+            raise ValueError("the OOD threshold must be a number, not NaN")
         results = []
         share = len(prepared)  # batched work is shared equally between the images of the batch
         for i, item in enumerate(prepared):
@@ -377,7 +402,9 @@ class Predictor:
                 extra = time.perf_counter() - placed_at
             ood_scores = {name: float(values[i]) for name, values in scores.items()}  # plain floats: no tensor indexing
             ood_score = ood_scores.get(method, float("nan"))
-            accepted = not (ood_score > threshold)  # nan (no detector) is accepted
+            # No fitted detector (nan): accepted, there is nothing to check. A fitted detector that
+            # cannot score this image (nan) fails closed: the photo is not taken for a lesion.
+            accepted = not (ood_score > threshold) and not (method in scores and math.isnan(ood_score))
             p = float(p_malignant[i])
             dx_probabilities = {name: float(outputs[i, j]) for j, name in enumerate(self.dx_names)}
             verdict = "unknown" if not accepted else ("malignant" if p >= decision else "benign")
@@ -590,6 +617,22 @@ class Predictor:
 
         table = [[prediction.dx_probabilities[name] for name in self.dx_names] for prediction in predictions]
         return dx_metrics(dx_true, np.array(table), self.dx_names)
+
+
+def _ood_entry(entry: Any) -> dict[str, Any]:
+    """The checkpoint's ``ood`` entry with ``detectors`` as {name: {key: value}}; InvalidCheckpoint if it is not."""
+    entry = entry or {}
+    if not isinstance(entry, dict):
+        raise InvalidCheckpoint(f"the checkpoint's OOD entry is a {type(entry).__name__}, not a mapping")
+    detectors = entry.get("detectors") or {}
+    if not isinstance(detectors, dict) or not all(
+        isinstance(name, str) and isinstance(stats, dict) for name, stats in detectors.items()
+    ):
+        raise InvalidCheckpoint("the checkpoint's OOD detectors are not a mapping of names to statistics")
+    method = entry.get("method")
+    if method is not None and not isinstance(method, str):
+        raise InvalidCheckpoint(f"the checkpoint's OOD method is a {type(method).__name__}, not a name")
+    return {**entry, "detectors": detectors}
 
 
 def _build(checkpoint: dict[str, Any]) -> torch.nn.Module:

@@ -28,6 +28,7 @@ from lesion.config import recipe_measurement
 from lesion.files import SPLIT_FILE
 from lesion.images import MAX_BYTES, load_image
 from lesion.labels import DX_NAMES
+from lesion.ood import ranked
 from lesion.runs import PROJECT_ROOT, ModelEntry
 
 DISCLAIMER = (
@@ -331,31 +332,29 @@ def cached_ood_scores(
     predictor: Any,
     model: ModelEntry,
     items: Sequence[tuple[str, bytes]],
-) -> dict[str, dict[str, float]]:
-    """name -> {detector: score} for every readable image, scoring only those not seen before.
+) -> list[dict[str, float] | None]:
+    """{detector: score} for each of ``items`` in order (None where unreadable), scoring only images not seen before.
 
-    Keyed by image digest and model path (not mtime): saving a threshold rewrites the file but
-    not the weights, so the scores stay valid and the slider never waits for the network.
+    In order, not by name: two uploads may share a file name. Keyed by image digest and model path
+    (not mtime): saving a threshold rewrites the file but not the weights, so the scores stay valid
+    and the slider never waits for the network.
     """
-    result: dict[str, dict[str, float]] = {}
-    missing: list[tuple[str, bytes]] = []
-    for name, data in items:
-        key = ("ood", digest(data), str(model.path), _weights_id(predictor))
-        if key in cache:
-            result[name] = cache[key]
-        else:
-            missing.append((name, data))
+    keys = [("ood", digest(data), str(model.path), _weights_id(predictor)) for _, data in items]
+    result: list[dict[str, float] | None] = [cache.get(key) for key in keys]
+    missing = [i for i, scores in enumerate(result) if scores is None]
     if missing:
         with _PREDICT_LOCK:
-            for name, _ in missing:
-                count_predict_call(name)
-            predictions = predictor.predict_batch([_named_bytes(d, n) for n, d in missing], with_heatmap=False)
-        for (name, data), prediction in zip(missing, predictions, strict=True):
+            for i in missing:
+                count_predict_call(items[i][0])
+            predictions = predictor.predict_batch(
+                [_named_bytes(items[i][1], items[i][0]) for i in missing], with_heatmap=False
+            )
+        for i, prediction in zip(missing, predictions, strict=True):
             if isinstance(prediction, Exception):
                 continue  # pages validate uploads first; an unreadable file simply has no score
             scores = {k: float(v) for k, v in (prediction.ood_scores or {}).items()}
             scores["_p_malignant"] = float(prediction.p_malignant)
-            result[name] = _remember(cache, ("ood", digest(data), str(model.path), _weights_id(predictor)), scores)
+            result[i] = _remember(cache, keys[i], scores)
     return result
 
 
@@ -395,7 +394,7 @@ def roc_points(lesion_scores: Sequence[float], ood_scores: Sequence[float]) -> l
     if not len(lesion_scores) or not len(ood_scores):
         return []
     truth = np.r_[np.zeros(len(lesion_scores)), np.ones(len(ood_scores))]
-    fpr, tpr, _ = roc_curve(truth, np.r_[lesion_scores, ood_scores])
+    fpr, tpr, _ = roc_curve(truth, np.concatenate(ranked(lesion_scores, ood_scores)))  # NaN: rejected
     return [{"lesions rejected": float(x), "OOD photos rejected": float(y)} for x, y in zip(fpr, tpr, strict=True)]
 
 

@@ -88,6 +88,24 @@ def test_other_detector_and_uploaded_images_join_the_gallery(run_copy: Path, mon
     assert any("broken.jpg" in e.value and "not an image" in e.value for e in at.error)
 
 
+def test_two_uploads_with_one_name_keep_their_own_scores(run_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two different photos both called image.jpg (from two folders): each keeps its own score.
+    at = open_ood_page(run_copy.parent, monkeypatch)
+    lesion = next(s for s in list_samples() if s.kind == "lesion").path
+    at.file_uploader[0].set_value(
+        [("image.jpg", CAR.read_bytes(), "image/jpeg"), ("image.jpg", lesion.read_bytes(), "image/jpeg")]
+    )
+    at.run()
+    assert not at.exception
+    assert metric(at, "OOD photos accepted").endswith(f"of {N_OOD + 2}")
+    shown = [m.value for m in at.markdown if "image.jpg (uploaded as OOD photo)" in m.value]
+    predictor = Predictor.from_checkpoint(run_copy / "model.pt")
+    slider = threshold_slider(at)
+    decimals = max(0, len(f"{slider.step:f}".rstrip("0").split(".")[1]))
+    expected = [f"score {predictor.predict(path).ood_score:.{decimals}f}" for path in (CAR, lesion)]
+    assert len(shown) == 2 and [e in m for e, m in zip(expected, shown, strict=True)] == [True, True], (shown, expected)
+
+
 def test_save_threshold_then_predict_uses_it(run_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sample = next(s for s in list_samples() if s.kind == "lesion")
     with (run_copy / "split.csv").open("a") as split:  # pretend the model was trained on one sample

@@ -143,6 +143,20 @@ def test_evaluate_by_hand():
     assert (result["ood_accepted"], result["ood_rejected"]) == (0, 3)
 
 
+def test_scores_that_are_not_numbers_count_as_rejected():
+    # NaN is what a detector gives when it cannot score an image; the predictor rejects it, and so
+    # do these figures (the OOD page would otherwise fail in scikit-learn, which refuses NaN).
+    result = ood.evaluate([0.1, float("nan"), 0.3], [float("nan"), 0.5, float("inf")], threshold=0.4)
+    assert (result["lesions_accepted"], result["lesions_rejected"]) == (2, 1)
+    assert (result["ood_accepted"], result["ood_rejected"]) == (0, 3)
+    # The NaN lesion ranks with the top scores: it ties the NaN and infinite photos, beats the 0.5 one.
+    assert result["roc_auc"] == pytest.approx((3 + 3 + 0.5 + 0 + 0.5) / 9)
+    lesions, photos = ood.ranked(np.array([0.1, np.nan, -np.inf]), [np.inf, 0.5])
+    assert np.isfinite(lesions).all() and np.isfinite(photos).all()
+    assert lesions[1] == photos[0] > 0.5 and lesions[2] < 0.1
+    assert ood.ranked([np.nan], [np.nan])[0][0] == ood.ranked([np.nan], [np.nan])[1][0]  # nothing finite at all
+
+
 def test_decision_table():
     rows = ood.decision_table(["a.jpg", "car.jpg"], torch.tensor([0.1, 0.9]), 0.5, kinds=["lesion", "ood"])
     assert rows == [
@@ -161,6 +175,23 @@ def test_harrell_davis_matches_scipy():
     assert ood.harrell_davis_quantile([1.0, 2.0, 3.0], 0.5) == pytest.approx(2.0)  # symmetric weights
     with pytest.raises(ValueError, match="at least one"):
         ood.harrell_davis_quantile([], 0.5)
+    with pytest.raises(ValueError, match="NaN"):
+        ood.harrell_davis_quantile([1.0, float("nan"), 2.0], 0.5)
+    # An infinite score far from the quantile has a weight that underflows to 0: it must not give 0 * inf = NaN.
+    many = np.append(np.random.default_rng(1).normal(size=1499), np.inf)
+    assert ood.harrell_davis_quantile(many, 0.5) == pytest.approx(float(np.quantile(many[:-1], 0.5)), abs=0.05)
+
+
+def test_fitting_no_detector_fits_none_and_unscorable_ones_are_left_out(monkeypatch: pytest.MonkeyPatch):
+    logits = torch.randn(8, 2)
+    assert ood.fit_detectors(FEATURES, LABELS, logits, FEATURES[:4], logits[:4], k=2, names=[]) == {}
+    broken = ood.Detector(
+        lambda t, y, v, k: {}, lambda stats, seen: torch.full((len(seen.features),), float("nan")), ""
+    )
+    monkeypatch.setitem(ood.DETECTORS, "broken", broken)
+    with pytest.warns(UserWarning, match="'broken' left out"):
+        fitted = ood.fit_detectors(FEATURES, LABELS, logits, FEATURES[:4], logits[:4], k=2, names=["msp", "broken"])
+    assert set(fitted) == {"msp"}
 
 
 def test_threshold_keeps_the_target_share_of_new_lesions():
@@ -466,6 +497,12 @@ def test_packed_detectors_work_on_inference_tensors_and_refuse_values_that_are_n
         for name, stats in frozen.items():
             got = ood.score(name, stats, features, logits, layers=layers)
             assert torch.allclose(got, ood.score(name, fit[name], features, logits, layers=layers), atol=1e-5)
+            # No version counter to see an in-place edit by: the packed form is never reused for them.
+            stats["layer1.mean"].add_(1)
+            edited = {k: v.clone() if torch.is_tensor(v) else v for k, v in stats.items()}
+            expected = ood.score(name, edited, features, logits, layers=layers)
+            assert torch.allclose(ood.score(name, stats, features, logits, layers=layers), expected, atol=1e-5)
+            assert not torch.allclose(got, expected, atol=1e-3)
     for name, key in (("mahalanobis_layers_max", "layer1.loc"), ("knn_layers", "layer4.scale")):
         for bad in (float("nan"), float("inf")):
             with pytest.raises(ValueError, match="not finite"):

@@ -174,6 +174,38 @@ def test_intermediate_checkpoint_without_detectors(tmp_path: Path):
     assert json.loads(json.dumps(prediction.to_dict(), allow_nan=False))["ood_score"] is None
 
 
+def test_an_intermediate_checkpoint_refuses_a_named_ood_method(tmp_path: Path, capsys: pytest.CaptureFixture):
+    # Asking for a detector the checkpoint has not fitted must not quietly accept every photo.
+    path = write_tiny_checkpoint(tmp_path / "last.pt", with_ood=False)
+    with pytest.raises(ValueError, match="no fitted OOD detectors"):
+        Predictor.from_checkpoint(path, ood_method="knn")
+    with pytest.raises(ValueError, match="no fitted OOD detectors"):
+        Predictor.from_checkpoint(path).predict(ood_paths()[0], ood_method="knn")
+    argv = ["--checkpoint", str(path), "--out", str(tmp_path / "r.csv"), "--ood-method", "knn", str(ood_paths()[0])]
+    assert predict_main(argv) == 1
+    assert "no fitted OOD detectors" in capsys.readouterr().err
+
+
+def test_a_detector_that_cannot_score_an_image_fails_closed(predictor: Predictor, monkeypatch: pytest.MonkeyPatch):
+    lesion = lesion_paths()[0]
+    plain = predictor.predict(lesion, ood_threshold=1e30)
+    assert plain.accepted and plain.verdict != "unknown"
+    with pytest.raises(ValueError, match="NaN"):
+        predictor.predict(lesion, ood_threshold=float("nan"))
+    scores = predictor._ood_scores
+
+    def nan_for_the_method(*args):
+        computed = scores(*args)
+        return {**computed, predictor.ood_method: torch.full_like(computed[predictor.ood_method], float("nan"))}
+
+    monkeypatch.setattr(predictor, "_ood_scores", nan_for_the_method)
+    for result in (predictor.predict(lesion, ood_threshold=1e30), *predictor.predict_batch([lesion, lesion])):
+        assert math.isnan(result.ood_score) and not result.accepted and result.verdict == "unknown"
+    # Another detector's NaN does not touch the decision of the one in use.
+    other = predictor.predict(lesion, ood_method="msp", ood_threshold=1e30)
+    assert other.accepted and math.isnan(other.ood_scores[predictor.ood_method])
+
+
 def test_eight_threads_give_the_serial_results(predictor: Predictor):
     images = [*lesion_paths()[:3], ood_paths()[0]]
     methods = ["gradcam", "gradcam++", "eigencam", "hirescam"]

@@ -357,6 +357,10 @@ class Predictor:
         cam_target = self.check_cam_target(cam_target)
         method = self._check_ood_method(ood_method) if ood_method else self.ood_method
         decision = self.decision_threshold if decision_threshold is None else float(decision_threshold)
+        threshold = self.ood_thresholds.get(method, float("nan")) if ood_threshold is None else float(ood_threshold)
+        fitted = method in self.detectors  # else nothing to check: every image is accepted
+        if math.isnan(threshold) and fitted:  # before the pass: a bad argument costs no network time
+            raise ValueError("the OOD threshold must be a number, not NaN")
         started = time.perf_counter()
         batch = self._batch(prepared)
         # Through _forward, so the layer tap captures this pass for the multi-layer detectors.
@@ -388,9 +392,6 @@ class Predictor:
         scores = {name: [row[j] for row in columns] for j, name in enumerate(detector_names)}
         ood_s = time.perf_counter() - started
 
-        threshold = self.ood_thresholds.get(method, float("nan")) if ood_threshold is None else float(ood_threshold)
-        if math.isnan(threshold) and method in scores:
-            raise ValueError("the OOD threshold must be a number, not NaN")
         results = []
         share = len(prepared)  # batched work is shared equally between the images of the batch
         for i, item in enumerate(prepared):
@@ -404,7 +405,7 @@ class Predictor:
             ood_score = ood_scores.get(method, float("nan"))
             # No fitted detector (nan): accepted, there is nothing to check. A fitted detector that
             # cannot score this image (nan) fails closed: the photo is not taken for a lesion.
-            accepted = not (ood_score > threshold) and not (method in scores and math.isnan(ood_score))
+            accepted = not (ood_score > threshold) and not (fitted and math.isnan(ood_score))
             p = float(p_malignant[i])
             dx_probabilities = {name: float(outputs[i, j]) for j, name in enumerate(self.dx_names)}
             verdict = "unknown" if not accepted else ("malignant" if p >= decision else "benign")

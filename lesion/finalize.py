@@ -30,7 +30,7 @@ from lesion.metrics import (
     expected_calibration_error,
     fit_temperature,
 )
-from lesion.model import LAYER_NAMES, unwrap
+from lesion.model import LAYER_NAMES, classifier
 from lesion.targets import BINARY, IGNORE_INDEX, Target, output_probabilities, p_malignant
 
 
@@ -94,7 +94,7 @@ def finalize(
         config.threshold_rule,
         config.target_sensitivity,
     )
-    head = ood.cpu_copy(unwrap(model).fc)  # the features are on the CPU
+    head = ood.cpu_copy(classifier(model))  # the features are on the CPU
     # OOD sees the un-flipped pass, as in the predictor (the same as "logits" without test-time flips).
     detectors = ood.fit_detectors(
         outs["train"]["features"],

@@ -61,6 +61,11 @@ def replace_head(model: models.ResNet, head: str, num_classes: int) -> models.Re
     return model
 
 
+def classifier(model: nn.Module) -> nn.Module:
+    """The classifier head: what maps the pooled penultimate features to the logits."""
+    return unwrap(model).fc
+
+
 def feature_dim(model: models.ResNet) -> int:
     """Width of the pooled penultimate features."""
     return model.layer4[-1].conv1.in_channels

@@ -46,7 +46,7 @@ from lesion.distributed import DistInfo, all_gather_objects, barrier, cleanup, i
 from lesion.errors import InvalidCheckpoint, InvalidImage, LesionError
 from lesion.images import ImageSource, jpeg_for_device, load_image, load_image_with_size
 from lesion.labels import DX_CODES
-from lesion.model import LayerStatistics, build_model, forward_parts
+from lesion.model import LayerStatistics, build_model, classifier, forward_parts
 from lesion.regularize import flip_logits
 from lesion.targets import output_probabilities, side_logits, target_of_checkpoint
 from lesion.transforms import (
@@ -211,7 +211,7 @@ class Predictor:
 
     def _ood_scores(self, features: torch.Tensor, logits: torch.Tensor, layers: dict | None) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            return ood.score_all(self.detectors, features, logits, layers=layers, head=self.model.fc)
+            return ood.score_all(self.detectors, features, logits, layers=layers, head=classifier(self.model))
 
     def _check_detectors_fit(self) -> None:
         """Score one blank image now, so OOD statistics that do not fit the network are refused at load.

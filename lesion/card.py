@@ -11,6 +11,7 @@ from typing import Any
 from lesion.checkpoint import load_checkpoint
 from lesion.files import CARD_FILE, MODEL_FILE, write_text_atomic
 from lesion.labels import dx_name
+from lesion.model import DISPLAY_NAMES
 
 INTENDED_USE = """\
 **Intended use.** A demonstration and research tool: it shows how a convolutional network, a
@@ -125,6 +126,18 @@ def _dx_section(dx: dict[str, Any], split: str) -> list[str]:
     return [*lines, ""]
 
 
+def _fine_tuning(config: dict[str, Any]) -> str:
+    """The fine-tuning settings, when they differ from training every layer at one learning rate."""
+    parts = []
+    if config.get("freeze_stages"):
+        parts.append(f"stem and first {config['freeze_stages']} stages frozen")
+    if config.get("backbone_lr_scale", 1.0) != 1.0:
+        parts.append(f"backbone learning rate {config['backbone_lr_scale']} x lr")
+    if config.get("warmup_epochs"):
+        parts.append(f"{config['warmup_epochs']} warm-up epochs")
+    return f"; {', '.join(parts)}" if parts else ""
+
+
 def render_model_card(checkpoint: dict[str, Any], name: str = "model") -> str:
     """Markdown text of the card."""
     config, data, metrics = checkpoint.get("config", {}), checkpoint.get("data", {}), checkpoint.get("metrics", {})
@@ -137,14 +150,15 @@ def render_model_card(checkpoint: dict[str, Any], name: str = "model") -> str:
         "> Demonstration only — not a diagnosis.",
         "",
         "## Model",
-        f"- Architecture: {checkpoint['arch']} with a {checkpoint['head']} head; classes {', '.join(checkpoint['class_names'])}",
+        f"- Architecture: {DISPLAY_NAMES.get(checkpoint['arch'], checkpoint['arch'])} (`{checkpoint['arch']}`) with a {checkpoint['head']} head; classes {', '.join(checkpoint['class_names'])}",
         _head_line(checkpoint, metrics),
         f"- Input: {checkpoint['image_size']} px centre crop of the image resized to {checkpoint['resize_size']} px (shorter side)",
         f"- Initial weights: {data.get('weights', config.get('weights', 'unknown'))}",
         f"- Trained: {checkpoint.get('created', 'unknown')}, best epoch {checkpoint.get('epoch')} of {metrics.get('epochs_run', '?')}"
         + (" (stopped by the user)" if metrics.get("stopped_by_user") else ""),
         f"- Recipe settings: optimizer {config.get('optimizer')}, lr {config.get('lr')}, batch {config.get('batch_size')}, "
-        f"augmentation {config.get('augment')}, balance {config.get('balance')}, seed {config.get('seed')}",
+        f"augmentation {config.get('augment')}, balance {config.get('balance')}, seed {config.get('seed')}"
+        + _fine_tuning(config),
         "",
         "## Data and split",
         f"- Source: {data.get('layout', 'unknown')} metadata `{data.get('metadata', '?')}`; {data.get('n_images', '?')} images "

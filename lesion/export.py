@@ -26,6 +26,7 @@ import torch
 from lesion.card import render_model_card
 from lesion.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from lesion.errors import LesionError
+from lesion.model import DISPLAY_NAMES
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EXPORT_VERSION = 1
@@ -231,7 +232,7 @@ def describe(checkpoint: dict[str, Any]) -> str:
     )
     weights = config.get("weights", "")
     start = {"none": "from random weights", "imagenet": "from ImageNet weights"}.get(weights, f"from {weights}")
-    arch = str(checkpoint.get("arch", "?")).replace("resnet", "ResNet-")
+    arch = DISPLAY_NAMES.get(str(checkpoint.get("arch")), str(checkpoint.get("arch", "?")))
     source = _relative(config.get("data", "")) or "?"
     trained_on = "the bundled demo set" if source == "assets/demo" else f"`{source}`"
     recipe = (checkpoint.get("export") or {}).get("recipe")

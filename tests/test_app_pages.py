@@ -97,3 +97,22 @@ def test_unreadable_checkpoint_is_reported_not_raised(tmp_path: Path, monkeypatc
         if not page.endswith("train.py"):
             (message,) = [i.value for i in at.main.info]
             assert "could not be loaded" in message and "Pick another one" in message, page
+
+
+def test_train_page_offers_the_installed_pretrained_network_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-cache"))  # no ResNet weights downloaded here
+    at = open_app(tmp_path / "runs", monkeypatch)
+    at.switch_page("app_pages/train.py").run()
+    arch = next(box for box in at.selectbox if box.label == "Architecture")
+    assert arch.value == "efficientnet_lite0"  # the demo recipe's own choice
+    assert "EfficientNet-Lite0 (ImageNet, installed)" in arch.options
+    assert "ResNet-50 (ImageNet, downloaded on first use)" in arch.options
+    next(box for box in at.selectbox if box.label == "Recipe").select("recommended").run()
+    assert not at.exception
+    arch = next(box for box in at.selectbox if box.label == "Architecture")
+    assert arch.value == "efficientnet_lite0"  # not the recipe's ResNet-50, whose weights would need a download
+    assert any("EfficientNet-Lite0 is preselected instead of the recipe's ResNet-50" in c.value for c in at.caption)
+    weights = next(radio for radio in at.radio if radio.label == "Starting weights")
+    assert weights.value == "imagenet" and "ImageNet (installed)" in weights.options

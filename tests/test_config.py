@@ -11,7 +11,7 @@ from train.cli import get_args_parser
 
 
 def test_recipes_load_and_validate() -> None:
-    for name in ("demo", "bundled", "notebook", "recommended"):
+    for name in ("demo", "bundled", "notebook", "recommended", "scratch"):
         config = build_config(name)
         assert isinstance(config, TrainConfig)
     notebook = build_config("notebook")
@@ -48,7 +48,7 @@ def test_bad_overrides_are_refused_with_the_key_named(override: str, message: st
 
 
 def test_unknown_recipe_lists_the_known_ones() -> None:
-    with pytest.raises(ConfigError, match="known recipes: bundled, demo, notebook, recommended"):
+    with pytest.raises(ConfigError, match="known recipes: bundled, demo, notebook, recommended, scratch"):
         build_config("fastest")
 
 

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from lesion import explain
-from lesion.model import build_model, forward_parts
+from lesion.model import build_model, classifier, forward_parts
+from lesion.weights import load_backbone_weights
 from tests.helpers_model import batch_of, lesion_paths
 
 # Both paths compute the same float32 formulas; what differs is the order of sums (torch vs
@@ -19,11 +20,17 @@ from tests.helpers_model import batch_of, lesion_paths
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(scope="module")
-def model_and_batch():
+@pytest.fixture(scope="module", params=["resnet18", "efficientnet_lite0"])
+def model_and_batch(request):
+    """Each architecture family: the fast path must hold for ResNet's layer4 and EfficientNet's bn2 alike."""
     torch.manual_seed(0)
-    model = build_model("resnet18", "linear").eval()
-    return model, batch_of(lesion_paths()[:2])
+    model = build_model(request.param, "linear").eval()
+    if request.param == "resnet18":
+        return model, batch_of(lesion_paths()[:2])
+    # A randomly initialised EfficientNet gives near-constant 2 x 2 maps at 64 px (often all zero after the
+    # ReLU, which would match anything): its ImageNet weights at 128 px give a 4 x 4 map worth comparing.
+    load_backbone_weights(model, "imagenet", request.param)
+    return model, batch_of(lesion_paths()[:2], 128)
 
 
 def fast_cams(model, batch, method: str, target: int | None) -> np.ndarray:
@@ -49,7 +56,7 @@ def test_fast_path_matches_pytorch_grad_cam(model_and_batch, method, target):
     model, batch = model_and_batch
     reference = explain.reference_cam(model, batch, method, target)
     fast = fast_cams(model, batch, method, target)
-    assert fast.shape == reference.shape == (2, 64, 64)
+    assert fast.shape == reference.shape == (2, *batch.shape[-2:])
     assert fast.min() >= 0 and fast.max() <= 1
     assert reference.max() > 0.5  # a real map, not an all-zero one that would match anything
     np.testing.assert_allclose(fast, reference, atol=TOLERANCE)
@@ -80,7 +87,7 @@ def test_fast_path_differentiates_only_the_head(model_and_batch):
     grads = explain.target_gradients(leaf, logits, torch.tensor([1]))
     # For a linear head after average pooling, dlogit/dA is fc.weight[c] / (h * w) everywhere.
     h, w = activations.shape[-2:]
-    expected = (model.fc.weight[1] / (h * w))[:, None, None].expand_as(grads[0])
+    expected = (classifier(model).weight[1] / (h * w))[:, None, None].expand_as(grads[0])
     assert torch.allclose(grads[0], expected, atol=1e-7)
 
 

@@ -61,7 +61,7 @@ def test_cli_writes_a_complete_run_folder(trained_run: Path) -> None:
 
 def _tiny_config(out: Path, cache: Path, **changes) -> object:
     overrides = [item for item in TINY_TRAINING if not item.startswith("--recipe")]
-    config = build_config("demo", [*overrides, f"--data={DEMO}", f"--out={out}", f"--cache-dir={cache}"])
+    config = build_config("scratch", [*overrides, f"--data={DEMO}", f"--out={out}", f"--cache-dir={cache}"])
     return dataclasses.replace(config, max_images=80, **changes)
 
 
@@ -152,11 +152,12 @@ def test_offline_imagenet_weights_say_what_to_do(monkeypatch: pytest.MonkeyPatch
         raise urllib.error.URLError("Name or service not known")
 
     monkeypatch.setattr(_api.WeightsEnum, "get_state_dict", offline)
-    from lesion.model import imagenet_state_dict
+    from lesion.weights import imagenet_state_dict
 
     with pytest.raises(WeightsUnavailable, match="--weights=none") as caught:
         imagenet_state_dict("resnet50")
     assert "--weights=/path/to/that/file" in str(caught.value)
+    assert "--arch=efficientnet_lite0" in str(caught.value)  # the offline alternative, named
 
 
 def test_missing_dataset_fails_with_one_plain_line(tmp_path: Path) -> None:

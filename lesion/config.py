@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lesion.errors import ConfigError
-from lesion.model import ARCHS
+from lesion.model import ARCHS, freezable_stages
 
 # A recipe's table of measured figures (not settings): read by recipe_measurement, ignored by load_recipe.
 MEASURED_TABLE = "measured"
@@ -199,7 +199,7 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ConfigError(f"lr must be positive; got {config.lr}")
     if not 0 < config.backbone_lr_scale <= 10:
         raise ConfigError(f"backbone_lr_scale must lie in (0, 10]; got {config.backbone_lr_scale}")
-    stages = 4 if config.arch.startswith("resnet") else 7  # layer1..4; EfficientNet-Lite's blocks.0..6
+    stages = freezable_stages(config.arch)
     if not 0 <= config.freeze_stages <= stages:
         raise ConfigError(f"freeze_stages must lie in [0, {stages}] for {config.arch}; got {config.freeze_stages}")
     return config

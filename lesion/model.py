@@ -102,8 +102,8 @@ def feature_dim(model: nn.Module) -> int:
 def stage_names(model: nn.Module) -> tuple[str, ...]:
     """The modules whose outputs are the network's stages, shallow to deep (the OOD taps).
 
-    ResNets: layer1..layer4. timm models: the modules their ``feature_info`` names (for
-    EfficientNet-Lite the last block of each resolution, ``blocks.0`` .. ``blocks.6``).
+    ResNets: layer1..layer4. timm models: the modules their ``feature_info`` names, one per resolution
+    (for EfficientNet-Lite ``blocks.0``, ``blocks.1``, ``blocks.2``, ``blocks.4`` and ``blocks.6``).
     """
     model = unwrap(model)
     return LAYER_NAMES if is_resnet(model) else tuple(info["module"] for info in model.feature_info)
@@ -119,6 +119,11 @@ def pool_features(model: nn.Module, activations: torch.Tensor) -> torch.Tensor:
     """Global average pooling of the last activations: the (N, C) penultimate features."""
     model = unwrap(model)
     return torch.flatten(model.avgpool(activations) if is_resnet(model) else model.global_pool(activations), 1)
+
+
+def freezable_stages(arch: str) -> int:
+    """How many stages ``--freeze-stages`` can name for ``arch``: ResNet layer1..4, EfficientNet-Lite blocks.0..6."""
+    return len(LAYER_NAMES) if check_arch(arch) in RESNETS else 7
 
 
 def frozen_stage_modules(model: nn.Module, stages: int) -> list[nn.Module]:

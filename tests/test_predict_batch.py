@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lesion.distributed import DistInfo, batch_aligned_shard
 from lesion.images import jpeg_for_device, load_image, resize_short_side
 from lesion.predict import Prediction, Predictor
 from lesion.transforms import (
@@ -148,6 +149,19 @@ def _rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+def test_torchrun_shards_are_whole_batches_of_a_single_run_dealt_out_in_order() -> None:
+    for count, batch_size, world_size in [(7, 2, 2), (7, 3, 2), (33, 4, 3), (10, 1, 4), (3, 16, 4), (0, 2, 2)]:
+        shards = [batch_aligned_shard(count, batch_size, DistInfo(rank, world_size)) for rank in range(world_size)]
+        assert [i for shard in shards for i in shard] == list(range(count))  # each item once, in order
+        single_run = [tuple(range(k, min(k + batch_size, count))) for k in range(0, count, batch_size)]
+        batches = [len(range(0, len(shard), batch_size)) for shard in shards]
+        assert max(batches) - min(batches) <= 1, (count, batch_size, world_size)  # dealt out evenly
+        for shard in shards:
+            # predict_batch cuts a shard into batch_size chunks from its start: the single run's batches.
+            chunks = [tuple(shard[j : j + batch_size]) for j in range(0, len(shard), batch_size)]
+            assert set(chunks) <= set(single_run), (count, batch_size, world_size)
+
+
 def test_torchrun_two_processes_write_one_csv_equal_to_one_process(tmp_path: Path, checkpoint_path: Path) -> None:
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(lesion_paths()[2].read_bytes()[:3000])
@@ -178,6 +192,12 @@ def test_torchrun_two_processes_write_one_csv_equal_to_one_process(tmp_path: Pat
     one, two = _rows(tmp_path / "one.csv"), _rows(tmp_path / "two.csv")
     assert [row["path"] for row in two] == inputs  # every input once, in the single run's order
     assert "damaged or truncated" in two[4]["error"] and two[4]["heatmap"] == ""
+    # Byte for byte: each shard is a run of the single process's own batches of 2 (inputs 0 and 1,
+    # 2 and 3 on rank 0; 4 and 5, then 6, on rank 1), so every image is scored beside the same images,
+    # with one thread each (OMP_NUM_THREADS above): the same float32 operations in the same order.
+    # Shards of every other input paired 0 with 2 and 1 with 3; those batches rounded differently and
+    # moved a 6th decimal on another CPU (issue 23).
     assert one == two
+    assert (tmp_path / "one.csv").read_bytes() == (tmp_path / "two.csv").read_bytes()
     drawn = [row["heatmap"] for i, row in enumerate(two) if i != 4]
     assert all(drawn) and sorted(map(Path, drawn)) == sorted(heatmaps.iterdir())  # each rank drew its own share

@@ -26,6 +26,7 @@ from lesion.transforms import (
     resize_short_side_tensor,
 )
 from tests.helpers_model import REPO, lesion_paths, ood_paths, write_tiny_checkpoint
+from tests.tolerances import ood_slack, p_malignant_slack
 
 
 @pytest.fixture(scope="module")
@@ -126,21 +127,21 @@ def test_device_decoder_path_gives_the_same_answers(predictor: Predictor) -> Non
 def test_batch_keeps_order_errors_and_values_across_chunks(predictor: Predictor) -> None:
     images = [*lesion_paths()[:5], b"not an image", Path("/no/such.jpg"), *ood_paths()[:2]]
     singles = {i: predictor.predict(image, with_heatmap=False) for i, image in enumerate(images) if i not in (5, 6)}
-    # A batched convolution rounds differently from a single image's (~1e-6); ViM's residual norm
-    # magnifies that (a difference of two nearly equal squared norms), so each detector's tolerance
-    # is a thousandth of its scores' spread over these images: far below what tells them apart.
-    names = list(predictor.detectors)
-    spread = {n: np.ptp([single.ood_scores[n] for single in singles.values()]) for n in names}
-    assert names and all(value > 0 for value in spread.values())
+    # A batched convolution rounds differently from a single image's; each value is compared within
+    # the float32 rounding of the pass, carried through its scorer (tests/tolerances.py): ViM's
+    # residual norm (a difference of two nearly equal squared norms) magnifies it most.
+    readable = [images[i] for i in singles]
+    p_slack, ood_slacks = p_malignant_slack(predictor, readable), ood_slack(predictor, readable)
+    assert set(ood_slacks) == set(predictor.detectors)
     for batch_size in (1, 3, 16):
         results = predictor.predict_batch(images, batch_size=batch_size)
         assert "not an image we can read" in str(results[5]) and "no such file" in str(results[6])
-        for i, single in singles.items():
+        for row, (i, single) in enumerate(singles.items()):
             assert isinstance(results[i], Prediction)
-            assert results[i].p_malignant == pytest.approx(single.p_malignant, abs=1e-6)
+            assert abs(results[i].p_malignant - single.p_malignant) <= p_slack
             assert results[i].ood_scores.keys() == single.ood_scores.keys()
-            for name in names:
-                assert results[i].ood_scores[name] == pytest.approx(single.ood_scores[name], abs=1e-3 * spread[name])
+            for name, slack in ood_slacks.items():
+                assert abs(results[i].ood_scores[name] - single.ood_scores[name]) <= slack[row], name
     assert predictor.predict_batch([]) == []
 
 

@@ -58,6 +58,22 @@ def all_gather_objects(value: Any, info: DistInfo) -> list[Any]:
     return gathered
 
 
+def batch_aligned_shard(count: int, batch_size: int, info: DistInfo) -> range:
+    """This rank's share of ``count`` items: a contiguous run of whole batches of ``batch_size``.
+
+    The batches are the ones a single process makes (items ``k * batch_size`` onwards), dealt out in
+    order, as evenly as they go (the first ranks take one more when they do not divide). So every item
+    is scored in the very batch, beside the very items, it would be in one process: a float32 pass
+    rounds differently in another batch composition, and this keeps the numbers identical. The
+    shards, concatenated in rank order, are the items in their order.
+    """
+    batches = -(-count // batch_size)
+    per_rank, extra = divmod(batches, info.world_size)
+    first = info.rank * per_rank + min(info.rank, extra)
+    last = first + per_rank + (1 if info.rank < extra else 0)
+    return range(min(first * batch_size, count), min(last * batch_size, count))
+
+
 def mean_across_ranks(value: float, count: int, info: DistInfo) -> float:
     """Average of per-rank means weighted by their counts."""
     if not info.enabled:

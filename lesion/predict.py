@@ -42,7 +42,7 @@ import torch
 
 from lesion import explain, ood
 from lesion.checkpoint import check_checkpoint, load_checkpoint
-from lesion.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed
+from lesion.distributed import DistInfo, all_gather_objects, barrier, batch_aligned_shard, cleanup, init_distributed
 from lesion.errors import InvalidCheckpoint, InvalidImage, LesionError
 from lesion.images import ImageSource, jpeg_for_device, load_image, load_image_with_size
 from lesion.labels import DX_CODES
@@ -744,7 +744,8 @@ def _score(
     """(CSV row, whether the image was read) per image, in order, scored ``--batch-size`` at a time."""
     names = list(predictor.detectors)
     # Several batches per call keep predict_batch's decode-ahead busy; few enough that rows stream
-    # out and image-sized heatmaps do not pile up in memory.
+    # out and image-sized heatmaps do not pile up in memory. A whole number of batches, so the
+    # batches stay those of a single run (a torchrun shard starts on a batch boundary too).
     group = args.batch_size * (2 if heatmap_dir is not None else 16)
     for start in range(0, len(images), group):
         chunk = images[start : start + group]
@@ -773,8 +774,10 @@ def _device_for(name: str, info: DistInfo) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 done, 1 failed, 2 usage: see the module's docstring).
 
-    Under ``torchrun --nproc_per_node=N`` each process scores every N-th input (a disjoint shard of
-    the sorted input list) and rank 0 writes the one CSV, rows in the same order as a single run.
+    Under ``torchrun --nproc_per_node=N`` each process scores a contiguous run of whole batches of the
+    sorted input list (:func:`lesion.distributed.batch_aligned_shard`: each image in the same batch as
+    in a single run, so with the same float arithmetic) and rank 0 writes the one CSV, rows in the
+    same order as a single run.
     """
     args = get_args_parser().parse_args(argv)
     info = init_distributed("cuda" if args.device.startswith("cuda") else "cpu")
@@ -824,7 +827,8 @@ def _predict_files(args: argparse.Namespace, images: list[Path], info: DistInfo)
     columns += ["accepted", "cam_method", "image_width", "image_height", "error"] + [f"ood_{n}" for n in names]
     columns += ["heatmap"] + DX_COLUMNS
     out = Path(args.out)
-    shard = images[info.rank :: info.world_size]
+    bounds = batch_aligned_shard(len(images), args.batch_size, info)
+    shard = images[bounds.start : bounds.stop]
     with tqdm(total=len(shard), unit="img", file=sys.stderr, disable=not info.is_main) as bar:
         if not info.enabled:
             # One process: rows are written as they come, so a long run leaves a partial CSV behind.
@@ -841,8 +845,8 @@ def _predict_files(args: argparse.Namespace, images: list[Path], info: DistInfo)
             shards = all_gather_objects(scored, info)
             processed = sum(ok for part in shards for _, ok in part)
             if info.is_main:
-                # Input i went to rank i % N as that rank's (i // N)-th item: interleave back.
-                rows = [shards[i % info.world_size][i // info.world_size][0] for i in range(len(images))]
+                # Contiguous shards in rank order: concatenated, they are the inputs in order.
+                rows = [row for part in shards for row, _ in part]
                 out.parent.mkdir(parents=True, exist_ok=True)
                 with out.open("w", newline="") as handle:
                     writer = csv.DictWriter(handle, fieldnames=columns, restval="")

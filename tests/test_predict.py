@@ -25,6 +25,7 @@ from lesion.predict import Prediction, Predictor
 from lesion.predict import main as predict_main
 from lesion.transforms import eval_transform
 from tests.helpers_model import REPO, lesion_paths, ood_paths, tiny_checkpoint_dict, write_tiny_checkpoint
+from tests.tolerances import assert_within, ood_slack, p_malignant_slack, probability_slack
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +65,15 @@ def test_probabilities_equal_the_evaluation_path(predictor: Predictor, checkpoin
     transform = eval_transform(checkpoint["image_size"], checkpoint["mean"], checkpoint["std"])
     batch = torch.stack([transform(load_image(p, checkpoint["resize_size"])) for p in paths])
     with torch.no_grad():
-        expected = torch.softmax(model(batch) / checkpoint["temperature"], dim=1)[:, 1].numpy()
-    got = predictor.probabilities(paths, batch_size=4)
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        logits = model(batch)
+    expected = torch.softmax(logits / checkpoint["temperature"], dim=1)[:, 1].numpy()
+    # One batch of 6 here, batches of 4 + 2 and single images there: the convolutions sum in other
+    # orders, so equal within float32 rounding of the pass (tests/tolerances.py: 2.5e-5 here, while
+    # a resize one pixel off, another normalisation, class or temperature moves some p by 5e-3 or more).
+    slack = probability_slack(model, logits, checkpoint["temperature"])
+    assert_within(predictor.probabilities(paths, batch_size=4), expected, slack, "batches of 4")
     single = [predictor.predict(p, with_heatmap=False).p_malignant for p in paths]
-    np.testing.assert_allclose(single, expected, rtol=1e-5, atol=1e-6)
+    assert_within(single, expected, slack, "one at a time")
 
 
 def test_probabilities_raise_on_a_bad_image(predictor: Predictor, tmp_path: Path):
@@ -157,12 +162,21 @@ def test_batch_equals_single_and_keeps_errors_in_place(predictor: Predictor, wid
     images = [lesion_paths()[0], b"%PDF-1.4 not an image", wide_jpeg, lesion_paths()[5]]
     results = predictor.predict_batch(images, batch_size=2, with_heatmap=True)
     assert isinstance(results[1], InvalidImage)
-    for image, result in zip(images, results, strict=True):
-        if isinstance(result, Prediction):
-            single = predictor.predict(image)
-            assert result.p_malignant == pytest.approx(single.p_malignant, abs=1e-6)
-            assert result.ood_scores == pytest.approx(single.ood_scores, rel=1e-4, abs=1e-4)
-            np.testing.assert_allclose(result.heatmap, single.heatmap, atol=1e-5)
+    readable = [image for image, result in zip(images, results, strict=True) if isinstance(result, Prediction)]
+    singles = [predictor.predict(image) for image in readable]
+    # A batch of two rounds differently from one image: p and every OOD score within the float32
+    # rounding of the pass, carried through each scorer (tests/tolerances.py). ViM's residual is the
+    # root of a difference of two nearly equal squared norms: with oneDNN off its score moved by 0.019
+    # here, about 100 times the 1e-4 this test allowed before.
+    p_slack, ood_slacks = p_malignant_slack(predictor, readable), ood_slack(predictor, readable)
+    assert set(ood_slacks) == set(predictor.detectors)
+    batched = [result for result in results if isinstance(result, Prediction)]
+    for i, (result, single) in enumerate(zip(batched, singles, strict=True)):
+        assert abs(result.p_malignant - single.p_malignant) <= p_slack
+        assert result.ood_scores.keys() == single.ood_scores.keys()
+        for name, slack in ood_slacks.items():
+            assert abs(result.ood_scores[name] - single.ood_scores[name]) <= slack[i], name
+        np.testing.assert_allclose(result.heatmap, single.heatmap, atol=1e-5)
 
 
 def test_intermediate_checkpoint_without_detectors(tmp_path: Path):

@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 from lesion import ood  # noqa: E402
 from lesion.errors import InvalidImage, LesionError  # noqa: E402
 from lesion.images import load_image  # noqa: E402
-from lesion.model import LAYER_NAMES, forward_parts, pooled_statistics, unwrap  # noqa: E402
+from lesion.model import classifier, forward_parts, pooled_statistics, stage_names, unwrap  # noqa: E402
 from lesion.predict import Prediction, Predictor  # noqa: E402
 
 PHOTO_FOLDERS = (REPO / "assets" / "ood_dev", REPO / "assets" / "samples" / "ood")
@@ -119,9 +119,10 @@ def _tap_seconds(predictor: Predictor, batch: torch.Tensor, reps: int) -> float:
     """
     model = unwrap(predictor.model)
     outputs: dict[str, torch.Tensor] = {}
+    stages = stage_names(model)
     handles = [
-        getattr(model, name).register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o))
-        for name in LAYER_NAMES
+        model.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o))
+        for name in stages
     ]
     try:
         with torch.no_grad():
@@ -129,7 +130,7 @@ def _tap_seconds(predictor: Predictor, batch: torch.Tensor, reps: int) -> float:
     finally:
         for handle in handles:
             handle.remove()
-    return _fastest_seconds(lambda: [pooled_statistics(outputs[name]) for name in LAYER_NAMES], reps, predictor.device)
+    return _fastest_seconds(lambda: [pooled_statistics(outputs[name]) for name in stages], reps, predictor.device)
 
 
 def scoring_costs(predictor: Predictor, image: Path, reps: int) -> tuple[float, dict[str, float]]:
@@ -154,7 +155,7 @@ def scoring_costs(predictor: Predictor, image: Path, reps: int) -> tuple[float, 
     for _ in range(reps + 3):
         for name, stats in predictor.detectors.items():
             started = time.perf_counter()
-            ood.score(name, stats, features, logits, layers=layers, head=model.fc)
+            ood.score(name, stats, features, logits, layers=layers, head=classifier(model))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             fastest[name] = min(fastest[name], time.perf_counter() - started)
@@ -183,7 +184,7 @@ def _in_pass_costs(predictor: Predictor, batch: torch.Tensor, reps: int, bare) -
         def run() -> None:
             _, features, logits, layers = predictor._forward(batch)
             chosen = {name: predictor.detectors[name] for name in names}
-            ood.score_all(chosen, features, logits, layers=layers, head=model.fc)  # as Predictor._run scores
+            ood.score_all(chosen, features, logits, layers=layers, head=classifier(model))  # as Predictor._run scores
 
         return run
 

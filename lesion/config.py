@@ -77,12 +77,8 @@ class TrainConfig:
     balance: str = "class_weights"  # class_weights, sampler (balanced sampling) or none; per output of the head
     augment: str = "dermoscopy"  # dermoscopy, strong (tighter crops, more colour), notebook or none
     freeze_backbone_epochs: int = 0  # train only the head for this many first epochs
-    freeze_stages: int = (
-        0  # keep the stem and this many first stages as loaded (no gradient, BatchNorm statistics kept); 0 = train all
-    )
-    backbone_lr_scale: float = (
-        1.0  # the backbone's learning rate as a share of lr (the head gets lr); below 1 for pretrained weights
-    )
+    freeze_stages: int = 0  # keep the stem and this many first stages as loaded (BatchNorm statistics too); 0 = none
+    backbone_lr_scale: float = 1.0  # the backbone's learning rate as a share of lr (the head's); < 1 when pretrained
     patience: int = 5  # early stopping on validation ROC-AUC; 0 = never stop early
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     mixup_alpha: float = 0.0  # mixup strength, Beta(alpha, alpha) blend of two images and their labels; 0 = off

@@ -43,7 +43,7 @@ def test_failures_exit_1_in_every_tool(tmp_path: Path, capsys: pytest.CaptureFix
     bogus.write_bytes(b"not a checkpoint")
     image = str(next(SAMPLE_LESIONS.glob("*.jpg")))
     missing = str(tmp_path / "no-such-dataset")
-    assert train_main(["--recipe=demo", f"--data={missing}", f"--out={tmp_path / 'run'}", "--arch=resnet18"]) == 1
+    assert train_main(["--recipe=scratch", f"--data={missing}", f"--out={tmp_path / 'run'}", "--arch=resnet18"]) == 1
     assert "dataset folder not found" in capsys.readouterr().err
     assert evaluate_main(["--checkpoint", str(bogus), "--data", str(SAMPLE_LESIONS)]) == 1
     assert capsys.readouterr().err.startswith("error: ")

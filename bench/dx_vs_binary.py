@@ -58,7 +58,7 @@ def test_scores(run_dir: Path, device: str) -> tuple[np.ndarray, np.ndarray, np.
     frame, _ = read_metadata(locate_data(config["data"]), config["metadata"] or None, config["skip_bad_images"])
     paths = test.merge(frame[["image_id", "path"]], on="image_id", how="left")["path"].tolist()
     predictor = Predictor.from_checkpoint(run_dir / "model.pt", device=device)
-    p = predictor.probabilities(paths, batch_size=64)
+    p = predictor.p_malignant(paths, batch_size=64)
     return test["label"].to_numpy(), p, test["lesion_id"].to_numpy()
 
 

@@ -41,6 +41,7 @@ from lesion.errors import InvalidImage, LesionError  # noqa: E402
 from lesion.images import load_image  # noqa: E402
 from lesion.model import LAYER_NAMES, forward_parts, pooled_statistics, unwrap  # noqa: E402
 from lesion.predict import Prediction, Predictor  # noqa: E402
+from lesion.transforms import eval_transform  # noqa: E402
 
 PHOTO_FOLDERS = (REPO / "assets" / "ood_dev", REPO / "assets" / "samples" / "ood")
 HAM10000_IDS = (24306, 34320)  # ISIC_0024306 .. ISIC_0034320 are HAM10000's images
@@ -138,7 +139,8 @@ def scoring_costs(predictor: Predictor, image: Path, reps: int) -> tuple[float, 
     A detector's cost is its own scoring time, plus, for the detectors that read layer1..layer4,
     what collecting those statistics adds to the pass (the hooks, timed on the pass's own outputs).
     """
-    batch = predictor.transform(load_image(image, predictor.resize_size))[None].to(predictor.device)
+    transform = eval_transform(predictor.image_size, predictor.mean, predictor.std)
+    batch = transform(load_image(image, predictor.resize_size))[None].to(predictor.device)
     model, device = predictor.model, predictor.device
 
     def bare() -> None:

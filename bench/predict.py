@@ -39,6 +39,7 @@ from lesion.explain import reference_cam  # noqa: E402
 from lesion.images import load_image  # noqa: E402
 from lesion.model import LayerStatistics, build_model, feature_dim, forward_parts  # noqa: E402
 from lesion.predict import Predictor  # noqa: E402
+from lesion.transforms import eval_transform  # noqa: E402
 
 
 def median_seconds(runs: dict[str, Callable[[], object]], reps: int, warmup: int, device: torch.device) -> dict:
@@ -123,7 +124,9 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     x1 = torch.randn(1, 3, args.image_size, args.image_size, device=device)
-    x_pre = predictor.transform(load_image(jpeg, predictor.resize_size))[None].to(device)
+    x_pre = eval_transform(predictor.image_size, predictor.mean, predictor.std)(
+        load_image(jpeg, predictor.resize_size)
+    )[None].to(device)
 
     def bare_forward() -> None:
         with torch.no_grad():

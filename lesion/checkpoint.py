@@ -215,6 +215,61 @@ def _dx_problem(names: Any, malignant: Any) -> str:
     return ""
 
 
+def ood_entry(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's ``ood`` entry with ``detectors`` as {name: {key: value}}; InvalidCheckpoint if it is not."""
+    entry = checkpoint.get("ood") or {}
+    if not isinstance(entry, dict):
+        raise InvalidCheckpoint(f"the checkpoint's OOD entry is a {type(entry).__name__}, not a mapping")
+    detectors = entry.get("detectors") or {}
+    if not isinstance(detectors, dict) or not all(
+        isinstance(name, str) and isinstance(stats, dict) for name, stats in detectors.items()
+    ):
+        raise InvalidCheckpoint("the checkpoint's OOD detectors are not a mapping of names to statistics")
+    method = entry.get("method")
+    if method is not None and not isinstance(method, str):
+        raise InvalidCheckpoint(f"the checkpoint's OOD method is a {type(method).__name__}, not a name")
+    return {**entry, "detectors": detectors}
+
+
+def ood_thresholds(detectors: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Each fitted detector's threshold as a float; InvalidCheckpoint if one is unreadable or not finite."""
+    try:
+        thresholds = {name: float(stats["threshold"]) for name, stats in detectors.items()}
+    except (KeyError, TypeError, ValueError, ArithmeticError) as error:
+        raise InvalidCheckpoint(f"the checkpoint's OOD thresholds are unreadable ({error!r})") from None
+    for name, value in thresholds.items():
+        if not math.isfinite(value):  # NaN would accept every photo, +inf too, -inf reject every lesion
+            raise InvalidCheckpoint(f"the checkpoint's {name} OOD threshold is not a finite number ({value})")
+    return thresholds
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
+    """The network described by the checkpoint, with its weights; InvalidCheckpoint on any mismatch."""
+    from lesion.model import build_model
+
+    outputs = len(checkpoint.get("dx_names") or checkpoint["class_names"])
+    try:
+        model = build_model(checkpoint["arch"], checkpoint["head"], num_classes=outputs)
+    except (ValueError, KeyError) as error:
+        raise InvalidCheckpoint(
+            f"the checkpoint names a model this version cannot build ({checkpoint['arch']!r}, "
+            f"{checkpoint['head']!r} head): {error}"
+        ) from None
+    state = checkpoint["state_dict"]
+    if isinstance(state, dict):
+        # Exported files store float16 weights (lesion.export); the network runs in float32 on every device.
+        state = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        first = str(error).splitlines()[1:2] or [str(error)]
+        raise InvalidCheckpoint(
+            f"the checkpoint's weights do not fit a {checkpoint['arch']} with a {checkpoint['head']} head "
+            f"({first[0].strip()[:200]})"
+        ) from None
+    return model
+
+
 def make_checkpoint(
     config: TrainConfig, model: nn.Module, summary: dict[str, Any], epoch: int, target: Any = None, **extra: Any
 ) -> dict[str, Any]:

@@ -86,6 +86,12 @@ BOOTSTRAP_SEED = 0
 
 Stats = dict[str, Any]
 
+#: The detector training fits as the one in use (TrainConfig.ood_method) and a new checkpoint names.
+DEFAULT_DETECTOR = "mahalanobis_layers_max"
+#: The detector an OOD entry that names no method stands for: the predictor's reading of such
+#: checkpoints since before the layer detectors existed, kept so that they behave as they did.
+UNNAMED_DETECTOR = "mahalanobis"
+
 
 @dataclass
 class Observed:
@@ -895,3 +901,24 @@ def decision_table(
         {"name": name, "kind": kind, "score": float(value), "accepted": bool(value <= threshold)}
         for name, kind, value in zip(names, kinds, values, strict=True)
     ]
+
+
+def stats_on_device(detectors: dict[str, Stats], device: torch.device) -> dict[str, Stats]:
+    """Every detector's statistics with their tensors as float32 on ``device``, so scoring converts nothing per call.
+
+    A tensor that detectors fitted alike share stays shared (one copy, and one packed form). The
+    copies are ordinary tensors even under torch.inference_mode: inference tensors keep no version
+    counter, so an in-place edit of the statistics would go unseen by the packed-form cache.
+    """
+    converted: dict[int, torch.Tensor] = {}
+
+    def on_device(value: Any) -> Any:
+        if not torch.is_tensor(value):
+            return value
+        if id(value) not in converted:
+            with torch.inference_mode(False):
+                tensor = value.float().to(device)
+                converted[id(value)] = tensor.clone() if tensor.is_inference() else tensor
+        return converted[id(value)]
+
+    return {name: {key: on_device(value) for key, value in stats.items()} for name, stats in detectors.items()}

@@ -22,9 +22,9 @@ from lesion.errors import InvalidCheckpoint, InvalidImage
 from lesion.images import load_image
 from lesion.model import LAYER_NAMES, build_model
 from lesion.predict import Prediction, Predictor
-from lesion.predict import main as predict_main
 from lesion.transforms import eval_transform
 from tests.helpers_model import REPO, lesion_paths, ood_paths, tiny_checkpoint_dict, write_tiny_checkpoint
+from train.predict import main as predict_main
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_probabilities_equal_the_evaluation_path(predictor: Predictor, checkpoin
     batch = torch.stack([transform(load_image(p, checkpoint["resize_size"])) for p in paths])
     with torch.no_grad():
         expected = torch.softmax(model(batch) / checkpoint["temperature"], dim=1)[:, 1].numpy()
-    got = predictor.probabilities(paths, batch_size=4)
+    got = predictor.p_malignant(paths, batch_size=4)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     single = [predictor.predict(p, with_heatmap=False).p_malignant for p in paths]
     np.testing.assert_allclose(single, expected, rtol=1e-5, atol=1e-6)
@@ -75,7 +75,7 @@ def test_probabilities_raise_on_a_bad_image(predictor: Predictor, tmp_path: Path
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not a jpeg")
     with pytest.raises(InvalidImage, match="bad.jpg"):
-        predictor.probabilities([lesion_paths()[0], bad])
+        predictor.p_malignant([lesion_paths()[0], bad])
 
 
 def test_prediction_fields_and_heatmap_size(predictor: Predictor, wide_jpeg: Path):

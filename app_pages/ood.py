@@ -8,7 +8,7 @@ import numpy as np
 import streamlit as st
 
 from lesion.errors import InvalidImage, LesionError
-from lesion.ood import DETECTORS, NOTEBOOK_MSP_THRESHOLD, evaluate
+from lesion.ood import DETECTORS, NOTEBOOK_MSP_THRESHOLD, evaluate, roc_points
 from lesion.runs import save_ood_threshold
 from lesion_app.charts import histogram_chart, roc_chart
 from lesion_app.guards import require_model
@@ -19,7 +19,6 @@ from lesion_app.support import (
     display_image,
     list_samples,
     may_change,
-    roc_points,
     slider_range,
     training_folds,
 )

@@ -5,10 +5,10 @@
 For each architecture (random weights; detectors fitted as in bench/predict.py) it times, in the
 same run, against a bare forward of one image:
   - before: the layer statistics in two passes (5 operations a stage) and the stage-by-stage
-    Mahalanobis distances (lesion.ood._layer_mahalanobis_by_stage), as the code was until
+    Mahalanobis distances (lesion.ood_layers._layer_mahalanobis_by_stage), as the code was until
     2026-11-27;
   - after: the statistics as the hooks now take them (one std_mean kernel a stage on a GPU) and
-    the packed distances the detectors use (lesion.ood._layer_mahalanobis);
+    the packed distances the detectors use (lesion.ood_layers._layer_mahalanobis);
   - every fitted detector, as each prediction scores them all (before: the three layer detectors
     stage by stage);
 and checks that both give the same distances. It also counts the aten operations each way
@@ -37,6 +37,7 @@ from predict import build_checkpoint  # noqa: E402
 
 from lesion import ood  # noqa: E402
 from lesion.model import LAYER_NAMES, _pooled_two_pass, forward_parts, pooled_statistics, unwrap  # noqa: E402
+from lesion.ood import layers as ood_layers  # noqa: E402
 from lesion.predict import Predictor  # noqa: E402
 
 
@@ -61,9 +62,9 @@ def operations(run: Callable[[], object]) -> int:
 
 #: The layer detectors as they were scored before packing: stage by stage.
 BY_STAGE: dict[str, Callable[[dict, ood.Observed], torch.Tensor]] = {
-    "mahalanobis_layers": lambda s, seen: ood._layer_mahalanobis_by_stage(s, seen).mean(dim=1),
-    "mahalanobis_layers_max": lambda s, seen: ood._layer_mahalanobis_by_stage(s, seen).max(dim=1).values,
-    "knn_layers": lambda s, seen: ood._knn_layers_by_stage(s, seen).mean(dim=1),
+    "mahalanobis_layers": lambda s, seen: ood_layers._layer_mahalanobis_by_stage(s, seen).mean(dim=1),
+    "mahalanobis_layers_max": lambda s, seen: ood_layers._layer_mahalanobis_by_stage(s, seen).max(dim=1).values,
+    "knn_layers": lambda s, seen: ood_layers._knn_layers_by_stage(s, seen).mean(dim=1),
 }
 
 
@@ -103,9 +104,11 @@ def measure(arch: str, size: int, device: torch.device, reps: int) -> str:
         taps_before = _fastest_seconds(lambda: [_pooled_two_pass(outputs[n]) for n in LAYER_NAMES], reps, device)
         taps_after = _fastest_seconds(lambda: [pooled_statistics(outputs[n]) for n in LAYER_NAMES], reps, device)
         score_before = _fastest_seconds(
-            lambda: ood._layer_mahalanobis_by_stage(stats, seen).max(dim=1).values, reps, device
+            lambda: ood_layers._layer_mahalanobis_by_stage(stats, seen).max(dim=1).values, reps, device
         )
-        score_after = _fastest_seconds(lambda: ood._layer_mahalanobis(stats, fresh()).max(dim=1).values, reps, device)
+        score_after = _fastest_seconds(
+            lambda: ood_layers._layer_mahalanobis(stats, fresh()).max(dim=1).values, reps, device
+        )
         every = _fastest_seconds(lambda: predictor._ood_scores(features, logits, layers), reps, device)
         full = (features, logits, layers, model.fc)
         every_before = _fastest_seconds(lambda: every_detector(predictor, full, True), reps, device)
@@ -113,12 +116,15 @@ def measure(arch: str, size: int, device: torch.device, reps: int) -> str:
             "default before": operations(lambda: [_pooled_two_pass(outputs[n]) for n in LAYER_NAMES])
             + operations(lambda: BY_STAGE["mahalanobis_layers_max"](stats, seen)),
             "default after": operations(lambda: [pooled_statistics(outputs[n]) for n in LAYER_NAMES])
-            + operations(lambda: ood._layer_mahalanobis(stats, fresh()).max(dim=1).values),
+            + operations(lambda: ood_layers._layer_mahalanobis(stats, fresh()).max(dim=1).values),
             "every before": operations(lambda: every_detector(predictor, full, True)),
             "every after": operations(lambda: every_detector(predictor, full, False)),
         }
         same = torch.allclose(
-            ood._layer_mahalanobis(stats, seen), ood._layer_mahalanobis_by_stage(stats, seen), rtol=1e-4, atol=1e-4
+            ood_layers._layer_mahalanobis(stats, seen),
+            ood_layers._layer_mahalanobis_by_stage(stats, seen),
+            rtol=1e-4,
+            atol=1e-4,
         )
     before, after = taps_before + score_before, taps_after + score_after
     return (

@@ -84,6 +84,7 @@ def new_checkpoint(
     from lesion import __version__
     from lesion.labels import CLASS_NAMES
     from lesion.model import unwrap
+    from lesion.ood import DEFAULT_DETECTOR
     from lesion.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_size
 
     model = unwrap(model)
@@ -103,7 +104,7 @@ def new_checkpoint(
         "state_dict": {key: value.detach().cpu().clone() for key, value in model.state_dict().items()},
         "decision_threshold": float(decision_threshold),
         "temperature": float(temperature),
-        "ood": ood if ood is not None else {"method": "mahalanobis", "detectors": {}, "keep": 0.95},
+        "ood": ood if ood is not None else {"method": DEFAULT_DETECTOR, "detectors": {}, "keep": 0.95},
         "metrics": {},
         "data": {},
         "config": {},

@@ -28,7 +28,6 @@ from lesion.config import recipe_measurement
 from lesion.files import SPLIT_FILE
 from lesion.images import MAX_BYTES, load_image
 from lesion.labels import DX_NAMES
-from lesion.ood import ranked
 from lesion.runs import PROJECT_ROOT, ModelEntry
 
 DISCLAIMER = (
@@ -385,17 +384,6 @@ def _nice_step(raw: float) -> float:
         if step >= raw:
             return float(step)
     return float(10 ** (exponent + 1))
-
-
-def roc_points(lesion_scores: Sequence[float], ood_scores: Sequence[float]) -> list[dict[str, float]]:
-    """ROC curve of "OOD vs lesion": share of lesions rejected (x) vs share of OOD photos rejected (y)."""
-    from sklearn.metrics import roc_curve
-
-    if not len(lesion_scores) or not len(ood_scores):
-        return []
-    truth = np.r_[np.zeros(len(lesion_scores)), np.ones(len(ood_scores))]
-    fpr, tpr, _ = roc_curve(truth, np.concatenate(ranked(lesion_scores, ood_scores)))  # NaN: rejected
-    return [{"lesions rejected": float(x), "OOD photos rejected": float(y)} for x, y in zip(fpr, tpr, strict=True)]
 
 
 # ---------------------------------------------------------------------------- train and model pages

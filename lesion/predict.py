@@ -37,6 +37,8 @@ from lesion.targets import (
     cam_targets,
     class_probabilities,
     explained_scores,
+    output_index,
+    output_name,
     output_probabilities,
     p_malignant,
     target_of_checkpoint,
@@ -114,10 +116,12 @@ class Predictor:
         self.ood_available = bool(self.detectors)
         self.ood_thresholds: dict[str, float] = ood_thresholds(self.detectors)
         if ood_method is not None:
-            self.ood_method = self._check_ood_method(ood_method)
+            self.ood_method = ood.check_method(ood_method, self.detectors)
         else:
             try:
-                self.ood_method = self._check_ood_method(entry.get("method") or ood.UNNAMED_DETECTOR, asked=False)
+                self.ood_method = ood.check_method(
+                    entry.get("method") or ood.UNNAMED_DETECTOR, self.detectors, asked=False
+                )
             except ValueError as error:
                 raise InvalidCheckpoint(f"the checkpoint's OOD method is unusable: {error}") from None
         # Layer statistics cost a little per pass: collect them only when a fitted detector uses them.
@@ -129,19 +133,6 @@ class Predictor:
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", ood_method: str | None = None) -> Predictor:
         """Load ``path`` with :func:`lesion.checkpoint.load_checkpoint`; InvalidCheckpoint if unusable."""
         return cls(load_checkpoint(path, map_location="cpu"), device=device, ood_method=ood_method)
-
-    def _check_ood_method(self, method: str, *, asked: bool = True) -> str:
-        """``method`` if this checkpoint can score it, else ValueError (``asked``: the caller named it)."""
-        if method not in ood.DETECTORS:
-            raise ValueError(f"unknown OOD method {method!r}; choose one of {', '.join(ood.DETECTORS)}")
-        if not self.ood_available and asked:
-            raise ValueError(
-                f"this checkpoint has no fitted OOD detectors (an intermediate checkpoint?), so it cannot score "
-                f"{method!r}; use a run's model.pt, or leave the OOD method unset"
-            )
-        if self.ood_available and method not in self.detectors:
-            raise ValueError(f"this checkpoint has no fitted {method!r} detector; it has {', '.join(self.detectors)}")
-        return method
 
     def _check_detectors_fit(self) -> None:
         """Score one blank image now, so OOD statistics that do not fit the network are refused at load.
@@ -174,26 +165,34 @@ class Predictor:
         with torch.no_grad():
             return ood.score_all(self.detectors, features, logits, layers=layers, head=classifier(self.model))
 
-    def _run(
+    def _settings(
         self,
-        prepared: Sequence[Prepared],
-        *,
-        with_heatmap: bool,
-        cam_method: str,
-        target: int | None,
-        ood_method: str | None,
-        decision_threshold: float | None,
-        ood_threshold: float | None,
+        cam_method: str = "gradcam",
+        target: int | None = None,
+        ood_method: str | None = None,
+        decision_threshold: float | None = None,
+        ood_threshold: float | None = None,
         cam_target: str | None = None,
-    ) -> list[Prediction]:
-        cam_method = explain.check_method(cam_method)
-        cam_target = self.check_cam_target(cam_target)
-        method = self._check_ood_method(ood_method) if ood_method else self.ood_method
-        decision = self.decision_threshold if decision_threshold is None else float(decision_threshold)
+    ) -> _Settings:
+        """One call's arguments checked and completed from the checkpoint, before any network time is spent."""
+        method = ood.check_method(ood_method, self.detectors) if ood_method else self.ood_method
         threshold = self.ood_thresholds.get(method, float("nan")) if ood_threshold is None else float(ood_threshold)
         fitted = method in self.detectors  # else nothing to check: every image is accepted
-        if math.isnan(threshold) and fitted:  # before the pass: a bad argument costs no network time
+        if math.isnan(threshold) and fitted:
             raise ValueError("the OOD threshold must be a number, not NaN")
+        return _Settings(
+            cam_method=explain.check_method(cam_method),
+            cam_target=self.check_cam_target(cam_target),
+            output=None if target is None else output_name(self.target, self.class_names, int(target)),
+            ood_method=method,
+            decision_threshold=self.decision_threshold if decision_threshold is None else float(decision_threshold),
+            ood_threshold=threshold,
+            fitted=fitted,
+        )
+
+    def _run(self, prepared: Sequence[Prepared], *, with_heatmap: bool, **options: Any) -> list[Prediction]:
+        """The single pass over prepared images, then each image's Prediction (``options``: see :meth:`predict`)."""
+        settings = self._settings(**options)
         timer = _Timer()
         batch = self.preprocessor.batch(prepared)
         # Through _forward, so the layer tap captures this pass for the multi-layer detectors.
@@ -207,14 +206,11 @@ class Predictor:
         probabilities = p_malignant(outputs, self.target).tolist()
         timer.lap("forward")
         # Default target: the class the verdict names, so the map shows the evidence for it.
-        names = [cam_target or side(p, decision) for p in probabilities]
-        if target is not None:
-            names = [self._output_name(int(target))] * len(prepared)
-        low_res = self._low_resolution_cams(activations, names, cam_method) if with_heatmap else None
+        names = [settings.output or settings.cam_target or side(p, settings.decision_threshold) for p in probabilities]
+        low_res = self._low_resolution_cams(activations, names, settings.cam_method) if with_heatmap else None
         timer.lap("cam")
         scores = _rows_on_host(self._ood_scores(features, logits, layers), len(prepared))
         timer.lap("ood")
-
         results = []
         for i, item in enumerate(prepared):
             timings = timer.shares(len(prepared), decode=item.decode_s, preprocess=item.preprocess_s)
@@ -224,34 +220,15 @@ class Predictor:
                 heatmap = explain.place_in_image(low_res[i], item.original_size, item.crop_box)
                 timings["cam"] += time.perf_counter() - placed_at
             timings["total"] = sum(timings.values())
-            ood_score = scores[i].get(method, float("nan"))
-            # No fitted detector (nan): accepted, there is nothing to check. A fitted detector that
-            # cannot score this image (nan) fails closed: the photo is not taken for a lesion.
-            verdict, accepted = decide(probabilities[i], decision, ood_score, threshold, fitted=fitted)
-            dx_probabilities = {name: float(outputs[i, j]) for j, name in enumerate(self.dx_names)}
-            results.append(
-                Prediction(
-                    verdict=verdict,
-                    p_malignant=probabilities[i],
-                    decision_threshold=decision,
-                    ood_score=ood_score,
-                    ood_threshold=threshold,
-                    ood_method=method,
-                    accepted=accepted,
-                    ood_scores=scores[i],
-                    heatmap=heatmap,
-                    cam_method=cam_method,
-                    target=self._target_index(names[i]),
-                    timings=timings,
-                    image_width=item.original_size[0],
-                    image_height=item.original_size[1],
-                    probabilities=class_probabilities(outputs[i], probabilities[i], self.target, self.class_names),
-                    crop_box=tuple(float(v) for v in item.crop_box),
-                    dx_probabilities=dx_probabilities,
-                    dx_top=max(dx_probabilities, key=dx_probabilities.get) if dx_probabilities and accepted else "",
-                    cam_target=names[i],
-                )
+            outcome = _Outcome(
+                p_malignant=probabilities[i],
+                probabilities=class_probabilities(outputs[i], probabilities[i], self.target, self.class_names),
+                dx_probabilities={name: float(outputs[i, j]) for j, name in enumerate(self.dx_names)},
+                ood_scores=scores[i],
+                cam_target=names[i],
+                target=output_index(self.target, self.class_names, names[i]),
             )
+            results.append(_prediction(item, settings, outcome, heatmap, timings))
         return results
 
     def _low_resolution_cams(self, activations: torch.Tensor, names: list[str], cam_method: str) -> torch.Tensor:
@@ -274,17 +251,6 @@ class Predictor:
             raise ValueError(f"unknown heatmap target {cam_target!r}; this model offers {', '.join(self.cam_targets)}")
         return cam_target
 
-    def _output_name(self, index: int) -> str:
-        """The name of output ``index`` of the head (the legacy integer ``target``)."""
-        names = self.dx_names or self.class_names
-        if not 0 <= index < len(names):
-            raise ValueError(f"target {index} is not an output of this model (0 to {len(names) - 1})")
-        return names[index]
-
-    def _target_index(self, name: str) -> int:
-        """``Prediction.target``: the class index for a side, the output index for a diagnosis."""
-        return self.class_names.index(name) if name in self.class_names else self.dx_names.index(name)
-
     # --- public API -------------------------------------------------------------------------
 
     def predict(
@@ -306,16 +272,10 @@ class Predictor:
         checkpoint's for this call.
         """
         started = time.perf_counter()
-        prepared = self.preprocessor.prepare_one(image)
-        options = dict(decision_threshold=decision_threshold, ood_threshold=ood_threshold, cam_target=cam_target)
-        prediction = self._run(
-            [prepared],
-            with_heatmap=with_heatmap,
-            cam_method=cam_method,
-            target=target,
-            ood_method=ood_method,
-            **options,
-        )[0]
+        options = dict(cam_method=cam_method, target=target, ood_method=ood_method, cam_target=cam_target)
+        options.update(decision_threshold=decision_threshold, ood_threshold=ood_threshold)
+        self._settings(**options)  # a bad argument costs no decoding time
+        prediction = self._run([self.preprocessor.prepare_one(image)], with_heatmap=with_heatmap, **options)[0]
         prediction.timings["total"] = time.perf_counter() - started
         return prediction
 
@@ -336,23 +296,13 @@ class Predictor:
         An unreadable image yields its :class:`InvalidImage` at its place; the batch goes on. On a
         GPU the next chunk is decoded while this one is scored (:meth:`lesion.preprocess.Preprocessor.chunks`).
         """
-        images = list(images)
+        options = dict(cam_method=cam_method, target=target, ood_method=ood_method, cam_target=cam_target)
+        options.update(decision_threshold=decision_threshold, ood_threshold=ood_threshold)
+        self._settings(**options)  # a bad argument costs no decoding time
         results: list[Prediction | InvalidImage] = []
-        options = dict(decision_threshold=decision_threshold, ood_threshold=ood_threshold, cam_target=cam_target)
-        for _, chunk in self.preprocessor.chunks(images, max(1, int(batch_size))):
+        for _, chunk in self.preprocessor.chunks(list(images), max(1, int(batch_size))):
             good = [item for item in chunk if not isinstance(item, InvalidImage)]
-            scored = iter(
-                self._run(
-                    good,
-                    with_heatmap=with_heatmap,
-                    cam_method=cam_method,
-                    target=target,
-                    ood_method=ood_method,
-                    **options,
-                )
-                if good
-                else []
-            )
+            scored = iter(self._run(good, with_heatmap=with_heatmap, **options) if good else [])
             results.extend(item if isinstance(item, InvalidImage) else next(scored) for item in chunk)
         return results
 
@@ -372,6 +322,66 @@ class Predictor:
 
         table = [[prediction.dx_probabilities[name] for name in self.dx_names] for prediction in predictions]
         return dx_metrics(dx_true, np.array(table), self.dx_names)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """One call's settings, checked before the pass (see :meth:`Predictor._settings`)."""
+
+    cam_method: str
+    cam_target: str | None  # what the heatmap explains; None: the verdict's side
+    output: str | None  # the legacy integer target, as the name of that output
+    ood_method: str
+    decision_threshold: float
+    ood_threshold: float
+    fitted: bool  # the OOD method has fitted statistics (else every image is accepted)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What the pass says about one image, before the verdict."""
+
+    p_malignant: float
+    probabilities: dict[str, float]  # per class name
+    dx_probabilities: dict[str, float]  # per dx of a dx head
+    ood_scores: dict[str, float]  # per fitted detector
+    cam_target: str  # what the heatmap explains
+    target: int  # its class or output index
+
+
+def _prediction(
+    item: Prepared, settings: _Settings, outcome: _Outcome, heatmap: np.ndarray | None, timings: dict[str, float]
+) -> Prediction:
+    """One image's Prediction, its verdict by :func:`lesion.verdict.decide`.
+
+    No fitted detector (nan score): accepted, there is nothing to check. A fitted detector that
+    cannot score this image (nan) fails closed: the photo is not taken for a lesion.
+    """
+    ood_score = outcome.ood_scores.get(settings.ood_method, float("nan"))
+    p, decision = outcome.p_malignant, settings.decision_threshold
+    verdict, accepted = decide(p, decision, ood_score, settings.ood_threshold, fitted=settings.fitted)
+    dx = outcome.dx_probabilities
+    return Prediction(
+        verdict=verdict,
+        p_malignant=p,
+        decision_threshold=decision,
+        ood_score=ood_score,
+        ood_threshold=settings.ood_threshold,
+        ood_method=settings.ood_method,
+        accepted=accepted,
+        ood_scores=outcome.ood_scores,
+        heatmap=heatmap,
+        cam_method=settings.cam_method,
+        target=outcome.target,
+        timings=timings,
+        image_width=item.original_size[0],
+        image_height=item.original_size[1],
+        probabilities=outcome.probabilities,
+        crop_box=tuple(float(v) for v in item.crop_box),
+        dx_probabilities=dx,
+        dx_top=max(dx, key=dx.get) if dx and accepted else "",
+        cam_target=outcome.cam_target,
+    )
 
 
 class _Timer:

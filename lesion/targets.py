@@ -126,6 +126,19 @@ def cam_targets(target: Target) -> list[str]:
     return ["malignant", "benign", *(target.names if target.kind == "dx" else ())]
 
 
+def output_name(target: Target, class_names: Sequence[str], index: int) -> str:
+    """The name of output ``index`` of the head (the legacy integer heatmap ``target``)."""
+    names = list(target.names) if target.kind == "dx" else list(class_names)
+    if not 0 <= index < len(names):
+        raise ValueError(f"target {index} is not an output of this model (0 to {len(names) - 1})")
+    return names[index]
+
+
+def output_index(target: Target, class_names: Sequence[str], name: str) -> int:
+    """``Prediction.target``: the class index for a side, the output index for a diagnosis."""
+    return list(class_names).index(name) if name in class_names else list(target.names).index(name)
+
+
 def explained_scores(
     logits: torch.Tensor, names: Sequence[str], target: Target, class_names: Sequence[str]
 ) -> torch.Tensor:

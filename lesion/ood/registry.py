@@ -90,6 +90,24 @@ DEFAULT_DETECTOR = "mahalanobis_layers_max"
 UNNAMED_DETECTOR = "mahalanobis"
 
 
+def check_method(method: str, fitted: dict[str, Stats], *, asked: bool = True) -> str:
+    """``method`` if a checkpoint with these ``fitted`` detectors can score it, else ValueError.
+
+    ``asked``: the caller named the method (a checkpoint without detectors cannot score it); otherwise
+    it is the checkpoint's own, and a checkpoint without detectors simply accepts every image.
+    """
+    if method not in DETECTORS:
+        raise ValueError(f"unknown OOD method {method!r}; choose one of {', '.join(DETECTORS)}")
+    if not fitted and asked:
+        raise ValueError(
+            f"this checkpoint has no fitted OOD detectors (an intermediate checkpoint?), so it cannot score "
+            f"{method!r}; use a run's model.pt, or leave the OOD method unset"
+        )
+    if fitted and method not in fitted:
+        raise ValueError(f"this checkpoint has no fitted {method!r} detector; it has {', '.join(fitted)}")
+    return method
+
+
 @torch.no_grad()
 def score(
     method: str,

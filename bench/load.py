@@ -39,7 +39,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-# The verdict box's detail line (lesion_app.support.VERDICT_DETAIL): present only once a prediction is shown.
+# The verdict box's detail line (lesion_app.wording.VERDICT_DETAIL): present only once a prediction is shown.
 VERDICT = re.compile(
     r"The model leans towards a (benign|malignant) lesion|The model was not trained on photos like this"
 )

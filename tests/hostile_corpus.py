@@ -24,7 +24,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_LESION = REPO / "assets" / "samples" / "lesions" / "ISIC_0000032.jpg"
 SAMPLE_PHOTO = REPO / "assets" / "samples" / "ood" / "animal_image1.jpg"
-# What the Predict page's uploader accepts (lesion_app.support.UPLOAD_TYPES); anything else is renamed
+# What the Predict page's uploader accepts (lesion_app.predict_view.UPLOAD_TYPES); anything else is renamed
 # with ".jpg" appended, as a visitor who wants to get past the file picker would do.
 UPLOADABLE = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif"}
 # The 50-megapixel photo of a modern phone (8660 x 5774 = 50.0 MP).

@@ -165,3 +165,10 @@ def test_the_library_import_graph_has_no_cycle() -> None:
     assert "finalize" in graph["training"] and "loaders" in graph["finalize"]  # ...and their imports
     assert "ood.packing" in graph["ood.layers"] and "ood" in graph["predict"]  # ...in subpackages too
     assert find_cycle(graph) == []
+
+
+def test_the_apps_helpers_run_without_streamlit() -> None:
+    # Only the pages' guard touches Streamlit and only charts.py draws: the rest is testable without an app.
+    streamlit = [p.name for p in sorted((REPO / "lesion_app").glob("*.py")) if "streamlit" in imported_modules(p)]
+    altair = [p.name for p in sorted((REPO / "lesion_app").glob("*.py")) if "altair" in imported_modules(p)]
+    assert streamlit == ["guards.py"] and altair == ["charts.py"]

@@ -29,9 +29,18 @@ def accepts(scores: Any, threshold: float, *, fitted: bool = True) -> Any:
     return bool(passed) if passed.ndim == 0 else passed
 
 
+def called_malignant(p_malignant: Any, decision_threshold: float) -> Any:
+    """Whether each P(malignant) is called malignant: ``p_malignant >= decision_threshold``.
+
+    The one place this comparison is written; a number gives a bool, an array a boolean array.
+    """
+    called = np.asarray(p_malignant, dtype=np.float64) >= decision_threshold
+    return bool(called) if called.ndim == 0 else called
+
+
 def side(p_malignant: float, decision_threshold: float) -> str:
-    """ "malignant" when ``p_malignant >= decision_threshold``, else "benign"."""
-    return "malignant" if p_malignant >= decision_threshold else "benign"
+    """ "malignant" when :func:`called_malignant`, else "benign"."""
+    return "malignant" if called_malignant(p_malignant, decision_threshold) else "benign"
 
 
 def verdict(p_malignant: float, decision_threshold: float, accepted: bool) -> str:

@@ -35,3 +35,10 @@ def test_offline_evaluation_counts_by_the_same_rule():
     result = ood.evaluate(lesions, photos, threshold=0.3)
     assert result["lesions_accepted"] == int(accepts(lesions, 0.3).sum()) == 2
     assert result["ood_accepted"] == int(accepts(photos, 0.3).sum()) == 1
+
+
+def test_called_malignant_is_the_same_rule_for_numbers_and_arrays():
+    from lesion.verdict import called_malignant
+
+    assert called_malignant(0.5, 0.5) is True and called_malignant(0.4999, 0.5) is False
+    assert called_malignant(np.array([0.2, 0.5, 0.9]), 0.5).tolist() == [False, True, True]

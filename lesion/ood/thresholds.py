@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from lesion.ood.base import as_numpy
+from lesion.verdict import accepts
 
 BOOTSTRAP_ROUNDS = 500
 BOOTSTRAP_SEED = 0
@@ -56,7 +57,7 @@ def rejection_spread(
         left_out[drawn] = False
         if left_out.any():
             threshold = harrell_davis_quantile(values[drawn], keep)
-            shares.append(float(np.mean(values[left_out] > threshold)))
+            shares.append(float(np.mean(~accepts(values[left_out], threshold))))
     if not shares:
         return {"target": 1 - keep, "median": float("nan"), "low": float("nan"), "high": float("nan")}
     low, median, high = np.percentile(shares, [2.5, 50, 97.5])

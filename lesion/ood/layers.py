@@ -22,7 +22,7 @@ from lesion.ood.packing import packed_knn, packed_layers
 #: channel means and standard deviations of post-ReLU maps are non-negative and right-skewed, and the
 #: root makes them far more Gaussian. On nine demo runs (ResNet-18 at 128 px, ResNet-50 at 128 and 224 px)
 #: it raised the ROC-AUC against the development photos on every one (0.984 -> 0.992 on a ResNet-50
-#: at 128 px); see the README's "Rejecting photos that are not lesions".
+#: at 128 px); see docs/ood.md.
 LAYER_POWER = 0.5
 KNN_LAYER_RANK = 24  # whitened directions per stage for knn_layers
 

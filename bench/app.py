@@ -1,6 +1,6 @@
 """The app as a presenter meets it: start-up to first verdict, slider reruns, and resident memory.
 
-    python bench/app.py [--bundled | --checkpoint runs/x/model.pt | --arch resnet50] [--moves 5]
+    python -m bench.app [--bundled | --checkpoint runs/x/model.pt | --arch resnet50] [--moves 5]
 
 Launches Chromium first (Playwright, the Debian package), then starts ``streamlit run
 streamlit_app.py`` and measures, in one run:
@@ -35,10 +35,8 @@ from pathlib import Path
 
 import psutil
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from bench.load import CHROMIUM_ARGS, VERDICT, ensure_checkpoint, free_port, start_app, stop_app, wait_healthy  # noqa: E402
+from bench.common import CHROMIUM_ARGS, REPO, VERDICT, ensure_checkpoint, free_port, start_app, stop_app, wait_healthy
+from lesion.files import MODEL_FILE
 
 LESION = REPO / "assets" / "samples" / "lesions" / "ISIC_0000169.jpg"
 MEMORY_GOAL_MB = 1536
@@ -53,7 +51,7 @@ def train_throwaway(arch: str) -> Path:
     command += [f"--arch={arch}", "--image-size=224", "--epochs=1", "--max-images=60", "--batch-size=16"]
     command += ["--num-workers=0", "--weights=none"]
     subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
-    return run_dir / "model.pt"
+    return run_dir / MODEL_FILE
 
 
 def calls(counter: Path) -> int:

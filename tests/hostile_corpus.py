@@ -6,7 +6,7 @@ outcome the app owes the visitor: ``"verdict"`` (a benign / malignant / unknown 
 an exception of another type, a hang -- is a bug. Headers that claim huge sizes are written by
 hand, so those files stay a few hundred bytes.
 
-Used by tests/test_hostile.py and bench/hostile.py.
+Used by tests/test_hostile.py and bench/experiments/hostile.py.
 """
 
 from __future__ import annotations

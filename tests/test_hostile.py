@@ -2,7 +2,7 @@
 
 The corpus (tests/hostile_corpus.py, >= 25 files built here in a temporary folder) goes through
 ``Predictor.predict`` and through the Predict page (AppTest, uploading the bytes), each case under
-its own time bound. ``python bench/hostile.py`` prints the same cases as a table with timings.
+its own time bound. ``python -m bench.experiments.hostile`` prints the same cases as a table with timings.
 """
 
 from __future__ import annotations

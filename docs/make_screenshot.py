@@ -12,55 +12,25 @@ the end, whatever happens.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import math
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # a script in docs/, run from anywhere: the checkout's packages
+
+from bench.common import CHROMIUM_ARGS, free_port, start_app, stop_app, wait_healthy  # noqa: E402
+
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 GALLERY_COLUMNS = 8  # the Predict page lays the samples out in eight columns
 MAX_BYTES = 900_000  # the PNG stays well under 1 MB
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_healthy(port: int, server: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"streamlit exited with {server.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError("streamlit did not become healthy")
-
-
 def accepted_sample() -> tuple[int, int, str]:
     """(position among the gallery's lesions, how many lesions, file stem) of the first one the bundled model accepts."""
-    sys.path.insert(0, str(REPO))  # a script in docs/, run from anywhere: the checkout's packages
     from lesion.predict import Predictor
     from lesion.runs import BUNDLED_MODEL
     from lesion_app.gallery import list_samples
@@ -98,19 +68,14 @@ def screenshot(out: Path) -> None:
     index, count, name = accepted_sample()
     port = free_port()
     runs = Path(tempfile.mkdtemp(prefix="lesion-screenshot-"))
-    env = {**os.environ, "LESION_RUNS_DIR": str(runs), "LESION_CHECKPOINT": ""}
-    env.pop("LESION_BUNDLED_MODEL", None)
-    command = [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.port", str(port)]
-    command += ["--server.headless", "true", "--browser.gatherUsageStats", "false"]
-    log = (runs / "streamlit.log").open("wb")
-    server = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    os.environ.pop("LESION_BUNDLED_MODEL", None)  # the app as a fresh clone shows it: the shipped model
+    server = start_app(None, port, runs)
     try:
-        wait_healthy(port, server)
+        wait_healthy(server, port, timeout=120)
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = browser.new_page(
-                viewport={"width": 1280, "height": 1400}
-            )  # the page scrolls inside: the viewport is the picture
+            # The page scrolls inside its own frame, so the viewport is the whole picture.
+            page = browser.new_page(viewport={"width": 1280, "height": 1160})
             page.goto(f"http://127.0.0.1:{port}/", timeout=120_000)
             page.get_by_text("Benign or malignant?").wait_for(timeout=120_000)
             box = page.locator('[data-testid="stCheckbox"]').nth(checkbox_position(index, count))
@@ -125,14 +90,7 @@ def screenshot(out: Path) -> None:
             out.write_bytes(shrink(page.screenshot(full_page=True)))
             browser.close()
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(server.pid, signal.SIGKILL)
-        log.close()
+        stop_app(server)
     print(f"{out} ({out.stat().st_size // 1024} KB): {name}")
 
 

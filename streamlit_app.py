@@ -16,15 +16,9 @@ import os
 import streamlit as st
 
 from lesion.runs import default_bundled_checkpoint, default_extra_checkpoint, default_runs_dir, list_models
+from lesion_app.access import ADMIN_SESSION_KEY, LOCKED_HELP, admin_password, password_matches
 from lesion_app.jobs import active_job, read_progress
-from lesion_app.support import (
-    ADMIN_SESSION_KEY,
-    DISCLAIMER,
-    LOCKED_HELP,
-    METRIC_LABELS,
-    admin_password,
-    password_matches,
-)
+from lesion_app.wording import DISCLAIMER, METRIC_LABELS
 
 st.set_page_config(page_title="lesion: skin-lesion demo", page_icon=":material/dermatology:", layout="wide")
 

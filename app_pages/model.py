@@ -10,7 +10,8 @@ from lesion.card import INTENDED_USE, render_model_card
 from lesion.files import CARD_FILE, METRICS_FILE, PLOTS_DIR
 from lesion.runs import read_json
 from lesion_app.guards import require_model
-from lesion_app.support import METRIC_LABELS, checkpoint_summary, metrics_rows
+from lesion_app.runs_view import checkpoint_summary, metrics_rows
+from lesion_app.wording import METRIC_LABELS
 
 PLOT_CAPTIONS = {
     "roc": "ROC curve",

@@ -8,21 +8,14 @@ import numpy as np
 import streamlit as st
 
 from lesion.errors import InvalidImage, LesionError
-from lesion.ood import DETECTORS, NOTEBOOK_MSP_THRESHOLD, evaluate
+from lesion.ood import DETECTORS
 from lesion.runs import save_ood_threshold
+from lesion_app.access import LOCKED_HELP, may_change
 from lesion_app.charts import histogram_chart, roc_chart
+from lesion_app.gallery import list_samples, training_folds
 from lesion_app.guards import require_model
-from lesion_app.support import (
-    LOCKED_HELP,
-    UPLOAD_TYPES,
-    cached_ood_scores,
-    display_image,
-    list_samples,
-    may_change,
-    roc_points,
-    slider_range,
-    training_folds,
-)
+from lesion_app.ood_view import assess, cached_ood_scores, slider_range
+from lesion_app.predict_view import UPLOAD_TYPES, display_image
 
 METHOD_NOTES = {name: detector.note for name, detector in DETECTORS.items()}
 
@@ -87,7 +80,9 @@ slider_key = f"ood-threshold-{model.key}-{method}"
 if slider_key not in st.session_state:
     st.session_state[slider_key] = float(np.clip(round(thresholds[method], decimals), low, high))
 threshold = st.slider(f"Threshold on the {method} score", low, high, step=step, format=f"%.{decimals}f", key=slider_key)
-ours = evaluate(values[~is_ood], values[is_ood], threshold)
+msp = np.array([s["msp"] for s in scores]) if "msp" in thresholds else None
+assessment = assess(values, is_ood, threshold, msp)
+ours = assessment.evaluation
 
 counts = st.columns(4)
 counts[0].metric("OOD photos accepted", f"{ours['ood_accepted']} of {int(is_ood.sum())}")
@@ -103,9 +98,8 @@ if spread.get("median") is not None:
         "that share of new lesions answered *Not a skin lesion*."
     )
 
-if "msp" in thresholds:
-    msp = np.array([s["msp"] for s in scores])
-    notebook = evaluate(msp[~is_ood], msp[is_ood], NOTEBOOK_MSP_THRESHOLD)
+if assessment.notebook is not None:
+    notebook = assessment.notebook
     st.table(
         [
             {
@@ -125,11 +119,7 @@ left, right = st.columns(2)
 # A NaN score (the detector could not score that image; it is rejected) has no place on the axis.
 rows = [{"kind": g[2], "score": float(v)} for g, v in zip(gallery, values, strict=True) if np.isfinite(v)]
 left.altair_chart(histogram_chart(rows, threshold, method), width="stretch")
-operating = {
-    "lesions rejected": ours["lesions_rejected"] / max(int((~is_ood).sum()), 1),
-    "OOD photos rejected": ours["ood_rejected"] / max(int(is_ood.sum()), 1),
-}
-right.altair_chart(roc_chart(roc_points(values[~is_ood], values[is_ood]), operating), width="stretch")
+right.altair_chart(roc_chart(assessment.roc, assessment.operating), width="stretch")
 
 # The bundled file is versioned with the app and its figures are re-checked by a test: it stays as shipped.
 read_only = model.source == "bundled"
@@ -167,10 +157,9 @@ else:
 
 st.subheader("Gallery")
 for tab, kind in zip(st.tabs(["Not skin lesions", "Lesions"]), ("OOD photo", "lesion"), strict=True):
-    members = [(g, v) for g, v in zip(gallery, values, strict=True) if g[2] == kind]
+    members = [(g, v, a) for g, v, a in zip(gallery, values, assessment.accepted, strict=True) if g[2] == kind]
     columns = tab.columns(6)
-    for index, ((name, _, _, caption, shown), value) in enumerate(members):
-        accepted = value <= threshold
+    for index, ((name, _, _, caption, shown), value, accepted) in enumerate(members):
         fold = folds.get(name.rsplit(".", 1)[0])
         seen = f" · seen in training ({fold})" if fold in ("train", "val") else (" · in its test split" if fold else "")
         # Green when the check is right (lesion accepted, photo rejected), red when it is wrong.

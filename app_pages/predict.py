@@ -8,23 +8,21 @@ from collections import OrderedDict
 import streamlit as st
 
 from lesion.errors import InvalidImage
+from lesion_app.charts import diagnosis_chart
+from lesion_app.gallery import list_samples
 from lesion_app.guards import require_model
-from lesion_app.support import (
-    NO_MODEL_HELP,
+from lesion_app.predict_view import (
     UPLOAD_TYPES,
-    VERDICT_DETAIL,
-    VERDICT_TEXT,
     cached_display,
     cached_prediction,
-    cam_target_choices,
     cam_target_label,
-    diagnosis_chart,
     display_box,
-    list_samples,
     result_json,
     result_row,
     top_diagnoses,
 )
+from lesion_app.runs_view import NO_MODEL_HELP
+from lesion_app.wording import VERDICT_DETAIL, VERDICT_TEXT
 
 CAM_LABELS = {
     "gradcam": "Grad-CAM",
@@ -75,7 +73,7 @@ def show_results(items: list[tuple[str, bytes]]) -> None:
     cam_method = left.selectbox("Heatmap method", CAM_METHODS, format_func=lambda m: CAM_LABELS.get(m, m))
     cam_target = explains.selectbox(
         "Heatmap explains:",
-        cam_target_choices(predictor),
+        [None, *predictor.cam_targets],  # None: the verdict's side
         format_func=cam_target_label,
         help="The evidence for the verdict by default; or why the model leans to one side or one diagnosis.",
     )

@@ -9,6 +9,7 @@ from lesion.errors import LesionError
 from lesion.model import ARCHS, DISPLAY_NAMES
 from lesion.runs import default_runs_dir, list_runs, read_run
 from lesion.weights import weights_offline, weights_status
+from lesion_app.access import LOCKED_HELP, may_change
 from lesion_app.jobs import (
     active_job,
     default_data_root,
@@ -20,7 +21,8 @@ from lesion_app.jobs import (
     start_training,
     stop_training,
 )
-from lesion_app.support import LOCKED_HELP, format_duration, may_change, measured_duration, recipe_names, run_rows
+from lesion_app.runs_view import measured_duration, recipe_names, run_rows
+from lesion_app.wording import format_duration
 
 RUNS_DIR = default_runs_dir()
 OFFLINE_ARCH = "efficientnet_lite0"  # the architecture whose pretrained weights every install has

@@ -1,6 +1,6 @@
 """The app as a presenter meets it: start-up to first verdict, slider reruns, and resident memory.
 
-    python bench/app.py [--bundled | --checkpoint runs/x/model.pt | --arch resnet50] [--moves 5]
+    python -m bench.app [--bundled | --checkpoint runs/x/model.pt | --arch resnet50] [--moves 5]
 
 Launches Chromium first (Playwright, the Debian package), then starts ``streamlit run
 streamlit_app.py`` and measures, in one run:
@@ -9,8 +9,8 @@ streamlit_app.py`` and measures, in one run:
   (verdict text and a loaded heatmap image) after uploading a bundled lesion;
 - the baseline rerun that calls the network: switching the CAM method (a new heatmap);
 - the rerun when only the opacity slider moves, ``--moves`` times, and the ratio to the baseline.
-  The app appends a line to $LESION_PREDICT_COUNTER for every network call, so the bench proves
-  the slider moves made none;
+  The server appends a line to $LESION_PREDICT_COUNTER for every image the network scores
+  (bench/predict_counter/sitecustomize.py, loaded only here), so the bench proves the slider moves made none;
 - resident memory (psutil RSS) of the server process and its children with the model loaded
   (goal: under 1.5 GB).
 
@@ -35,13 +35,12 @@ from pathlib import Path
 
 import psutil
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from bench.load import CHROMIUM_ARGS, VERDICT, ensure_checkpoint, free_port, start_app, stop_app, wait_healthy  # noqa: E402
+from bench.common import CHROMIUM_ARGS, REPO, VERDICT, ensure_checkpoint, free_port, start_app, stop_app, wait_healthy
+from lesion.files import MODEL_FILE
 
 LESION = REPO / "assets" / "samples" / "lesions" / "ISIC_0000169.jpg"
 MEMORY_GOAL_MB = 1536
+COUNTING = Path(__file__).resolve().parent / "predict_counter"  # its sitecustomize.py counts predictions
 
 
 def train_throwaway(arch: str) -> Path:
@@ -52,7 +51,7 @@ def train_throwaway(arch: str) -> Path:
     command += [f"--arch={arch}", "--image-size=224", "--epochs=1", "--max-images=60", "--batch-size=16"]
     command += ["--num-workers=0", "--weights=none"]
     subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
-    return run_dir / "model.pt"
+    return run_dir / MODEL_FILE
 
 
 def calls(counter: Path) -> int:
@@ -115,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="lesion-bench-app-") as scratch, sync_playwright() as playwright:
         counter = Path(scratch) / "predict-calls.txt"
-        os.environ["LESION_PREDICT_COUNTER"] = str(counter)  # start_app passes os.environ to the server
+        # start_app passes os.environ to the server; predict_counter/sitecustomize.py counts its network calls.
+        os.environ["LESION_PREDICT_COUNTER"] = str(counter)
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(COUNTING), os.environ.get("PYTHONPATH")]))
         browser = playwright.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1800})
         port = free_port()

@@ -1,7 +1,7 @@
 """Do epochs run at the step's pace? A real training run's epoch wall time against what its steps imply.
 
-    python bench/epoch_pace.py                                   # tiny CPU check: resnet18, 64 px, 600 images
-    python bench/epoch_pace.py --images 10000 --arch resnet50 --image-size 224 --batch-size 128 \\
+    python -m bench.epoch_pace                                   # tiny CPU check: resnet18, 64 px, 600 images
+    python -m bench.epoch_pace --images 10000 --arch resnet50 --image-size 224 --batch-size 128 \\
         --num-workers 14 --device cuda
 
 Builds a HAM10000-layout folder of ``--images`` images (bench/ham_folder.py: the bundled images
@@ -23,23 +23,17 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH.parent))
-sys.path.insert(0, str(BENCH))
-
-from ham_folder import build_ham_folder  # noqa: E402
-from train_throughput import train_step_rate  # noqa: E402
-
-from lesion.config import TrainConfig  # noqa: E402
-from lesion.model import build_model, forward_parts  # noqa: E402
-from lesion.training import run_training  # noqa: E402
+from bench.ham_folder import build_ham_folder
+from bench.train_throughput import train_step_rate
+from lesion.config import TrainConfig
+from lesion.model import build_model, forward_parts
+from lesion.training import run_training
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,7 @@
 #
 # 1. python -m train --recipe demo for ResNet-18 at 128 px and ResNet-50 at 128 and 224 px, in parallel
 #    (the GPU has room; the loaders share the CPU cores), each into its own run folder under $RUNS.
-# 2. bench/ood.py on the three models: ROC-AUC, photos accepted, lesions rejected by source, cost,
+# 2. bench/ood_quality.py on the three models: ROC-AUC, photos accepted, lesions rejected by source, cost,
 #    and on a GPU the cost inside the pass.
 # 3. bench/ood_cost.py: the default detector stage by stage against packed, every detector, and the
 #    operations each dispatches, per architecture.
@@ -43,8 +43,8 @@ checkpoints=()
 for run in 1-resnet18-$SMALL 2-$BIG-$SMALL 3-$BIG-$LARGE; do
     [[ -f "$RUNS/$run/model.pt" ]] && checkpoints+=(--checkpoint "$RUNS/$run/model.pt")
 done
-echo; echo "== 2. bench/ood.py"
-$PY bench/ood.py "${checkpoints[@]}" --device "$DEVICE" --reps "$REPS"
+echo; echo "== 2. bench/ood_quality.py"
+$PY -m bench.ood_quality "${checkpoints[@]}" --device "$DEVICE" --reps "$REPS"
 echo; echo "== 3. bench/ood_cost.py"
-$PY bench/ood_cost.py --device "$DEVICE" --reps "$REPS" --models "resnet18@$SMALL,$BIG@$SMALL,$BIG@$LARGE"
+$PY -m bench.ood_cost --device "$DEVICE" --reps "$REPS" --models "resnet18@$SMALL,$BIG@$SMALL,$BIG@$LARGE"
 echo; echo "gpu_ood: all figures in $((SECONDS - started)) s"

@@ -1,6 +1,6 @@
 """A HAM10000-layout folder of any size, made from the bundled demo images under new ids.
 
-    python bench/ham_folder.py DEST [--images 10000] [--source assets/demo]
+    python -m bench.ham_folder DEST [--images 10000] [--source assets/demo]
 
 Each copy of a demo image gets a new image id and a new lesion id (``<id>_<k>``), so the split
 sees ``--images`` images in as many lesions; the files are symbolic links (hard links where
@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
-REPO = Path(__file__).resolve().parent.parent
+from bench.common import REPO
+
 DEMO = REPO / "assets" / "demo"
 IMAGES_FOLDER = "HAM10000_images_part_1"
 

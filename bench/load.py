@@ -1,6 +1,6 @@
 """Ten visitors at once: concurrent browser sessions against the running app, each uploading a photo.
 
-    python bench/load.py [--checkpoint runs/x/model.pt] [--sessions 10] [--timeout 180]
+    python -m bench.load [--checkpoint runs/x/model.pt] [--sessions 10] [--timeout 180]
 
 Starts ``streamlit run streamlit_app.py`` headless on a free port with LESION_CHECKPOINT set to the
 model (default: the newest runs/*/model.pt; with none, the tiny test model is trained into a
@@ -15,107 +15,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import os
-import re
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-# The verdict box's detail line (lesion_app.support.VERDICT_DETAIL): present only once a prediction is shown.
-VERDICT = re.compile(
-    r"The model leans towards a (benign|malignant) lesion|The model was not trained on photos like this"
+from bench.common import (
+    CHROMIUM_ARGS,
+    REPO,
+    VERDICT,
+    ensure_checkpoint,
+    free_port,
+    start_app,
+    stop_app,
+    wait_healthy,
 )
-
-
-def ensure_checkpoint(path: str | Path | None = None) -> Path:
-    """``path``; else the newest runs/*/model.pt; else the tiny test model trained into a temporary folder."""
-    if path:
-        return Path(path)
-    found = sorted((REPO / "runs").glob("*/model.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
-    if found:
-        return found[0]
-    from tests.conftest import DEMO, TINY_TRAINING
-
-    run_dir = Path(tempfile.mkdtemp(prefix="lesion-bench-")) / "tiny"
-    print(f"no runs/*/model.pt: training the tiny model into {run_dir} ...", file=sys.stderr, flush=True)
-    command = [sys.executable, "-m", "train", f"--data={DEMO}", f"--out={run_dir}", *TINY_TRAINING]
-    subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
-    return run_dir / "model.pt"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start_app(checkpoint: Path | None, port: int, runs_dir: Path) -> subprocess.Popen:
-    """The app in its own process group; its output goes to runs_dir/streamlit.log (a pipe could fill and block it).
-
-    ``checkpoint`` None: no LESION_CHECKPOINT, as on a fresh clone (the app picks the bundled model).
-    """
-    env = {
-        **os.environ,
-        "LESION_CHECKPOINT": str(checkpoint.resolve()) if checkpoint else "",
-        "LESION_RUNS_DIR": str(runs_dir),
-    }
-    command = [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.headless", "true"]
-    command += ["--server.port", str(port), "--browser.gatherUsageStats", "false"]
-    log = runs_dir / "streamlit.log"
-    with log.open("wb") as stream:
-        server = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=stream, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    server.args = [*command, str(log)]  # so an error can name the log
-    return server
-
-
-def stop_app(server: subprocess.Popen) -> None:
-    """SIGTERM the server's process group, SIGKILL if it lingers."""
-    if server.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(server.pid, signal.SIGKILL)
-            server.wait(10)
-
-
-def wait_healthy(server: subprocess.Popen, port: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(
-                f"streamlit exited with {server.returncode}: {Path(server.args[-1]).read_text()[-2000:]}"
-            )
-        with (
-            contextlib.suppress(OSError),
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as answer,
-        ):
-            if answer.read().strip() == b"ok":
-                return
-        time.sleep(0.3)
-    raise RuntimeError(f"streamlit did not answer on port {port} within {timeout:.0f} s")
 
 
 async def visit(browser, url: str, image: Path, timeout_s: float) -> dict:

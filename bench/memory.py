@@ -1,7 +1,7 @@
 """Resident memory over many predictions with heatmaps: a leak (hooks left by a CAM, gradients piling up
 on the weights, caches that never shrink) shows as steady growth.
 
-    python bench/memory.py [--checkpoint runs/x/model.pt] [--n 500] [--warmup 30] [--json]
+    python -m bench.memory [--checkpoint runs/x/model.pt] [--n 500] [--warmup 30] [--json]
 
 Warms up first (allocator pools, lazy imports), then predicts ``--n`` times over a mix of bundled
 lesions and non-lesion photos (cycling the CAM methods), sampling RSS (psutil) after gc. Prints RSS
@@ -23,11 +23,8 @@ from typing import Any
 import numpy as np
 import psutil
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from bench.load import ensure_checkpoint  # noqa: E402
-from lesion.predict import Predictor  # noqa: E402
+from bench.common import REPO, ensure_checkpoint
+from lesion.predict import Predictor
 
 CAMS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam")
 

@@ -15,15 +15,14 @@ it as uint8 (``train_worker_transform``); everything per-pixel runs batched on t
 
 The cache lives in a temporary folder, so the cold pass really is cold. Usage::
 
-    python bench/train_throughput.py                      # resnet18, 128 px, CPU: well under 2 minutes
-    python bench/train_throughput.py --arch resnet50 --image-size 224 --batch-size 128 --device cuda --workers 12
+    python -m bench.train_throughput                      # resnet18, 128 px, CPU: well under 2 minutes
+    python -m bench.train_throughput --arch resnet50 --image-size 224 --batch-size 128 --device cuda --workers 12
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,12 +32,10 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lesion.data import ImageCache, LesionDataset, read_metadata  # noqa: E402
-from lesion.images import load_image  # noqa: E402
-from lesion.model import build_model  # noqa: E402
-from lesion.transforms import (  # noqa: E402
+from lesion.data import ImageCache, LesionDataset, read_metadata
+from lesion.images import load_image
+from lesion.model import build_model
+from lesion.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     BatchAugment,

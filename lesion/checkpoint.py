@@ -84,6 +84,7 @@ def new_checkpoint(
     from lesion import __version__
     from lesion.labels import CLASS_NAMES
     from lesion.model import unwrap
+    from lesion.ood import DEFAULT_DETECTOR
     from lesion.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_size
 
     model = unwrap(model)
@@ -103,7 +104,7 @@ def new_checkpoint(
         "state_dict": {key: value.detach().cpu().clone() for key, value in model.state_dict().items()},
         "decision_threshold": float(decision_threshold),
         "temperature": float(temperature),
-        "ood": ood if ood is not None else {"method": "mahalanobis", "detectors": {}, "keep": 0.95},
+        "ood": ood if ood is not None else {"method": DEFAULT_DETECTOR, "detectors": {}, "keep": 0.95},
         "metrics": {},
         "data": {},
         "config": {},
@@ -213,6 +214,61 @@ def _dx_problem(names: Any, malignant: Any) -> str:
     if not all(isinstance(m, bool) for m in malignant) or all(malignant) or not any(malignant):
         return f"dx_malignant {malignant!r} (needs benign and malignant diagnoses)"
     return ""
+
+
+def ood_entry(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's ``ood`` entry with ``detectors`` as {name: {key: value}}; InvalidCheckpoint if it is not."""
+    entry = checkpoint.get("ood") or {}
+    if not isinstance(entry, dict):
+        raise InvalidCheckpoint(f"the checkpoint's OOD entry is a {type(entry).__name__}, not a mapping")
+    detectors = entry.get("detectors") or {}
+    if not isinstance(detectors, dict) or not all(
+        isinstance(name, str) and isinstance(stats, dict) for name, stats in detectors.items()
+    ):
+        raise InvalidCheckpoint("the checkpoint's OOD detectors are not a mapping of names to statistics")
+    method = entry.get("method")
+    if method is not None and not isinstance(method, str):
+        raise InvalidCheckpoint(f"the checkpoint's OOD method is a {type(method).__name__}, not a name")
+    return {**entry, "detectors": detectors}
+
+
+def ood_thresholds(detectors: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Each fitted detector's threshold as a float; InvalidCheckpoint if one is unreadable or not finite."""
+    try:
+        thresholds = {name: float(stats["threshold"]) for name, stats in detectors.items()}
+    except (KeyError, TypeError, ValueError, ArithmeticError) as error:
+        raise InvalidCheckpoint(f"the checkpoint's OOD thresholds are unreadable ({error!r})") from None
+    for name, value in thresholds.items():
+        if not math.isfinite(value):  # NaN would accept every photo, +inf too, -inf reject every lesion
+            raise InvalidCheckpoint(f"the checkpoint's {name} OOD threshold is not a finite number ({value})")
+    return thresholds
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
+    """The network described by the checkpoint, with its weights; InvalidCheckpoint on any mismatch."""
+    from lesion.model import build_model
+
+    outputs = len(checkpoint.get("dx_names") or checkpoint["class_names"])
+    try:
+        model = build_model(checkpoint["arch"], checkpoint["head"], num_classes=outputs)
+    except (ValueError, KeyError) as error:
+        raise InvalidCheckpoint(
+            f"the checkpoint names a model this version cannot build ({checkpoint['arch']!r}, "
+            f"{checkpoint['head']!r} head): {error}"
+        ) from None
+    state = checkpoint["state_dict"]
+    if isinstance(state, dict):
+        # Exported files store float16 weights (lesion.export); the network runs in float32 on every device.
+        state = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        first = str(error).splitlines()[1:2] or [str(error)]
+        raise InvalidCheckpoint(
+            f"the checkpoint's weights do not fit a {checkpoint['arch']} with a {checkpoint['head']} head "
+            f"({first[0].strip()[:200]})"
+        ) from None
+    return model
 
 
 def make_checkpoint(

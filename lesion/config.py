@@ -38,18 +38,7 @@ OPTIMIZERS = ("adamw", "adam")
 BALANCES = ("class_weights", "sampler", "none")
 AUGMENTS = ("dermoscopy", "strong", "notebook", "none")
 THRESHOLD_RULES = ("youden", "sensitivity")
-OOD_METHODS = (
-    "mahalanobis",
-    "mahalanobis_layers",
-    "mahalanobis_layers_max",
-    "knn",
-    "knn_layers",
-    "vim",
-    "ash",
-    "scale",
-    "energy",
-    "msp",
-)
+OOD_METHODS = importlib.import_module("lesion.ood").DETECTOR_NAMES  # the one registry of detector names
 SCHEDULES = ("cosine", "constant")
 TARGETS = ("dx", "binary")
 

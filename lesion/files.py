@@ -1,6 +1,6 @@
 """The names of the files in a run folder, and the one helper that writes any file atomically.
 
-A run folder (``runs/<name>/``, DESIGN.md "Run folder") is complete once ``model.pt`` exists.
+A run folder (``runs/<name>/``) is complete once ``model.pt`` exists.
 Every writer in the library goes through :func:`atomic_write`, so a reader (the app, a second
 process, a resumed run) sees either the old file or the new one, never half of either.
 """
@@ -13,6 +13,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+#: The checkout (or installed site) the package sits in: where assets/ and the default runs/ live.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 MODEL_FILE = "model.pt"  # the final, calibrated model; its presence makes the run complete
 BEST_FILE = "best.pt"  # the best epoch so far (validation ROC-AUC)

@@ -28,6 +28,8 @@ MIN_SIDE = 32
 # ~89 MP and an error at twice that; we make the limit explicit and the message plain).
 MAX_PIXELS = 120_000_000
 MAX_BYTES = 50 * 1024 * 1024
+#: The file types read as images: what the predict CLI finds in folders and the app's uploaders accept.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif")
 # Image.open emits Pillow's DecompressionBombWarning (above ~89 MP) before we can look at the size;
 # we check the size ourselves right after, so the warning is only noise. warnings.catch_warnings
 # swaps process-wide state, so opens are serialised (reading a header takes microseconds).

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
+from lesion.verdict import called_malignant
+
 FALLBACK_THRESHOLD = 0.5
 # The headline figures of a run, in the order every report shows them (metrics.json's ``headline``,
 # the model list, the model card, ``python -m train.evaluate``).
@@ -116,7 +118,7 @@ def binary_metrics(y_true: Any, p_malignant: Any, threshold: float, dx: Sequence
     (sensitivity for malignant diagnoses, specificity for benign ones); ``pr_auc`` is average precision.
     """
     y, p = _arrays(y_true, p_malignant)
-    predicted = (p >= threshold).astype(int)
+    predicted = called_malignant(p, threshold).astype(int)
     tp = int(np.sum((predicted == 1) & (y == 1)))
     tn = int(np.sum((predicted == 0) & (y == 0)))
     fp = int(np.sum((predicted == 1) & (y == 0)))

@@ -20,6 +20,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 from lesion.files import PLOTS_DIR, atomic_write
 from lesion.labels import CLASS_NAMES
 from lesion.metrics import expected_calibration_error, reliability_bins
+from lesion.verdict import called_malignant
 
 PLOT_NAMES = ("roc", "pr", "calibration", "confusion", "curves")
 _DPI = 110
@@ -65,7 +66,7 @@ def plot_roc(y: Any, p: Any, path: str | Path, threshold: float | None = None, s
         fpr, tpr, _ = roc_curve(y, p)
         axes.plot(fpr, tpr, linewidth=2, label=f"model (AUC {roc_auc_score(y, p):.3f})")
         if threshold is not None:
-            called = p >= threshold
+            called = called_malignant(p, threshold)
             sens = called[y == 1].mean()
             fpr_at = called[y == 0].mean()
             axes.plot([fpr_at], [sens], "o", color="crimson", label=f"threshold {threshold:.3f}")

@@ -25,10 +25,9 @@ import psutil
 from lesion.errors import InvalidCheckpoint, LesionError
 from lesion.events import read_events
 from lesion.files import CARD_FILE as CARD_FILE  # re-exported: lesion.runs.CARD_FILE stays importable
-from lesion.files import CONFIG_FILE, EVENTS_FILE, JOB_FILE, METRICS_FILE, MODEL_FILE, SPLIT_FILE
+from lesion.files import CONFIG_FILE, EVENTS_FILE, JOB_FILE, METRICS_FILE, MODEL_FILE, PROJECT_ROOT, SPLIT_FILE
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-# The model shipped with the app (python -m train.export writes it; README, "The bundled model").
+# The model shipped with the app (python -m train.export writes it; docs/bundled-model.md).
 BUNDLED_MODEL = PROJECT_ROOT / "assets" / "models" / "lesion-resnet18-demo.pt"
 # A run on another machine cannot be probed; it counts as running while its events keep coming.
 REMOTE_STALE_S = 15 * 60

@@ -116,3 +116,53 @@ def side_logits(logits: torch.Tensor, malignant: torch.Tensor) -> torch.Tensor:
     logits = logits.float()
     mask = malignant.to(logits.device)
     return torch.stack([logits[:, ~mask].logsumexp(dim=1), logits[:, mask].logsumexp(dim=1)], dim=1)
+
+
+# --- what a heatmap explains -------------------------------------------------------------------
+
+
+def cam_targets(target: Target) -> list[str]:
+    """What a heatmap can explain: "malignant", "benign", then each diagnosis of a dx head."""
+    return ["malignant", "benign", *(target.names if target.kind == "dx" else ())]
+
+
+def output_name(target: Target, class_names: Sequence[str], index: int) -> str:
+    """The name of output ``index`` of the head (the legacy integer heatmap ``target``)."""
+    names = list(target.names) if target.kind == "dx" else list(class_names)
+    if not 0 <= index < len(names):
+        raise ValueError(f"target {index} is not an output of this model (0 to {len(names) - 1})")
+    return names[index]
+
+
+def output_index(target: Target, class_names: Sequence[str], name: str) -> int:
+    """``Prediction.target``: the class index for a side, the output index for a diagnosis."""
+    return list(class_names).index(name) if name in class_names else list(target.names).index(name)
+
+
+def explained_scores(
+    logits: torch.Tensor, names: Sequence[str], target: Target, class_names: Sequence[str]
+) -> torch.Tensor:
+    """The scalar each image's heatmap explains, (N,), for the CAM target ``names[i]`` of image i.
+
+    A diagnosis (or a binary model's class): its logit, as Grad-CAM's class target. A side of
+    a dx model: the log-odds of P(malignant), logsumexp(malignant logits) - logsumexp(benign
+    logits), negated for benign: the evidence for the probability the verdict is drawn from.
+    """
+    if target.kind != "dx":
+        index = torch.tensor([list(class_names).index(n) for n in names], device=logits.device)
+        return logits.gather(1, index.view(-1, 1))[:, 0]
+    outputs = list(target.names)
+    sides = side_logits(logits, target.malignant_mask())
+    log_odds = sides[:, 1] - sides[:, 0]
+    sign = torch.tensor([{"malignant": 1.0, "benign": -1.0}.get(n, 0.0) for n in names], device=logits.device)
+    index = torch.tensor([outputs.index(n) if n in outputs else 0 for n in names], device=logits.device)
+    return torch.where(sign != 0, sign * log_odds, logits.gather(1, index.view(-1, 1))[:, 0])
+
+
+def class_probabilities(
+    outputs: torch.Tensor, p: float, target: Target, class_names: Sequence[str]
+) -> dict[str, float]:
+    """Calibrated probability per class name (benign, malignant) of one image, whatever the head."""
+    if target.kind != "dx":
+        return {name: float(outputs[j]) for j, name in enumerate(class_names)}
+    return {name: (p if name == "malignant" else 1.0 - p) for name in class_names}

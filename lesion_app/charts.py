@@ -1,4 +1,4 @@
-"""Altair charts of the OOD page: score histograms with the threshold, and the OOD-vs-lesion ROC curve."""
+"""The app's Altair charts: the Predict page's diagnoses, the OOD page's score histogram and OOD-vs-lesion ROC curve."""
 
 from __future__ import annotations
 
@@ -45,3 +45,18 @@ def roc_chart(points: Sequence[dict[str, float]], operating: dict[str, float]) -
         .encode(x=f"{x}:Q", y=f"{y}:Q")
     )
     return (curve + point).properties(height=260)
+
+
+def diagnosis_chart(rows: Sequence[dict[str, Any]]) -> Any:
+    """A small horizontal Altair bar chart of :func:`top_diagnoses`."""
+    frame = pd.DataFrame(rows)
+    return (
+        alt.Chart(frame)
+        .mark_bar(color="#457b9d")
+        .encode(
+            x=alt.X("probability:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%"), title=None),
+            y=alt.Y("diagnosis:N", sort="-x", title=None),
+            tooltip=[alt.Tooltip("diagnosis:N"), alt.Tooltip("probability:Q", format=".1%")],
+        )
+        .properties(height=30 * len(frame) + 10)
+    )

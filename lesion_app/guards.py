@@ -6,7 +6,7 @@ from typing import Any
 
 import streamlit as st
 
-from lesion_app.support import NO_MODEL_HELP
+from lesion_app.runs_view import NO_MODEL_HELP
 
 
 def require_model() -> tuple[Any, Any]:

@@ -93,3 +93,30 @@ def tiny_checkpoint_dict(
 def write_tiny_checkpoint(path: str | Path, **options: Any) -> Path:
     """Build :func:`tiny_checkpoint_dict` and write it with save_checkpoint."""
     return save_checkpoint(tiny_checkpoint_dict(**options), path)
+
+
+def count_predictions(monkeypatch: Any, path: Path) -> Path:
+    """Append one line to ``path`` for every image a Predictor scores (``predict`` or ``predict_batch``).
+
+    The app tests prove with it that moving a slider runs no network; AppTest runs the app in this process.
+    """
+    from lesion.predict import Predictor
+
+    predict, predict_batch = Predictor.predict, Predictor.predict_batch
+
+    def note(count: int) -> None:
+        with path.open("a", encoding="utf-8") as stream:
+            stream.write("scored\n" * count)
+
+    def counted_predict(self: Predictor, image: Any, *args: Any, **kwargs: Any) -> Any:
+        note(1)
+        return predict(self, image, *args, **kwargs)
+
+    def counted_batch(self: Predictor, images: Any, *args: Any, **kwargs: Any) -> Any:
+        images = list(images)
+        note(len(images))
+        return predict_batch(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(Predictor, "predict", counted_predict)
+    monkeypatch.setattr(Predictor, "predict_batch", counted_batch)
+    return path

@@ -6,7 +6,7 @@ outcome the app owes the visitor: ``"verdict"`` (a benign / malignant / unknown 
 an exception of another type, a hang -- is a bug. Headers that claim huge sizes are written by
 hand, so those files stay a few hundred bytes.
 
-Used by tests/test_hostile.py and bench/hostile.py.
+Used by tests/test_hostile.py and bench/experiments/hostile.py.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_LESION = REPO / "assets" / "samples" / "lesions" / "ISIC_0000032.jpg"
 SAMPLE_PHOTO = REPO / "assets" / "samples" / "ood" / "animal_image1.jpg"
-# What the Predict page's uploader accepts (lesion_app.support.UPLOAD_TYPES); anything else is renamed
+# What the Predict page's uploader accepts (lesion_app.predict_view.UPLOAD_TYPES); anything else is renamed
 # with ".jpg" appended, as a visitor who wants to get past the file picker would do.
 UPLOADABLE = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif"}
 # The 50-megapixel photo of a modern phone (8660 x 5774 = 50.0 MP).

@@ -14,7 +14,9 @@ from streamlit.testing.v1 import AppTest
 from lesion.export import describe
 from lesion.predict import Predictor
 from lesion.runs import BUNDLED_MODEL
-from lesion_app.support import LOCKED_HELP, VERDICT_TEXT, list_samples
+from lesion_app.access import LOCKED_HELP
+from lesion_app.gallery import list_samples
+from lesion_app.wording import VERDICT_TEXT
 from tests.test_bundled import shipped
 
 REPO = Path(__file__).resolve().parent.parent

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-import lesion_app.support
+import lesion_app.gallery
 from lesion.checkpoint import load_checkpoint
 from lesion.config import TrainConfig
 from lesion.predict import Predictor
-from lesion_app.support import Sample, list_samples
+from lesion_app.gallery import Sample, list_samples
+from tests.helpers_model import count_predictions
 
 REPO = Path(__file__).resolve().parent.parent
 CAR = REPO / "assets" / "samples" / "ood" / "car_image1.jpg"
@@ -30,9 +31,7 @@ def run_copy(trained_run: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture
 def counter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "predict-calls.txt"
-    monkeypatch.setenv("LESION_PREDICT_COUNTER", str(path))
-    return path
+    return count_predictions(monkeypatch, tmp_path / "predict-calls.txt")
 
 
 def open_ood_page(runs_dir: Path, monkeypatch: pytest.MonkeyPatch) -> AppTest:
@@ -143,7 +142,7 @@ def test_a_gallery_with_no_readable_image_says_so(
         path = tmp_path / sample.path.name
         path.write_bytes(b"not an image at all")
         broken.append(Sample(sample.name, path, sample.kind, sample.caption, sample.label))
-    monkeypatch.setattr(lesion_app.support, "list_samples", lambda: broken)
+    monkeypatch.setattr(lesion_app.gallery, "list_samples", lambda: broken)
     at = open_ood_page(run_copy.parent, monkeypatch)
     assert not at.exception
     assert any("None of the gallery images could be read" in w.value for w in at.warning)

@@ -10,7 +10,8 @@ from streamlit.testing.v1 import AppTest
 from lesion.card import INTENDED_USE
 from lesion.config import build_config, recipe_measurement
 from lesion.ood import DETECTORS
-from lesion_app.support import DISCLAIMER, NO_MODEL_HELP, format_duration, measured_duration
+from lesion_app.runs_view import NO_MODEL_HELP, measured_duration
+from lesion_app.wording import DISCLAIMER, format_duration
 
 REPO = Path(__file__).resolve().parent.parent
 PAGES = ["app_pages/predict.py", "app_pages/ood.py", "app_pages/train.py", "app_pages/model.py"]

@@ -11,7 +11,8 @@ from streamlit.testing.v1 import AppTest
 
 from lesion.labels import DX_NAMES
 from lesion.predict import Predictor
-from lesion_app.support import VERDICT_TEXT
+from lesion_app.wording import VERDICT_TEXT
+from tests.helpers_model import count_predictions
 
 REPO = Path(__file__).resolve().parent.parent
 LESION = REPO / "assets" / "samples" / "lesions" / "ISIC_0000169.jpg"
@@ -21,9 +22,7 @@ CAR = REPO / "assets" / "samples" / "ood" / "car_image1.jpg"
 @pytest.fixture
 def counter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A file that gets one line per network call the app makes."""
-    path = tmp_path / "predict-calls.txt"
-    monkeypatch.setenv("LESION_PREDICT_COUNTER", str(path))
-    return path
+    return count_predictions(monkeypatch, tmp_path / "predict-calls.txt")
 
 
 def calls(counter: Path) -> int:

@@ -1,4 +1,4 @@
-"""lesion_app.support: the pure helpers behind the pages."""
+"""lesion_app: the pure helpers behind the pages (gallery, predict view, OOD view, runs view, wording)."""
 
 from __future__ import annotations
 
@@ -11,17 +11,12 @@ import pytest
 from PIL import Image
 
 from lesion.errors import InvalidImage
-from lesion_app.support import (
-    CACHE_ENTRIES,
-    cached_display,
-    display_box,
-    display_image,
-    format_duration,
-    list_samples,
-    metrics_rows,
-    slider_range,
-    training_folds,
-)
+from lesion_app.gallery import list_samples, training_folds
+from lesion_app.ood_view import assess, slider_range
+from lesion_app.predict_view import UPLOAD_TYPES, cached_display, display_box, display_image
+from lesion_app.runs_view import metrics_rows
+from lesion_app.session_cache import CACHE_ENTRIES
+from lesion_app.wording import format_duration
 
 
 def test_samples_cover_every_bundled_image_with_a_caption() -> None:
@@ -80,3 +75,21 @@ def test_format_duration_and_metric_rows() -> None:
         {"metric": "roc_auc", "validation": 0.8, "test": 0.7},
         {"metric": "n", "validation": None, "test": 20.0},
     ]
+
+
+def test_uploaders_accept_exactly_the_image_types_the_library_reads() -> None:
+    from lesion.images import IMAGE_EXTENSIONS
+
+    assert [f".{kind}" for kind in UPLOAD_TYPES] == list(IMAGE_EXTENSIONS)
+
+
+def test_one_assessment_per_threshold_counts_by_the_predictors_rule() -> None:
+    import numpy as np
+
+    values = np.array([0.1, 0.4, float("nan"), 0.2, 0.9])
+    is_ood = np.array([False, False, False, True, True])
+    result = assess(values, is_ood, 0.3, msp=np.array([0.1, 0.1, 0.1, 0.1, 0.3]))
+    assert result.accepted.tolist() == [True, False, False, True, False]  # NaN: rejected, as the predictor does
+    assert (result.evaluation["lesions_accepted"], result.evaluation["ood_accepted"]) == (1, 1)
+    assert result.operating == {"lesions rejected": 2 / 3, "OOD photos rejected": 0.5}
+    assert result.notebook["ood_accepted"] == 1 and result.roc  # max softmax below 0.8 (score above 0.2) rejected

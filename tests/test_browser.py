@@ -21,7 +21,7 @@ import pytest
 from bench.load import CHROMIUM_ARGS, free_port  # the same browser flags and port helper as the load test
 from lesion.predict import Predictor
 from lesion.runs import BUNDLED_MODEL
-from lesion_app.support import VERDICT_TEXT
+from lesion_app.wording import VERDICT_TEXT
 from tests.test_bundled import shipped
 
 pytestmark = pytest.mark.browser

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from lesion.predict import main as predict_main
 from tests.conftest import SAMPLE_LESIONS
 from train.cli import main as train_main
 from train.evaluate import main as evaluate_main
+from train.predict import main as predict_main
 
 
 def usage_code(main, argv: list[str]) -> int:

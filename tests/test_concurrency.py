@@ -3,7 +3,7 @@
 8 threads x 50 predictions (heatmaps on, mixed images and CAM methods) must equal the serial
 results; afterwards no module of the model holds a hook and no weight holds a gradient (the known
 failure of CAM libraries that hook the network per call). Resident memory over many predictions
-with heatmaps is measured in a fresh process by bench/memory.py (``python bench/memory.py`` runs
+with heatmaps is measured in a fresh process by bench/memory.py (``python -m bench.memory`` runs
 the full 500).
 """
 
@@ -133,7 +133,15 @@ def test_resident_memory_stays_flat_over_many_predictions_with_heatmaps(trained_
     # A fresh process, so the figure is not muddied by the rest of the test session. 100 predictions
     # (the bench runs 500): a third are 800-pixel photos with 2 MB heatmaps, so keeping heatmaps alive would
     # exceed the limit; hooks kept alive are caught by the leftovers check.
-    command = [sys.executable, "bench/memory.py", f"--checkpoint={trained_model}", "--n=100", "--warmup=15", "--json"]
+    command = [
+        sys.executable,
+        "-m",
+        "bench.memory",
+        f"--checkpoint={trained_model}",
+        "--n=100",
+        "--warmup=15",
+        "--json",
+    ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert result.returncode in (0, 1), result.stderr
     figures = json.loads(result.stdout.strip().splitlines()[-1])

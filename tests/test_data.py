@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import lesion.data as data
+import lesion.data.cache as data_cache
 from lesion.data import (
     ImageCache,
     LesionDataset,
@@ -350,13 +351,13 @@ def test_cache_hit_does_not_decode_and_change_does(tmp_path: Path, monkeypatch: 
     image = _place(tmp_path / "src", "a", SAMPLE_FILES[0])
     cache = ImageCache(tmp_path / "cache", 64)
     calls: list[str] = []
-    real = data.load_image
+    real = data_cache.load_image
 
     def counting(path, short_side=None):
         calls.append(str(path))
         return real(path, short_side)
 
-    monkeypatch.setattr(data, "load_image", counting)
+    monkeypatch.setattr(data_cache, "load_image", counting)
     cache.get(image)
     cache.get(image)
     ImageCache(tmp_path / "cache", 64).get(image)  # a later run shares the entries

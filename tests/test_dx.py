@@ -18,11 +18,12 @@ from lesion.images import load_image
 from lesion.labels import DX_CODES, DX_TO_LABEL
 from lesion.metrics import dx_metrics, roc_auc_interval
 from lesion.model import forward_parts
-from lesion.predict import Predictor, _row
+from lesion.predict import Predictor
 from lesion.targets import IGNORE_INDEX, choose_target
 from lesion.transforms import eval_transform
 from tests.conftest import SAMPLE_LESIONS, SAMPLE_OOD, run_cli
 from tests.helpers_model import lesion_paths, tiny_checkpoint_dict
+from train.predict import result_row
 
 CAR = SAMPLE_OOD / "car_image1.jpg"
 
@@ -140,7 +141,8 @@ def test_heatmap_target_switches_what_the_map_explains(dx_predictor: Predictor) 
     assert not np.allclose(other.heatmap, default.heatmap, atol=0.05)
 
     # A diagnosis target is Grad-CAM of that dx's logit: the same map pytorch-grad-cam draws.
-    batch = dx_predictor.transform(load_image(path, dx_predictor.resize_size))[None]
+    transform = eval_transform(dx_predictor.image_size, dx_predictor.mean, dx_predictor.std)
+    batch = transform(load_image(path, dx_predictor.resize_size))[None]
     with torch.no_grad():
         activations = forward_parts(dx_predictor.model, batch)[0]
     maps = {}
@@ -185,7 +187,7 @@ def test_predict_csv_has_dx_columns_and_rejected_rows_have_none(
     # A rejected photo, whatever this tiny model's detector says about the car: no diagnosis.
     rejected = dx_predictor.predict(CAR, with_heatmap=False, ood_threshold=-1e9)
     assert rejected.verdict == "unknown" and rejected.dx_top == "" and rejected.dx_probabilities
-    row = _row(CAR, rejected, list(dx_predictor.detectors))
+    row = result_row(CAR, rejected, list(dx_predictor.detectors))
     assert not any(key == "dx_top" or key.startswith("p_") and key != "p_malignant" for key in row)
 
 

@@ -28,7 +28,7 @@ def test_json_metrics_on_the_bundled_samples_equal_the_predictors(trained_model:
     frame, _ = read_metadata(SAMPLE_LESIONS, labels)
     expected = binary_metrics(
         frame["label"].to_numpy(),
-        np.asarray(predictor.probabilities(frame["path"].tolist())),
+        np.asarray(predictor.p_malignant(frame["path"].tolist())),
         predictor.decision_threshold,
         frame["dx"].tolist(),
     )

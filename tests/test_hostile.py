@@ -2,7 +2,7 @@
 
 The corpus (tests/hostile_corpus.py, >= 25 files built here in a temporary folder) goes through
 ``Predictor.predict`` and through the Predict page (AppTest, uploading the bytes), each case under
-its own time bound. ``python bench/hostile.py`` prints the same cases as a table with timings.
+its own time bound. ``python -m bench.experiments.hostile`` prints the same cases as a table with timings.
 """
 
 from __future__ import annotations
@@ -178,7 +178,6 @@ def predict_page(trained_model: Path, tmp_path_factory: pytest.TempPathFactory) 
     patch = pytest.MonkeyPatch()
     patch.setenv("LESION_CHECKPOINT", str(trained_model))
     patch.setenv("LESION_RUNS_DIR", str(tmp_path_factory.mktemp("no-runs")))
-    patch.delenv("LESION_PREDICT_COUNTER", raising=False)
     at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=CASE_LIMIT_S).run()
     assert not at.exception
     yield at

@@ -13,6 +13,8 @@ from sklearn.covariance import LedoitWolf
 
 from lesion import ood
 from lesion.model import LAYER_NAMES, LayerStatistics, build_model, forward_parts, pooled_statistics
+from lesion.ood import features as ood_features
+from lesion.ood import layers as ood_layers
 from tests.tolerances import assert_within, knn_layers_slack, layer_mahalanobis_slack
 
 # Two classes of four 2-D points each: class means (1, 1) and (11, 11), and the within-class
@@ -78,7 +80,7 @@ def test_mahalanobis_default_shrinkage_is_ledoit_wolf():
 
 def test_knn_by_hand():
     bank_points = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0], [1.0, 1.0]])
-    stats = ood._fit_knn(bank_points, torch.zeros(4), torch.zeros(4, 2), 2)
+    stats = ood_features.fit_knn(bank_points, 2)
     assert stats["bank"].dtype == torch.float16
     assert torch.allclose(stats["bank"].float().norm(dim=1), torch.ones(4), atol=1e-3)
     # Query along +x: cosine similarities 1, 0, -1, 0.7071 -> 2nd nearest 0.7071 -> distance 0.2929.
@@ -91,8 +93,8 @@ def test_knn_by_hand():
 
 def test_knn_bank_is_capped_reproducibly():
     features = torch.randn(ood.KNN_BANK_SIZE + 500, 8)
-    first = ood._fit_knn(features, torch.zeros(len(features)), torch.zeros(len(features), 2), 10)
-    second = ood._fit_knn(features, torch.zeros(len(features)), torch.zeros(len(features), 2), 10)
+    first = ood_features.fit_knn(features, 10)
+    second = ood_features.fit_knn(features, 10)
     assert first["bank"].shape == (ood.KNN_BANK_SIZE, 8)
     assert torch.equal(first["bank"], second["bank"])
 
@@ -158,14 +160,6 @@ def test_scores_that_are_not_numbers_count_as_rejected():
     assert ood.ranked([np.nan], [np.nan])[0][0] == ood.ranked([np.nan], [np.nan])[1][0]  # nothing finite at all
 
 
-def test_decision_table():
-    rows = ood.decision_table(["a.jpg", "car.jpg"], torch.tensor([0.1, 0.9]), 0.5, kinds=["lesion", "ood"])
-    assert rows == [
-        {"name": "a.jpg", "kind": "lesion", "score": pytest.approx(0.1), "accepted": True},
-        {"name": "car.jpg", "kind": "ood", "score": pytest.approx(0.9), "accepted": False},
-    ]
-
-
 # --- the detectors added for issue 9: every stage of the same pass -----------------------------------
 
 
@@ -204,7 +198,7 @@ def test_threshold_keeps_the_target_share_of_new_lesions():
     rates, covered = [], 0
     for _ in range(60):
         validation = rng.normal(size=60)
-        threshold = ood.keep_threshold(torch.from_numpy(validation), 0.95)
+        threshold = ood.harrell_davis_quantile(validation, 0.95)
         rate = float(np.mean(fresh > threshold))
         spread = ood.rejection_spread(validation, 0.95, rounds=200, seed=1)
         covered += spread["low"] <= rate <= spread["high"]
@@ -238,7 +232,9 @@ def test_vim_residual_and_logits_by_hand():
     with torch.no_grad():
         head.bias.zero_()
     logits = head(train).detach()
-    stats = ood._fit_vim(ood.Observed(train, logits, head=head), torch.zeros(50), ood.Observed(train, logits), 1)
+    stats = ood_features.fit_vim(
+        ood.Observed(train, logits, head=head), torch.zeros(50), ood.Observed(train, logits), 1
+    )
     assert stats["basis"].shape == (8, 4)  # min(VIM_RANK, D / 2)
     query = torch.zeros(2, 8)
     query[0, 0], query[1, 7] = 3.0, 3.0  # inside the subspace, then 3 units outside it
@@ -380,8 +376,8 @@ def test_packed_layer_distances_equal_the_stage_by_stage_ones_and_follow_changed
     for power_stats in (stats, {k: v for k, v in stats.items() if k != "power"}):  # root space, and power 1
         for rows in (slice(None), slice(3, 4)):  # a batch, and one image as the app scores it
             seen = ood.Observed(features[rows], logits[rows], {n: v[rows] for n, v in layers.items()})
-            packed = ood._layer_mahalanobis(power_stats, seen)
-            reference = ood._layer_mahalanobis_by_stage(power_stats, seen)
+            packed = ood_layers._layer_mahalanobis(power_stats, seen)
+            reference = ood_layers._layer_mahalanobis_by_stage(power_stats, seen)
             assert packed.shape == reference.shape == (len(features[rows]), 4)
             # The two sum in other orders, over terms of both signs: equal within float32 rounding,
             # bounded from the terms themselves (tests/tolerances.py); a misplaced block moves z by ~1.
@@ -389,9 +385,9 @@ def test_packed_layer_distances_equal_the_stage_by_stage_ones_and_follow_changed
     assert set(stats) == keys  # scoring adds nothing that a checkpoint would then carry
     # A re-standardised stage (same dict, same tensors) is seen at once, not served from the cache.
     seen = ood.Observed(features, logits, layers)
-    before = ood._layer_mahalanobis(stats, seen)
+    before = ood_layers._layer_mahalanobis(stats, seen)
     stats["layer2.loc"] += 1.0
-    after = ood._layer_mahalanobis(stats, seen)
+    after = ood_layers._layer_mahalanobis(stats, seen)
     assert torch.allclose(after[:, 1], before[:, 1] - 1.0 / stats["layer2.scale"], atol=1e-5)
     assert torch.equal(after[:, [0, 2, 3]], before[:, [0, 2, 3]])
 
@@ -406,7 +402,7 @@ def _stages_of_mixed_ranks() -> tuple[dict, ood.Observed]:
     for (name, x), rank in zip(train.items(), ranks, strict=True):
         for key, value in ood.fit_gaussian(x.sqrt(), rank).items():
             stats[f"{name}.{key}"] = value
-        ood._set_standardisation(stats, name, ood.gaussian_distance(stats, x[:20].sqrt(), f"{name}."))
+        ood_layers._set_standardisation(stats, name, ood.gaussian_distance(stats, x[:20].sqrt(), f"{name}."))
     assert stats["layer2.residual_precision"] == stats["layer3.residual_precision"] == 0.0
     return stats, ood.Observed(torch.zeros(7, 1), torch.zeros(7, 2), test)
 
@@ -415,23 +411,25 @@ def test_packed_distances_hold_for_mixed_ranks_and_follow_replaced_or_edited_ten
     stats, seen = _stages_of_mixed_ranks()
 
     def agrees() -> bool:
-        difference = (ood._layer_mahalanobis(stats, seen) - ood._layer_mahalanobis_by_stage(stats, seen)).abs()
+        difference = (
+            ood_layers._layer_mahalanobis(stats, seen) - ood_layers._layer_mahalanobis_by_stage(stats, seen)
+        ).abs()
         return bool((difference <= layer_mahalanobis_slack(stats, seen)).all())  # float32 rounding, bounded
 
     assert agrees()
-    before = ood._layer_mahalanobis(stats, seen)
+    before = ood_layers._layer_mahalanobis(stats, seen)
     stats["layer3.mean"] = stats["layer3.mean"] + 0.25  # a new tensor in the same dict
-    assert agrees() and not torch.allclose(ood._layer_mahalanobis(stats, seen)[:, 2], before[:, 2])
+    assert agrees() and not torch.allclose(ood_layers._layer_mahalanobis(stats, seen)[:, 2], before[:, 2])
     stats["layer4.weights"].mul_(0.5)  # the same tensor, edited in place
     assert agrees()
     # Statistics of stages as wide as these in total, but cut differently, are refused, not misread.
     shifted = dict(seen.layers, layer1=seen.layers["layer1"][:, :10])
     shifted["layer2"] = torch.cat([seen.layers["layer2"], seen.layers["layer2"][:, :2]], dim=1)
     with pytest.raises(ValueError, match="widths"):
-        ood._layer_mahalanobis(stats, ood.Observed(seen.features, seen.logits, shifted))
+        ood_layers._layer_mahalanobis(stats, ood.Observed(seen.features, seen.logits, shifted))
     for key, bad in (("layer1.basis", stats["layer1.basis"][:1]), ("layer2.weights", torch.tensor(1.0))):
         with pytest.raises(ValueError, match="do not fit together"):
-            ood._layer_mahalanobis({**stats, key: bad}, seen)
+            ood_layers._layer_mahalanobis({**stats, key: bad}, seen)
 
 
 def test_packed_knn_layers_equal_the_stage_by_stage_ones():
@@ -439,33 +437,38 @@ def test_packed_knn_layers_equal_the_stage_by_stage_ones():
     stats = _fit_first_28(features, logits, layers, names=["knn_layers"], k=3)["knn_layers"]
     seen = ood.Observed(features, logits, layers)
     # Equal within the float32 rounding of two summation orders, bounded from the terms (tests/tolerances.py).
-    assert_within(ood._knn_layers(stats, seen), ood._knn_layers_by_stage(stats, seen), knn_layers_slack(stats, seen))
+    assert_within(
+        ood_layers._knn_layers(stats, seen), ood_layers._knn_layers_by_stage(stats, seen), knn_layers_slack(stats, seen)
+    )
     # Stages of different widths whitened to different ranks (12, 20, 8, 24): padded with zeros when packed.
     generator = torch.Generator().manual_seed(1)
     widths = (12, 20, 8, 30)
     train = {f"layer{i + 1}": torch.rand(60, w, generator=generator) for i, w in enumerate(widths)}
     val = {n: torch.rand(15, v.shape[1], generator=generator) for n, v in train.items()}
     test = {n: torch.rand(9, v.shape[1], generator=generator) * 1.3 for n, v in train.items()}
-    mixed = ood._fit_knn_layers(
+    mixed = ood_layers.fit_knn_layers(
         ood.Observed(torch.zeros(60, 1), torch.zeros(60, 2), train), None, ood.Observed(None, None, val), 5
     )
     assert [mixed[f"{n}.basis"].shape[1] for n in train] == [12, 20, 8, 24]
     seen = ood.Observed(None, None, test)
-    packed = ood._knn_layers(mixed, seen)
+    packed = ood_layers._knn_layers(mixed, seen)
     assert packed.shape == (9, 4)
-    assert_within(packed, ood._knn_layers_by_stage(mixed, seen), knn_layers_slack(mixed, seen), "mixed ranks")
+    assert_within(packed, ood_layers._knn_layers_by_stage(mixed, seen), knn_layers_slack(mixed, seen), "mixed ranks")
     # Banks of different sizes (not what fitting makes) are scored stage by stage: the very same operations.
     uneven = {**mixed, "layer2.bank": mixed["layer2.bank"][:40]}
-    assert torch.equal(ood._knn_layers(uneven, seen), ood._knn_layers_by_stage(uneven, seen))
+    assert torch.equal(ood_layers._knn_layers(uneven, seen), ood_layers._knn_layers_by_stage(uneven, seen))
     # k beyond the bank, then k and one stage's location changed in the same dict: the cache follows.
     for key, value in (("k", 1000), ("k", 2), ("layer3.loc", mixed["layer3.loc"] + 0.5)):
         mixed[key] = value
         assert_within(
-            ood._knn_layers(mixed, seen), ood._knn_layers_by_stage(mixed, seen), knn_layers_slack(mixed, seen), key
+            ood_layers._knn_layers(mixed, seen),
+            ood_layers._knn_layers_by_stage(mixed, seen),
+            knn_layers_slack(mixed, seen),
+            key,
         )
     shifted = dict(test, layer1=test["layer1"][:, :10], layer2=torch.cat([test["layer2"], test["layer1"][:, :2]], 1))
     with pytest.raises(ValueError, match="widths"):
-        ood._knn_layers(mixed, ood.Observed(None, None, shifted))
+        ood_layers._knn_layers(mixed, ood.Observed(None, None, shifted))
 
 
 def test_score_all_shares_the_stage_distances_of_detectors_fitted_alike():
@@ -479,21 +482,23 @@ def test_score_all_shares_the_stage_distances_of_detectors_fitted_alike():
     mean_stats, max_stats = fit["mahalanobis_layers"], fit["mahalanobis_layers_max"]
     assert mean_stats["layer1.basis"] is max_stats["layer1.basis"]
     seen = ood.Observed(features, logits, layers)
-    assert ood._layer_mahalanobis(mean_stats, seen) is ood._layer_mahalanobis(max_stats, seen)
+    assert ood_layers._layer_mahalanobis(mean_stats, seen) is ood_layers._layer_mahalanobis(max_stats, seen)
     older = {k: v for k, v in max_stats.items() if k != "power"}  # another power: computed afresh
-    assert not torch.allclose(ood._layer_mahalanobis(older, seen), ood._layer_mahalanobis(mean_stats, seen))
+    assert not torch.allclose(
+        ood_layers._layer_mahalanobis(older, seen), ood_layers._layer_mahalanobis(mean_stats, seen)
+    )
     with pytest.raises(ValueError, match="unknown OOD method"):
         ood.score_all({"nope": {}}, features, logits)
     # A pass reused with other statistics for a stage is computed afresh, not read from the memo.
-    first = ood._layer_mahalanobis(mean_stats, seen).clone()
+    first = ood_layers._layer_mahalanobis(mean_stats, seen).clone()
     seen.layers = dict(layers, layer2=layers["layer2"] * 2)
-    again = ood._layer_mahalanobis(mean_stats, seen)
+    again = ood_layers._layer_mahalanobis(mean_stats, seen)
     # Packed and stage by stage sum in other orders: q is a difference of terms up to ~400 times its size
     # (negative direction weights), so a 1e-4 tolerance held on one CPU and not on another (issue 23).
     # The bound comes from those terms (tests/tolerances.py); a stale or misread stage moves z by ~1.
     slack = layer_mahalanobis_slack(mean_stats, seen)
     assert bool(((again[:, 1] - first[:, 1]).abs() > slack[:, 1]).all())  # every image's layer2 moved
-    assert_within(again, ood._layer_mahalanobis_by_stage(mean_stats, seen), slack, "after layer2 changed")
+    assert_within(again, ood_layers._layer_mahalanobis_by_stage(mean_stats, seen), slack, "after layer2 changed")
 
 
 def test_packed_detectors_work_on_inference_tensors_and_refuse_values_that_are_not_finite():
@@ -536,13 +541,13 @@ def test_layer_gaussians_are_fitted_to_square_roots_and_older_statistics_keep_sc
     direct = ood.gaussian_distance(stats, rooted, "layer1.")
     standardised = (direct - stats["layer1.loc"]) / stats["layer1.scale"]
     seen = ood.Observed(features, logits, layers)
-    per_stage = ood._layer_mahalanobis(stats, seen)
+    per_stage = ood_layers._layer_mahalanobis(stats, seen)
     # The packed pass sums in another order: equal within float32 rounding (tests/tolerances.py).
     assert_within(per_stage[:, 0], standardised, layer_mahalanobis_slack(stats, seen)[:, 0], "root space")
     # Statistics written before the power existed (no "power" key) are read as power 1: the raw values.
     older = {k: v for k, v in stats.items() if k != "power"}
     raw = ood.gaussian_distance(older, layers["layer1"], "layer1.")
-    per_stage_old = ood._layer_mahalanobis(older, seen)
+    per_stage_old = ood_layers._layer_mahalanobis(older, seen)
     expected = (raw - stats["layer1.loc"]) / stats["layer1.scale"]
     assert_within(per_stage_old[:, 0], expected, layer_mahalanobis_slack(older, seen)[:, 0], "power 1")
     for bad in (0.0, -1.0, 2.0, float("nan")):

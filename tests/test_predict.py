@@ -22,10 +22,10 @@ from lesion.errors import InvalidCheckpoint, InvalidImage
 from lesion.images import load_image
 from lesion.model import LAYER_NAMES, build_model
 from lesion.predict import Prediction, Predictor
-from lesion.predict import main as predict_main
 from lesion.transforms import eval_transform
 from tests.helpers_model import REPO, lesion_paths, ood_paths, tiny_checkpoint_dict, write_tiny_checkpoint
 from tests.tolerances import assert_within, ood_slack, p_malignant_slack, probability_slack
+from train.predict import main as predict_main
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_probabilities_equal_the_evaluation_path(predictor: Predictor, checkpoin
     # orders, so equal within float32 rounding of the pass (tests/tolerances.py: 2.5e-5 here, while
     # a resize one pixel off, another normalisation, class or temperature moves some p by 5e-3 or more).
     slack = probability_slack(model, logits, checkpoint["temperature"])
-    assert_within(predictor.probabilities(paths, batch_size=4), expected, slack, "batches of 4")
+    assert_within(predictor.p_malignant(paths, batch_size=4), expected, slack, "batches of 4")
     single = [predictor.predict(p, with_heatmap=False).p_malignant for p in paths]
     assert_within(single, expected, slack, "one at a time")
 
@@ -80,7 +80,7 @@ def test_probabilities_raise_on_a_bad_image(predictor: Predictor, tmp_path: Path
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not a jpeg")
     with pytest.raises(InvalidImage, match="bad.jpg"):
-        predictor.probabilities([lesion_paths()[0], bad])
+        predictor.p_malignant([lesion_paths()[0], bad])
 
 
 def test_prediction_fields_and_heatmap_size(predictor: Predictor, wide_jpeg: Path):

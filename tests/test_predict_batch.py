@@ -95,8 +95,8 @@ def test_device_decoder_path_gives_the_same_answers(predictor: Predictor) -> Non
     sources = [*lesion_paths()[:6], wide, ood_paths()[0]]
     jpegs = [jpeg_for_device(source) for source in sources]
     assert all(jpegs)
-    on_device = predictor._prepare_on_device(jpegs)
-    via_pillow = [predictor._prepare(source) for source in sources]
+    on_device = predictor.preprocessor.prepare_on_device(jpegs)
+    via_pillow = [predictor.preprocessor.prepare(source) for source in sources]
     for fast, slow in zip(on_device, via_pillow, strict=True):
         assert fast.crop_box == pytest.approx(slow.crop_box) and fast.original_size == slow.original_size
         assert (fast.pixels.float() - slow.pixels.float()).abs().mean() < 0.7

@@ -16,6 +16,7 @@ from lesion.images import load_image
 from lesion.model import build_model, forward_parts
 from lesion.predict import Predictor
 from lesion.regularize import FLIP_DIMS, BatchMix, ModelEma, SoftTargetCrossEntropy, flip_logits
+from lesion.transforms import eval_transform
 from tests.helpers_model import lesion_paths, tiny_checkpoint_dict
 from tests.tolerances import assert_within, logits_slack, probability_slack, relative_sum_slack
 
@@ -161,7 +162,7 @@ def test_predictor_with_tta_averages_flips_but_keeps_heatmap_and_ood_on_the_plai
     flipped = Predictor({**checkpoint, "tta": True})
     path = lesion_paths()[0]
     a, b = plain.predict(path), flipped.predict(path)
-    batch = flipped.transform(load_image(path, plain.resize_size))
+    batch = eval_transform(flipped.image_size, flipped.mean, flipped.std)(load_image(path, plain.resize_size))
     with torch.no_grad():
         logits = torch.stack([flipped.model(torch.flip(batch[None], dims))[0] for dims in FLIP_DIMS]).mean(0)
     expected = torch.softmax(logits / flipped.temperature, 0)[flipped.malignant_index].item()

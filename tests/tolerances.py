@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from lesion import ood
+from lesion.ood import layers as ood_layers
+from lesion.ood import packing as ood_packing
 
 U32 = 2.0**-24  # float32 unit roundoff
 LAMBDA = 8.0  # standard deviations of the random-walk model (see above)
@@ -60,11 +62,11 @@ def layer_mahalanobis_slack(stats: dict, seen: ood.Observed) -> torch.Tensor:
     Computed in float64 from the very float16 and float32 statistics the scorer reads.
     """
     names = list(stats["layers"])
-    width = sum(ood._stage_width(stats[f"{n}.mean"]) for n in names)
+    width = sum(ood_packing._stage_width(stats[f"{n}.mean"]) for n in names)
     rank = sum(stats[f"{n}.basis"].shape[1] for n in names)
     columns = []
     for name in names:
-        centred = ood._stage(stats, seen, name).double() - stats[f"{name}.mean"].double().reshape(1, -1)
+        centred = ood_layers._stage(stats, seen, name).double() - stats[f"{name}.mean"].double().reshape(1, -1)
         basis = stats[f"{name}.basis"].double()
         weights = stats[f"{name}.weights"].double()
         residual = float(stats[f"{name}.residual_precision"])
@@ -96,10 +98,10 @@ def knn_layers_slack(stats: dict, seen: ood.Observed) -> torch.Tensor:
     4 U32 (2 + |loc|) / scale for the standardisation's roundings.
     """
     names = list(stats["layers"])
-    width = sum(ood._stage_width(stats[f"{n}.mean"]) for n in names)
+    width = sum(ood_packing._stage_width(stats[f"{n}.mean"]) for n in names)
     columns = []
     for name in names:
-        centred = ood._layer(seen, name).double() - stats[f"{name}.mean"].double().reshape(1, -1)
+        centred = ood_layers._layer(seen, name).double() - stats[f"{name}.mean"].double().reshape(1, -1)
         basis = stats[f"{name}.basis"].double()
         scale_inv = stats[f"{name}.scale_inv"].double()
         bank = stats[f"{name}.bank"].double()

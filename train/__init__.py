@@ -1,1 +1,1 @@
-"""Command-line entry points: ``python -m train`` (fine-tune) and ``python -m train.evaluate``."""
+"""Command-line entry points: ``python -m train`` (fine-tune), ``python -m train.evaluate`` and ``python -m train.predict`` (also run as ``python -m lesion.predict``)."""

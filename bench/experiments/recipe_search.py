@@ -9,12 +9,12 @@ split) plus one variant combining every single change that beat the base, and th
 best mean validation ROC-AUC over its seeds (variants with several seeds rank first). Test figures are printed for the record, never used to choose.
 
     # on one H100 with 16 cores, about 5 minutes (17 runs, measured 299 s):
-    python bench/recipe_search.py --parallel 8 --num-workers 1 --threads 2 --budget-s 300 --device cuda
+    python -m bench.experiments.recipe_search --parallel 8 --num-workers 1 --threads 2 --budget-s 300 --device cuda
     # confirm the leaders on more seeds (2 minutes):
-    python bench/recipe_search.py --variants base,mixup,tta --seeds 0,1,2,3 --top 0 --parallel 12 \
+    python -m bench.experiments.recipe_search --variants base,mixup,tta --seeds 0,1,2,3 --top 0 --parallel 12 \
         --num-workers 1 --threads 1 --budget-s 240 --device cuda
     # a smoke test on a CPU (two variants, 1 epoch, 64 px):
-    python bench/recipe_search.py --tiny --variants demo,base --parallel 2 --num-workers 0
+    python -m bench.experiments.recipe_search --tiny --variants demo,base --parallel 2 --num-workers 0
 
 Prints a table (val ROC-AUC, test ROC-AUC with its 95 % interval, test sensitivity and specificity at
 the threshold chosen on validation, wall time) and the winner's overrides; writes results.json.
@@ -35,8 +35,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from bench.common import REPO
+from lesion.files import METRICS_FILE
 
 # Stage-1 variants: name -> overrides on the base recipe, in priority order (the budget may cut the tail).
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -110,7 +110,7 @@ def read_result(run: Run) -> None:
     """Fill the run's figures from its metrics.json."""
     from lesion.metrics import hanley_mcneil_interval
 
-    report = json.loads((Path(run.folder) / "metrics.json").read_text())
+    report = json.loads((Path(run.folder) / METRICS_FILE).read_text())
     val, test = report["val"], report["test"]
     run.val_auc, run.test_auc = val["roc_auc"], test["roc_auc"]
     if run.test_auc is not None:

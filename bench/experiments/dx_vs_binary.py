@@ -8,8 +8,8 @@ interval (bootstrap over lesions), balanced accuracy at the validation-chosen th
 balanced accuracy and per-dx recall (dx head); then, per seed, the paired difference in ROC-AUC
 (dx - binary) with its 95 % interval. Keep dx as the default only if it is not worse.
 
-    python bench/dx_vs_binary.py --seeds 0 1 2 --device=cuda            # the demo recipe
-    python bench/dx_vs_binary.py --seeds 0 --epochs=1 --image_size=64   # any --key=value overrides the recipe
+    python -m bench.experiments.dx_vs_binary --seeds 0 1 2 --device=cuda            # the demo recipe
+    python -m bench.experiments.dx_vs_binary --seeds 0 --epochs=1 --image_size=64   # any --key=value overrides the recipe
 """
 
 from __future__ import annotations
@@ -24,17 +24,16 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lesion.config import build_config  # noqa: E402
-from lesion.data import read_split  # noqa: E402
-from lesion.metrics import (  # noqa: E402
+from lesion.config import build_config
+from lesion.data import read_split
+from lesion.files import CONFIG_FILE, METRICS_FILE, MODEL_FILE, SPLIT_FILE
+from lesion.metrics import (
     mean_roc_auc_difference_interval,
     roc_auc_difference_interval,
     roc_auc_interval,
 )
-from lesion.predict import Predictor  # noqa: E402
-from lesion.training import locate_data, run_training  # noqa: E402
+from lesion.predict import Predictor
+from lesion.training import locate_data, run_training
 
 TARGETS = ("dx", "binary")
 
@@ -50,15 +49,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def test_scores(run_dir: Path, device: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Labels, P(malignant) and lesion ids of the run's test split, scored by its model.pt."""
-    split = read_split(run_dir / "split.csv")
+    split = read_split(run_dir / SPLIT_FILE)
     test = split[split["fold"] == "test"].reset_index(drop=True)
-    config = json.loads((run_dir / "config.json").read_text())
+    config = json.loads((run_dir / CONFIG_FILE).read_text())
     from lesion.data import read_metadata
 
     frame, _ = read_metadata(locate_data(config["data"]), config["metadata"] or None, config["skip_bad_images"])
     paths = test.merge(frame[["image_id", "path"]], on="image_id", how="left")["path"].tolist()
-    predictor = Predictor.from_checkpoint(run_dir / "model.pt", device=device)
-    p = predictor.probabilities(paths, batch_size=64)
+    predictor = Predictor.from_checkpoint(run_dir / MODEL_FILE, device=device)
+    p = predictor.p_malignant(paths, batch_size=64)
     return test["label"].to_numpy(), p, test["lesion_id"].to_numpy()
 
 
@@ -67,13 +66,13 @@ def one_run(root: Path, seed: int, target: str, recipe: str, overrides: list[str
     run_dir = root / f"seed{seed}-{target}"
     config = build_config(recipe, [*overrides, f"--seed={seed}", f"--target={target}", f"--out={run_dir}"])
     started = time.perf_counter()
-    if (run_dir / "model.pt").exists():  # a finished run of an earlier call: measure it again, don't retrain
+    if (run_dir / MODEL_FILE).exists():  # a finished run of an earlier call: measure it again, don't retrain
         print(f"reusing {run_dir} (it has its model.pt)")
         seconds = float("nan")
     else:
         run_training(config)
         seconds = time.perf_counter() - started
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = json.loads((run_dir / METRICS_FILE).read_text())
     device = "cuda" if config.device in ("auto", "cuda") and _cuda() else "cpu"
     y, p, lesions = test_scores(run_dir, device)
     test = metrics["test"]

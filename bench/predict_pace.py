@@ -1,6 +1,6 @@
 """Latency and throughput of the predictor against a bare forward pass, measured in one run.
 
-    python bench/predict.py [--arch resnet50] [--reps 20] [--device cpu] [--batch 16] [--chunks 4]
+    python -m bench.predict_pace [--arch resnet50] [--reps 20] [--device cpu] [--batch 16] [--chunks 4]
 
 Prints median latencies (after warmup) of
   1. a bare forward (batch 1, weights none, eval, no_grad) — the baseline;
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,16 +28,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from lesion import ood  # noqa: E402
-from lesion.checkpoint import new_checkpoint  # noqa: E402
-from lesion.config import TrainConfig  # noqa: E402
-from lesion.explain import reference_cam  # noqa: E402
-from lesion.images import load_image  # noqa: E402
-from lesion.model import LayerStatistics, build_model, feature_dim, forward_parts  # noqa: E402
-from lesion.predict import Predictor  # noqa: E402
+from bench.common import REPO, build_checkpoint
+from lesion.explain import reference_cam
+from lesion.images import load_image
+from lesion.predict import Predictor
+from lesion.transforms import eval_transform
 
 
 def median_seconds(runs: dict[str, Callable[[], object]], reps: int, warmup: int, device: torch.device) -> dict:
@@ -62,35 +56,6 @@ def median_seconds(runs: dict[str, Callable[[], object]], reps: int, warmup: int
         for name, run in runs.items():
             samples[name].append(timed(run))
     return {name: statistics.median(values) for name, values in samples.items()}
-
-
-def build_checkpoint(arch: str, image_size: int) -> dict:
-    """A complete in-memory checkpoint: random weights, detectors fitted on random features."""
-    torch.manual_seed(0)
-    model = build_model(arch, "linear").eval()
-    dim = feature_dim(model)
-    train_features = torch.randn(ood.KNN_BANK_SIZE + 100, dim).abs()
-    train_logits = torch.randn(len(train_features), 2)
-    labels = (torch.arange(len(train_features)) % 2).long()
-    # Layer statistics of the widths this network's stages give, so the multi-layer detectors (the
-    # default among them) are fitted and scored too; as many rows as the demo set's training fold.
-    with LayerStatistics(model) as tap, tap.capture() as shapes, torch.no_grad():
-        forward_parts(model, torch.zeros(1, 3, 64, 64))
-    rows = 650
-    train_layers = {name: torch.randn(rows, v.shape[1]).abs() for name, v in shapes.items()}
-    val_layers = {name: v[:200] for name, v in train_layers.items()}
-    detectors = ood.fit_detectors(
-        train_features,
-        labels,
-        train_logits,
-        train_features[:200],
-        train_logits[:200],
-        train_layers=train_layers,
-        val_layers=val_layers,
-        head=model.fc,
-    )
-    ood_state = {"method": TrainConfig().ood_method, "detectors": detectors, "keep": 0.95}
-    return new_checkpoint(model, arch, "linear", image_size, ood=ood_state)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -123,7 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     x1 = torch.randn(1, 3, args.image_size, args.image_size, device=device)
-    x_pre = predictor.transform(load_image(jpeg, predictor.resize_size))[None].to(device)
+    x_pre = eval_transform(predictor.image_size, predictor.mean, predictor.std)(
+        load_image(jpeg, predictor.resize_size)
+    )[None].to(device)
 
     def bare_forward() -> None:
         with torch.no_grad():

@@ -10,8 +10,8 @@ and the mean difference over the seeds with its interval (lesions resampled with
 
 Validation chose each run's best epoch (and so flatters both a little, alike); test is held out.
 
-    python bench/compare_recipes.py scratch demo --seeds 0 1 2 --out runs/compare   # the demo recipe's claim
-    python bench/compare_recipes.py demo demo --seeds 0 --b=--image-size=192         # a change against its recipe
+    python -m bench.experiments.compare_recipes scratch demo --seeds 0 1 2 --out runs/compare   # the demo recipe's claim
+    python -m bench.experiments.compare_recipes demo demo --seeds 0 --b=--image-size=192         # a change against its recipe
 
 A run folder that already holds model.pt is measured again, not retrained (so an interrupted
 comparison resumes, and runs trained elsewhere can be compared by placing them at
@@ -30,13 +30,12 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lesion.config import build_config  # noqa: E402
-from lesion.data import read_metadata, read_split  # noqa: E402
-from lesion.metrics import mean_roc_auc_difference_interval, roc_auc_difference_interval  # noqa: E402
-from lesion.predict import Predictor  # noqa: E402
-from lesion.training import locate_data, run_training  # noqa: E402
+from lesion.config import build_config
+from lesion.data import read_metadata, read_split
+from lesion.files import CONFIG_FILE, METRICS_FILE, MODEL_FILE, SPLIT_FILE
+from lesion.metrics import mean_roc_auc_difference_interval, roc_auc_difference_interval
+from lesion.predict import Predictor
+from lesion.training import locate_data, run_training
 
 SPLITS = ("val", "test")
 
@@ -56,13 +55,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def split_scores(run_dir: Path, fold: str, device: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Labels, P(malignant) and lesion ids of one fold of the run's saved split, scored by its model.pt."""
-    split = read_split(run_dir / "split.csv")
+    split = read_split(run_dir / SPLIT_FILE)
     rows = split[split["fold"] == fold].reset_index(drop=True)
-    config = json.loads((run_dir / "config.json").read_text())
+    config = json.loads((run_dir / CONFIG_FILE).read_text())
     frame, _ = read_metadata(locate_data(config["data"]), config["metadata"] or None, config["skip_bad_images"])
     paths = rows.merge(frame[["image_id", "path"]], on="image_id", how="left")["path"].tolist()
-    predictor = Predictor.from_checkpoint(run_dir / "model.pt", device=device)
-    return rows["label"].to_numpy(), predictor.probabilities(paths, batch_size=64), rows["lesion_id"].to_numpy()
+    predictor = Predictor.from_checkpoint(run_dir / MODEL_FILE, device=device)
+    return rows["label"].to_numpy(), predictor.p_malignant(paths, batch_size=64), rows["lesion_id"].to_numpy()
 
 
 def _auc(y: np.ndarray, p: np.ndarray) -> float:
@@ -75,17 +74,17 @@ def one_run(run_dir: Path, recipe: str, overrides: list[str], seed: int, device:
     """Train (unless run_dir has its model.pt) and score one run on both splits."""
     config = build_config(recipe, [*overrides, f"--seed={seed}", f"--out={run_dir}", f"--device={device}"])
     seconds = float("nan")
-    if (run_dir / "model.pt").exists():
+    if (run_dir / MODEL_FILE).exists():
         print(f"reusing {run_dir} (it has its model.pt)", file=sys.stderr)
     else:
         started = time.perf_counter()
         run_training(config)
         seconds = time.perf_counter() - started
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = json.loads((run_dir / METRICS_FILE).read_text())
     run: dict[str, Any] = {
         "run": str(run_dir),
         "seed": seed,
-        "arch": json.loads((run_dir / "config.json").read_text())["arch"],
+        "arch": json.loads((run_dir / CONFIG_FILE).read_text())["arch"],
         "seconds": seconds,
         "dx_balanced_accuracy": (metrics["test"].get("dx") or {}).get("balanced_accuracy"),
         "_scores": {},

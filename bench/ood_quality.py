@@ -1,7 +1,7 @@
 """How well each OOD detector separates non-lesion photos from unseen lesions, per architecture.
 
-    python bench/ood.py [--checkpoint runs/NAME/model.pt ...] [--device cpu]
-    python bench/ood.py --train runs/ood-bench --device cuda          # trains the three models first
+    python -m bench.ood_quality [--checkpoint runs/NAME/model.pt ...] [--device cpu]
+    python -m bench.ood_quality --train runs/ood-bench --device cuda          # trains the three models first
 
 With ``--train DIR`` the models are trained here with the real entry point (``python -m train
 --recipe demo`` on the bundled data, one run folder per architecture under DIR; a run that already
@@ -27,20 +27,17 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from lesion import ood  # noqa: E402
-from lesion.errors import InvalidImage, LesionError  # noqa: E402
-from lesion.images import load_image  # noqa: E402
-from lesion.model import classifier, forward_parts, pooled_statistics, stage_names, unwrap  # noqa: E402
-from lesion.predict import Prediction, Predictor  # noqa: E402
+from bench.common import REPO
+from bench.ood_cost import scoring_costs
+from lesion import ood
+from lesion.errors import InvalidImage, LesionError
+from lesion.files import MODEL_FILE, SPLIT_FILE
+from lesion.predict import Prediction, Predictor
 
 PHOTO_FOLDERS = (REPO / "assets" / "ood_dev", REPO / "assets" / "samples" / "ood")
 HAM10000_IDS = (24306, 34320)  # ISIC_0024306 .. ISIC_0034320 are HAM10000's images
@@ -62,7 +59,7 @@ def source_of(path: Path) -> str:
 
 def unseen_lesions(checkpoint: Path, predictor: Predictor) -> tuple[list[Path], str]:
     """Test-fold images of the checkpoint's run, or the bundled samples; with a description."""
-    split_file = checkpoint.parent / "split.csv"
+    split_file = checkpoint.parent / SPLIT_FILE
     data_dir = (predictor.checkpoint.get("config") or {}).get("data", "")
     if split_file.is_file() and data_dir:
         from lesion import data as lesion_data
@@ -95,108 +92,6 @@ def scores_of(predictor: Predictor, paths: list[Path], batch_size: int) -> tuple
             print(f"  skipped {path.name}: {result}")
     scores = {name: np.array([r.ood_scores[name] for _, r in kept]) for name in predictor.detectors}
     return scores, [p for p, _ in kept]
-
-
-def _fastest_seconds(run, reps: int, device: torch.device) -> float:
-    samples = []
-    for index in range(reps + 3):
-        started = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if index >= 3:  # warmup
-            samples.append(time.perf_counter() - started)
-    # The minimum, not the median: on a shared machine other processes only ever add time.
-    return min(samples)
-
-
-def _tap_seconds(predictor: Predictor, batch: torch.Tensor, reps: int) -> float:
-    """What the layer hooks add to one pass: their statistics, computed on the pass's own stage outputs.
-
-    Timed directly rather than as (pass with hooks - bare pass): on a CPU two forward passes differ
-    by more than the hooks cost (a millisecond of jitter on a 17 ms pass), so a difference of two
-    noisy minimums says more about the machine than about the hooks.
-    """
-    model = unwrap(predictor.model)
-    outputs: dict[str, torch.Tensor] = {}
-    stages = stage_names(model)
-    handles = [
-        model.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o))
-        for name in stages
-    ]
-    try:
-        with torch.no_grad():
-            forward_parts(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return _fastest_seconds(lambda: [pooled_statistics(outputs[name]) for name in stages], reps, predictor.device)
-
-
-def scoring_costs(predictor: Predictor, image: Path, reps: int) -> tuple[float, dict[str, float]]:
-    """(bare forward seconds, {detector: share of the bare forward}) for one image, as the app predicts.
-
-    A detector's cost is its own scoring time, plus, for the detectors that read layer1..layer4,
-    what collecting those statistics adds to the pass (the hooks, timed on the pass's own outputs).
-    """
-    batch = predictor.transform(load_image(image, predictor.resize_size))[None].to(predictor.device)
-    model, device = predictor.model, predictor.device
-
-    def bare() -> None:
-        with torch.no_grad():
-            forward_parts(model, batch)
-
-    bare_s = min(_fastest_seconds(bare, reps, device) for _ in range(2))
-    _, features, logits, layers = predictor._forward(batch)
-    taps = _tap_seconds(predictor, batch, reps) if layers else 0.0
-    # Round-robin over the detectors, one call each per round, so a burst of another process on a
-    # shared machine spoils one sample of each rather than every sample of one detector.
-    fastest = dict.fromkeys(predictor.detectors, float("inf"))
-    for _ in range(reps + 3):
-        for name, stats in predictor.detectors.items():
-            started = time.perf_counter()
-            ood.score(name, stats, features, logits, layers=layers, head=classifier(model))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            fastest[name] = min(fastest[name], time.perf_counter() - started)
-    costs = {
-        name: (own + (taps if ood.DETECTORS[name].needs_layers else 0.0)) / bare_s for name, own in fastest.items()
-    }
-    # What a prediction pays for every detector at once: each one's scoring, and the hooks once.
-    costs["_all"] = (sum(fastest.values()) + taps) / bare_s
-    if device.type == "cuda":
-        costs.update(_in_pass_costs(predictor, batch, reps, bare))
-    return bare_s, costs
-
-
-def _in_pass_costs(predictor: Predictor, batch: torch.Tensor, reps: int, bare) -> dict[str, float]:
-    """On a GPU: what the hooks and the scoring add to a pass, timed together as a prediction runs them.
-
-    The columns above time the scoring on its own, after the device has finished the pass. Here it is
-    (pass with the layer hooks + scoring, then wait) minus (bare pass, then wait), the runs alternating
-    so that both see the same clocks: at batch 1 a GPU pass is bound by the launches of its operations,
-    and this counts the hooks' own Python too. (On a CPU the difference of two passes is mostly noise,
-    so it is printed on a GPU only.)
-    """
-    model, device = predictor.model, predictor.device
-
-    def scored(names: list[str]) -> Callable[[], None]:
-        def run() -> None:
-            _, features, logits, layers = predictor._forward(batch)
-            chosen = {name: predictor.detectors[name] for name in names}
-            ood.score_all(chosen, features, logits, layers=layers, head=classifier(model))  # as Predictor._run scores
-
-        return run
-
-    runs = {"bare": bare, "default": scored([predictor.ood_method]), "every": scored(list(predictor.detectors))}
-    fastest = dict.fromkeys(runs, float("inf"))
-    for _ in range(3):
-        for name, run in runs.items():
-            fastest[name] = min(fastest[name], _fastest_seconds(run, reps, device))
-    return {
-        "_in_pass_default": (fastest["default"] - fastest["bare"]) / fastest["bare"],
-        "_in_pass_every": (fastest["every"] - fastest["bare"]) / fastest["bare"],
-    }
 
 
 def _count(mask: np.ndarray) -> str:
@@ -274,7 +169,7 @@ def train_models(runs: Path, models: list[str], device: str, workers: int, extra
     for spec in models:
         arch, size = spec.split("@")
         run_dir = runs / f"{arch}-{size}"
-        if not (run_dir / "model.pt").is_file():
+        if not (run_dir / MODEL_FILE).is_file():
             command = [sys.executable, "-m", "train", "--recipe", "demo", "--out", str(run_dir)]
             command += [f"--arch={arch}", f"--image_size={size}", f"--device={device}", f"--num_workers={workers}"]
             command += extra
@@ -282,7 +177,7 @@ def train_models(runs: Path, models: list[str], device: str, workers: int, extra
             started = time.perf_counter()
             subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
             print(f"  trained in {time.perf_counter() - started:.0f} s", flush=True)
-        paths.append(run_dir / "model.pt")
+        paths.append(run_dir / MODEL_FILE)
     return paths
 
 
@@ -310,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         checkpoints = [Path(p) for p in args.checkpoint] or ([newest] if newest else [])
     if not checkpoints:
         print("No trained model found under runs/. Make one (a few minutes on a laptop CPU) with:")
-        print("    python -m train --recipe demo --out runs/demo      (or: python bench/ood.py --train runs/ood-bench)")
+        print(
+            "    python -m train --recipe demo --out runs/demo      (or: python -m bench.ood_quality --train runs/ood-bench)"
+        )
         return 1
     print(f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     for checkpoint in checkpoints:

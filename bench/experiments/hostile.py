@@ -1,6 +1,6 @@
 """The hostile corpus as a table: every awkward file, what the app owes the visitor, what it gave, how fast.
 
-    python bench/hostile.py [--checkpoint runs/x/model.pt] [--no-app]
+    python -m bench.experiments.hostile [--checkpoint runs/x/model.pt] [--no-app]
 
 Builds tests/hostile_corpus.py's files in a temporary folder and sends each through
 ``Predictor.predict`` and (unless ``--no-app``) through the Predict page with AppTest, printing one
@@ -18,14 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from bench.load import ensure_checkpoint  # noqa: E402
-from lesion.errors import InvalidImage  # noqa: E402
-from lesion.images import load_image_with_size  # noqa: E402
-from lesion.predict import Predictor  # noqa: E402
-from tests.hostile_corpus import Case, build_corpus  # noqa: E402
+from bench.common import REPO, ensure_checkpoint
+from lesion.errors import InvalidImage
+from lesion.images import load_image_with_size
+from lesion.predict import Predictor
+from tests.hostile_corpus import Case, build_corpus
 
 
 def through_predictor(predictor: Predictor, case: Case) -> tuple[str, str, float]:

@@ -1,0 +1,64 @@
+"""The bundled samples the pages offer (lesions with their diagnosis, photos that are not lesions), and a run's folds."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+from lesion.files import PROJECT_ROOT, SPLIT_FILE
+from lesion.labels import DX_NAMES
+
+SAMPLES_DIR = PROJECT_ROOT / "assets" / "samples"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A bundled image the pages offer."""
+
+    name: str  # file stem, e.g. ISIC_0000169 or car_image1
+    path: Path
+    kind: str  # "lesion" or "ood"
+    caption: str  # what the gallery shows under the image
+    label: str = ""  # benign / malignant for lesions, category for OOD photos
+
+
+def list_samples(samples_dir: Path = SAMPLES_DIR) -> list[Sample]:
+    """The bundled sample lesions (with diagnosis) and the non-lesion photos, in file order."""
+    samples: list[Sample] = []
+    labels = samples_dir / "lesions" / "labels.csv"
+    if labels.is_file():
+        with labels.open(newline="", encoding="utf-8") as stream:
+            for row in csv.DictReader(stream):
+                path = samples_dir / "lesions" / f"{row['image_id']}.jpg"
+                if path.is_file():
+                    dx = DX_NAMES.get(row["dx"], row["dx"])
+                    samples.append(
+                        Sample(
+                            row["image_id"], path, "lesion", f"{row['image_id']}: {dx} ({row['label']})", row["label"]
+                        )
+                    )
+    index = samples_dir / "ood" / "index.csv"
+    if index.is_file():
+        with index.open(newline="", encoding="utf-8") as stream:
+            for row in csv.DictReader(stream):
+                path = samples_dir / "ood" / row["file"]
+                if path.is_file():
+                    samples.append(
+                        Sample(
+                            path.stem,
+                            path,
+                            "ood",
+                            f"{path.stem}: {row['category']} photo (not a lesion)",
+                            row["category"],
+                        )
+                    )
+    return samples
+
+
+def training_folds(run_dir: Path | None) -> dict[str, str]:
+    """image_id -> fold (train / val / test) from a run's split.csv; {} when there is none."""
+    if run_dir is None or not (Path(run_dir) / SPLIT_FILE).is_file():
+        return {}
+    with (Path(run_dir) / SPLIT_FILE).open(newline="", encoding="utf-8") as stream:
+        return {row["image_id"]: row.get("fold", "") for row in csv.DictReader(stream) if row.get("image_id")}

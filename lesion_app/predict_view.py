@@ -1,0 +1,136 @@
+"""The Predict page's helpers: the image as shown, the cached prediction, the results table and the JSON download."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import MutableMapping
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from lesion.images import IMAGE_EXTENSIONS, load_image
+from lesion.labels import DX_NAMES
+from lesion.runs import ModelEntry
+from lesion_app.session_cache import PREDICT_LOCK, digest, named_bytes, recall, remember
+from lesion_app.wording import DISCLAIMER, VERDICT_TEXT, json_default
+
+#: What the uploaders accept: the image types the library reads.
+UPLOAD_TYPES = [extension.lstrip(".") for extension in IMAGE_EXTENSIONS]
+# Side of the longest edge images are shown and heatmaps are kept at: enough for the page,
+# and a 50-megapixel phone photo does not keep 200 MB of heatmap in a session.
+DISPLAY_SIDE = 1024
+
+
+def display_image(data: bytes, name: str) -> Image.Image:
+    """The image as the page shows it (EXIF-rotated RGB, longest side at most DISPLAY_SIDE).
+
+    Raises InvalidImage with a plain message for anything that is not a usable image.
+    """
+    image = load_image(named_bytes(data, name))
+    if max(image.size) > DISPLAY_SIDE:
+        image = image.copy()
+        image.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE), Image.Resampling.LANCZOS)
+    return image
+
+
+def cached_display(cache: MutableMapping[Any, Any], data: bytes, name: str) -> Image.Image:
+    """:func:`display_image`, decoded once per image content (a 12-megapixel photo takes a while)."""
+    key = ("display", digest(data))
+    if key not in cache:
+        return remember(cache, key, display_image(data, name))
+    return cache[key]
+
+
+def _resize_heatmap(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    if heatmap.shape == (size[1], size[0]):
+        return heatmap
+    resized = Image.fromarray(np.asarray(heatmap, dtype=np.float32)).resize(size, Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+
+
+def display_box(prediction: Any, size: tuple[int, int]) -> tuple[float, float, float, float] | None:
+    """The network's view (``Prediction.crop_box``, original pixels) in the shown image's pixels."""
+    box = getattr(prediction, "crop_box", None)
+    width, height = getattr(prediction, "image_width", 0), getattr(prediction, "image_height", 0)
+    if box is None or not width or not height:
+        return None
+    sx, sy = size[0] / width, size[1] / height
+    left, top, right, bottom = box
+    return (left * sx, top * sy, right * sx, bottom * sy)
+
+
+def cached_prediction(
+    cache: MutableMapping[Any, Any],
+    predictor: Any,
+    model: ModelEntry,
+    data: bytes,
+    name: str,
+    cam_method: str,
+    display: Image.Image,
+    cam_target: str | None = None,
+) -> Any:
+    """The Prediction for these image bytes, this model file (path + mtime), CAM method and target.
+
+    Computed once; moving a slider or switching the view reads it from ``cache``. The heatmap
+    kept is resized to ``display``'s size (the prediction itself saw the full-resolution file).
+    ``cam_target`` None explains the verdict (see :meth:`lesion.predict.Predictor.predict`).
+    """
+    key = ("prediction", digest(data), str(model.path), model.mtime, cam_method, cam_target)
+    if (hit := recall(cache, key)) is not None:
+        return hit
+    with PREDICT_LOCK:
+        prediction = predictor.predict(named_bytes(data, name), cam_method=cam_method, cam_target=cam_target)
+    if prediction.heatmap is not None:
+        prediction.heatmap = _resize_heatmap(prediction.heatmap, display.size)
+    return remember(cache, key, prediction)
+
+
+def result_row(name: str, prediction: Any) -> dict[str, Any]:
+    """One line of the results table."""
+    return {
+        "image": name,
+        "verdict": VERDICT_TEXT.get(prediction.verdict, prediction.verdict),
+        "P(malignant)": round(float(prediction.p_malignant), 3),
+        "most likely diagnosis": next((row["diagnosis"] for row in top_diagnoses(prediction, 1)), ""),
+        "decision threshold": round(float(prediction.decision_threshold), 3),
+        "OOD score": _round(prediction.ood_score),
+        "OOD threshold": _round(prediction.ood_threshold),
+        "OOD method": prediction.ood_method or "",
+    }
+
+
+def top_diagnoses(prediction: Any, count: int = 3) -> list[dict[str, Any]]:
+    """The ``count`` most probable diagnoses in plain words, most probable first.
+
+    Empty for a binary model and for a rejected photo: a photo that is not a lesion gets no diagnosis.
+    """
+    if not getattr(prediction, "accepted", False) or not getattr(prediction, "dx_probabilities", None):
+        return []
+    ranked = sorted(prediction.dx_probabilities.items(), key=lambda item: item[1], reverse=True)[:count]
+    return [{"diagnosis": DX_NAMES.get(dx, dx), "code": dx, "probability": float(p)} for dx, p in ranked]
+
+
+def cam_target_label(target: str | None) -> str:
+    """The "Heatmap explains:" choices in words.
+
+    None, the default, is the evidence for the verdict's side, as before the dx head: malignant for
+    a malignant verdict, benign for a benign one (so it is not labelled "malignant").
+    """
+    if target is None:
+        return "the verdict (default)"
+    if target in ("malignant", "benign"):
+        return target
+    return DX_NAMES.get(target, target)
+
+
+def _round(value: Any, digits: int = 4) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
+def result_json(name: str, prediction: Any, model: ModelEntry) -> bytes:
+    """The downloadable JSON: the prediction (without the heatmap pixels) and the model it came from."""
+    payload = prediction.to_dict() if hasattr(prediction, "to_dict") else {}
+    payload = {key: value for key, value in payload.items() if key != "heatmap"}
+    payload = {"image": name, "model": str(model.path), "disclaimer": DISCLAIMER, **payload}
+    return json.dumps(payload, indent=2, default=json_default).encode("utf-8")

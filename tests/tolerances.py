@@ -151,7 +151,8 @@ def probability_slack(model: nn.Module, logits: torch.Tensor, temperature: float
 
 def _pass(predictor: Any, images: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The predictor's own features, logits and layer statistics of the readable ``images``, one batch."""
-    _, features, logits, layers = predictor._forward(predictor._batch([predictor._prepare(i) for i in images]))
+    preprocessor = predictor.preprocessor
+    _, features, logits, layers = predictor._forward(preprocessor.batch([preprocessor.prepare(i) for i in images]))
     return features, logits, layers or {}
 
 

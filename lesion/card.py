@@ -130,7 +130,8 @@ def _fine_tuning(config: dict[str, Any]) -> str:
     """The fine-tuning settings, when they differ from training every layer at one learning rate."""
     parts = []
     if config.get("freeze_stages"):
-        parts.append(f"stem and first {config['freeze_stages']} stages frozen")
+        stages = int(config["freeze_stages"])
+        parts.append(f"stem and first {stages} stages frozen" if stages > 1 else "stem and first stage frozen")
     if config.get("backbone_lr_scale", 1.0) != 1.0:
         parts.append(f"backbone learning rate {config['backbone_lr_scale']} x lr")
     if config.get("warmup_epochs"):

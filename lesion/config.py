@@ -19,6 +19,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from lesion.data.readers import DEMO_DATA
 from lesion.errors import ConfigError
 from lesion.model import ARCHS, freezable_stages
 
@@ -31,14 +32,13 @@ def recipes_dir() -> Path:
     return Path(str(importlib.resources.files("train").joinpath("recipes")))
 
 
-RECIPES_DIR = recipes_dir()  # kept for callers that read it; new code calls recipes_dir()
-
 HEADS = ("linear", "mlp")
 OPTIMIZERS = ("adamw", "adam")
 BALANCES = ("class_weights", "sampler", "none")
 AUGMENTS = ("dermoscopy", "strong", "notebook", "none")
 THRESHOLD_RULES = ("youden", "sensitivity")
 OOD_METHODS = importlib.import_module("lesion.ood").DETECTOR_NAMES  # the one registry of detector names
+DEFAULT_OOD_METHOD = importlib.import_module("lesion.ood").DEFAULT_DETECTOR
 SCHEDULES = ("cosine", "constant")
 TARGETS = ("dx", "binary")
 
@@ -47,7 +47,7 @@ TARGETS = ("dx", "binary")
 class TrainConfig:
     """Everything a training run depends on; saved in config.json and in every checkpoint."""
 
-    data: str = "assets/demo"  # dataset folder: HAM10000 or ISIC archive layout
+    data: str = DEMO_DATA  # dataset folder: HAM10000 or ISIC archive layout
     metadata: str = ""  # metadata CSV; empty = detect inside `data`
     out: str = ""  # run folder; empty = runs/<timestamp>
     arch: str = "resnet50"  # resnet50, resnet34, resnet18, efficientnet_lite0, efficientnet_lite1 or efficientnet_lite2
@@ -83,7 +83,7 @@ class TrainConfig:
     test_fraction: float = 0.15  # share of lesions in the test split
     threshold_rule: str = "youden"  # youden, or sensitivity (reach target_sensitivity on validation)
     target_sensitivity: float = 0.90  # used when threshold_rule = sensitivity
-    ood_method: str = "mahalanobis_layers_max"  # default OOD detector stored in the checkpoint (see lesion.ood)
+    ood_method: str = DEFAULT_OOD_METHOD  # default OOD detector stored in the checkpoint (see lesion.ood)
     ood_keep: float = 0.95  # share of validation lesions the OOD threshold accepts
     knn_k: int = 10  # k of the knn OOD detector
     num_workers: int = 2  # data loader worker processes

@@ -98,7 +98,7 @@ def check_method(method: str) -> str:
 def forward_head(model: nn.Module, activations: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, ...]:
     """Re-run only ``head(pool(A))`` from the last activations: (leaf A, features, logits).
 
-    With ``with_grad`` the leaf requires grad, so :func:`target_gradients` can differentiate the
+    With ``with_grad`` the leaf requires grad, so :func:`score_gradients` can differentiate the
     logits with respect to it; the rest of the network is never part of the graph.
     """
     leaf = activations.detach().requires_grad_(with_grad)
@@ -108,17 +108,10 @@ def forward_head(model: nn.Module, activations: torch.Tensor, with_grad: bool) -
     return leaf, features, logits
 
 
-def target_gradients(leaf: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """d logit[i, targets[i]] / d A[i] for every image i (images do not interact in eval mode)."""
-    chosen = logits.gather(1, targets.view(-1, 1).to(logits.device)).sum()
-    (grads,) = torch.autograd.grad(chosen, leaf)
-    return grads
-
-
 def score_gradients(leaf: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     """d scores[i] / d A[i] for every image i: the heatmap of any scalar of the head's output.
 
-    :func:`target_gradients` is the case ``scores = logits[i, targets[i]]``.
+    Grad-CAM of one class is the case ``scores = logits[i, targets[i]]``.
     """
     (grads,) = torch.autograd.grad(scores.sum(), leaf)
     return grads

@@ -26,9 +26,9 @@ import torch
 from lesion.card import render_model_card
 from lesion.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from lesion.errors import LesionError
+from lesion.files import CARD_FILE, METRICS_FILE, MODEL_FILE, PROJECT_ROOT, SPLIT_FILE, write_text_atomic
 from lesion.model import DISPLAY_NAMES
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EXPORT_VERSION = 1
 # Keys only training needs: resume state and the per-epoch history (the card and the app do without).
 TRAINING_ONLY = ("training", "history")
@@ -54,9 +54,13 @@ def _relative(path: str | Path) -> str:
         return text
 
 
+def _inside_repo(path: str | Path) -> bool:
+    return bool(str(path)) and Path(path).resolve().is_relative_to(PROJECT_ROOT)
+
+
 def split_record(run_dir: Path, data_dir: str) -> dict[str, Any]:
     """The run's split as plain values: data folder, split.csv text and its sha256."""
-    split_file = Path(run_dir) / "split.csv"
+    split_file = Path(run_dir) / SPLIT_FILE
     if not split_file.is_file():
         raise LesionError(f"{run_dir} has no split.csv, so the exported model could not record its split.")
     text = split_file.read_text(encoding="utf-8")
@@ -68,7 +72,7 @@ def split_frame(checkpoint: dict[str, Any]):
     import pandas as pd
 
     from lesion import data as lesion_data
-    from lesion.training import locate_data
+    from lesion.data import locate_data
 
     record = checkpoint.get("split")
     if not isinstance(record, dict) or not record.get("csv"):
@@ -127,10 +131,10 @@ def matching_recipe(config: dict[str, Any]) -> str:
     """The recipe in train/recipes whose settings the run used unchanged; '' when it was overridden."""
     from dataclasses import asdict
 
-    from lesion.config import RECIPES_DIR, build_config
+    from lesion.config import build_config, recipes_dir
 
     learned = {key: value for key, value in config.items() if key not in RUNTIME_KEYS}
-    for path in sorted(RECIPES_DIR.glob("*.toml")):
+    for path in sorted(recipes_dir().glob("*.toml")):
         recipe = asdict(build_config(path.stem))
         if all(recipe.get(key) == value for key, value in learned.items() if key in recipe):
             return path.stem
@@ -140,7 +144,7 @@ def matching_recipe(config: dict[str, Any]) -> str:
 def exported_checkpoint(run_dir: Path) -> dict[str, Any]:
     """The run's model.pt with halved weights, no training state, plain paths and its split recorded."""
     run_dir = Path(run_dir)
-    checkpoint = load_checkpoint(run_dir / "model.pt")
+    checkpoint = load_checkpoint(run_dir / MODEL_FILE)
     config = dict(checkpoint.get("config") or {})
     data_dir = config.get("data") or "assets/demo"
     exported = {key: value for key, value in checkpoint.items() if key not in TRAINING_ONLY}
@@ -148,7 +152,10 @@ def exported_checkpoint(run_dir: Path) -> dict[str, Any]:
     exported["config"] = {
         **config,
         "data": _relative(data_dir),
-        "out": _relative(config.get("out", "")),
+        # where the builder keeps runs is theirs: the run folder's name, or its path inside the repository
+        "out": _relative(config.get("out", ""))
+        if _inside_repo(config.get("out", ""))
+        else Path(config.get("out", "")).name,
         "cache_dir": "",
     }
     data = dict(checkpoint.get("data") or {})
@@ -188,13 +195,13 @@ def remeasure(checkpoint: dict[str, Any]) -> dict[str, Any]:
 def export_run(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
     """Write ``out`` (the checkpoint), and ``model_card.md`` and ``metrics.json`` beside it; return the checkpoint."""
     run_dir, out = Path(run_dir), Path(out)
-    if not (run_dir / "model.pt").is_file():
+    if not (run_dir / MODEL_FILE).is_file():
         raise LesionError(f"{run_dir} has no model.pt: train it to the end first (python -m train --out {run_dir})")
     checkpoint = remeasure(exported_checkpoint(run_dir))
     save_checkpoint(checkpoint, out)
-    (out.parent / "metrics.json").write_text(json.dumps(checkpoint["metrics"], indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(out.parent / METRICS_FILE, json.dumps(checkpoint["metrics"], indent=2) + "\n")
     card = render_model_card(checkpoint, out.stem) + "\n" + export_note(checkpoint)
-    (out.parent / "model_card.md").write_text(card, encoding="utf-8")
+    write_text_atomic(out.parent / CARD_FILE, card)
     return checkpoint
 
 
@@ -216,7 +223,7 @@ def check_current(checkpoint: dict[str, Any], name: str = "checkpoint") -> None:
     if checkpoint.get("format_version") != FORMAT_VERSION:
         raise LesionError(
             f"{name} has checkpoint format version {checkpoint.get('format_version')}; lesion writes "
-            f"{FORMAT_VERSION}. Rebuild it (README, 'The bundled model')."
+            f"{FORMAT_VERSION}. Rebuild it (docs/bundled-model.md)."
         )
     export = checkpoint.get("export") or {}
     if export.get("version") != EXPORT_VERSION or not isinstance(checkpoint.get("split"), dict):

@@ -46,7 +46,7 @@ def _layers(out: dict[str, torch.Tensor], names: tuple[str, ...]) -> dict[str, t
     return {name: out[name] for name in names if name in out}
 
 
-def _probabilities(logits: torch.Tensor, target: Target, temperature: float = 1.0) -> np.ndarray:
+def _p_malignant(logits: torch.Tensor, target: Target, temperature: float = 1.0) -> np.ndarray:
     """Calibrated P(malignant): the sum of the malignant outputs' softmax probabilities."""
     return p_malignant(output_probabilities(logits, temperature), target).numpy()
 
@@ -55,9 +55,9 @@ def _split_metrics(
     out: dict[str, torch.Tensor], frame: pd.DataFrame, temperature: float, threshold: float, target: Target
 ) -> dict:
     labels = out["binary"].numpy()
-    probabilities = _probabilities(out["logits"], target, temperature)
+    probabilities = _p_malignant(out["logits"], target, temperature)
     metrics = binary_metrics(labels, probabilities, threshold, frame["dx"].tolist())
-    metrics["ece_before_scaling"] = expected_calibration_error(labels, _probabilities(out["logits"], target))
+    metrics["ece_before_scaling"] = expected_calibration_error(labels, _p_malignant(out["logits"], target))
     metrics["ece_after_scaling"] = expected_calibration_error(labels, probabilities)
     if target.kind == "dx":
         dx_probabilities = output_probabilities(out["logits"], temperature).numpy()
@@ -90,7 +90,7 @@ def finalize(
     temperature = fit_temperature(val["logits"][scored], val["labels"][scored])
     threshold = choose_threshold(
         val["binary"].numpy(),
-        _probabilities(val["logits"], target, temperature),
+        _p_malignant(val["logits"], target, temperature),
         config.threshold_rule,
         config.target_sensitivity,
     )
@@ -175,8 +175,8 @@ def _plots(
     save_all_plots(
         run_dir,
         test["binary"].numpy(),
-        _probabilities(test["logits"], target),
-        _probabilities(test["logits"], target, temperature),
+        _p_malignant(test["logits"], target),
+        _p_malignant(test["logits"], target, temperature),
         threshold,
         test_metrics["confusion"],
         [{"event": "epoch", **record} for record in history],

@@ -28,7 +28,7 @@ from lesion.files import CARD_FILE as CARD_FILE  # re-exported: lesion.runs.CARD
 from lesion.files import CONFIG_FILE, EVENTS_FILE, JOB_FILE, METRICS_FILE, MODEL_FILE, PROJECT_ROOT, SPLIT_FILE
 
 # The model shipped with the app (python -m train.export writes it; docs/bundled-model.md).
-BUNDLED_MODEL = PROJECT_ROOT / "assets" / "models" / "lesion-resnet18-demo.pt"
+BUNDLED_MODEL = PROJECT_ROOT / "assets" / "models" / "lesion-efficientnet-lite0-demo.pt"
 # A run on another machine cannot be probed; it counts as running while its events keep coming.
 REMOTE_STALE_S = 15 * 60
 # A process whose start time is later than this after the run began is a recycled pid.

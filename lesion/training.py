@@ -32,22 +32,12 @@ from lesion import data as lesion_data
 from lesion.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from lesion.config import TrainConfig
 from lesion.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed, mean_across_ranks
-from lesion.errors import DataError, LesionError
+from lesion.errors import LesionError
 from lesion.events import EventWriter
 from lesion.files import BEST_FILE, CONFIG_FILE, LAST_FILE, MODEL_FILE, SPLIT_FILE, write_text_atomic
 from lesion.finalize import finalize
 from lesion.labels import CLASS_NAMES
-
-# Loaders and checkpoint assembly moved to lesion.loaders / lesion.checkpoint (shared with finalize);
-# the names stay importable from here.
-from lesion.loaders import (  # noqa: F401
-    DistributedWeightedSampler,
-    SeededSampler,
-    ShardSampler,
-    autocast_for,
-    collect_outputs,
-    make_loader,
-)
+from lesion.loaders import autocast_for, collect_outputs, make_loader
 from lesion.metrics import binary_metrics
 from lesion.model import (
     backbone_parameters,
@@ -124,29 +114,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def locate_data(path: str) -> str:
-    """A relative data path is looked up from the working folder, then from the repository (assets/demo).
-
-    A folder found in neither raises DataError saying to pass --data; the bundled demo set ships
-    with the repository checkout, not with an installed package, and the message says so.
-    """
-    candidate = Path(path).expanduser()
-    if not candidate.exists() and not candidate.is_absolute() and (REPO_ROOT / candidate).exists():
-        return str(REPO_ROOT / candidate)
-    if not candidate.exists():
-        if path == TrainConfig.data:
-            raise DataError(
-                f"the bundled demo set ({path}) is not here: it ships with the repository checkout, not with "
-                "the installed package. Pass --data DIR with a HAM10000 or ISIC archive folder "
-                "(or the checkout's assets/demo)."
-            )
-        raise DataError(f"dataset folder not found: {path}. Pass --data DIR with a HAM10000 or ISIC archive folder.")
-    return str(candidate)
-
-
 def default_run_dir() -> Path:
     return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
 
@@ -155,12 +122,12 @@ def default_run_dir() -> Path:
 
 
 def prepare_data(
-    config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWriter
+    config: TrainConfig, run_dir: Path, info: DistInfo
 ) -> tuple[pd.DataFrame, dict[str, Any], lesion_data.ImageCache]:
     """Read, subset, split (or reuse the saved split on resume) and warm the cache."""
     split_path = run_dir / SPLIT_FILE
     df, summary = lesion_data.read_metadata(
-        locate_data(config.data), config.metadata or None, skip_bad=config.skip_bad_images
+        lesion_data.locate_data(config.data), config.metadata or None, skip_bad=config.skip_bad_images
     )
     if config.max_images:
         df = lesion_data.select_subset(df, config.max_images, config.seed)
@@ -219,7 +186,7 @@ def _frozen_parameters(model: nn.Module, config: TrainConfig) -> list[nn.Paramet
     return [p for module in frozen_stage_modules(model, config.freeze_stages) for p in module.parameters()]
 
 
-OPTIMIZERS: dict[str, Callable[[list, TrainConfig], torch.optim.Optimizer]] = {"adamw": _adamw, "adam": _adam}
+OPTIMIZER_BUILDERS: dict[str, Callable[[list, TrainConfig], torch.optim.Optimizer]] = {"adamw": _adamw, "adam": _adam}
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
@@ -392,25 +359,73 @@ class _ListeningWriter(EventWriter):
 
 
 def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWriter, stop: StopFlag) -> Path:
+    """The run from top to bottom: config, weights, data, head, loop over epochs, finalize."""
     device = resolve_device(config.device, info)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.out = str(run_dir)
-    if info.is_main:
-        write_text_atomic(run_dir / CONFIG_FILE, json.dumps(asdict(config), indent=2) + "\n")
+    _write_config(config, run_dir, info)
     seed_everything(config.seed)
     # Weights first: an offline machine or a wrong file should fail before minutes of decoding.
     model = build_model(config.arch, config.head)
     weights_note = load_backbone_weights(model, config.weights, config.arch)
-    df, summary, cache = prepare_data(config, run_dir, info, events)
+    df, summary, cache = prepare_data(config, run_dir, info)
     summary["weights"] = weights_note
     summary["weights_source"] = provenance(config.arch, config.weights)
-    train_df = df[df["fold"] == "train"].reset_index(drop=True)
-    val_df = df[df["fold"] == "val"].reset_index(drop=True)
+    train_df, val_df = (df[df["fold"] == fold].reset_index(drop=True) for fold in ("train", "val"))
     target, train_df = _choose_head(config, model, train_df, summary)
     set_backbone_trainable(model, True, config.freeze_stages)  # before DDP and the optimizer see the parameters
+    train_model = _place(model, config, device, info)
+    loader = make_loader(config, train_df, cache, info, train=True, device=device, target=target, persistent=True)
+    val_loader = make_loader(config, val_df, cache, info, train=False, device=device, target=target, persistent=True)
+    optimizer, scheduler = _optimizer_and_schedule(
+        model, config, min(len(loader), config.max_steps_per_epoch or len(loader))
+    )
+    criterion, val_criterion = _criteria(config, target, train_df, device)
+    regularizer = Regularizer(config, model, num_classes=target.num_outputs)
+    state = TrainState()
+    if config.resume and (run_dir / LAST_FILE).is_file():
+        state = _resume(run_dir / LAST_FILE, model, optimizer, scheduler, regularizer)
+    events.emit("start", **_start_fields(config, summary, weights_note, device, info, state, target))
+
+    for epoch in range(state.epoch + 1, config.epochs + 1):
+        if stop.requested or (config.patience and state.bad_epochs >= config.patience):
+            break
+        epoch_start = time.perf_counter()
+        set_backbone_trainable(model, epoch > config.freeze_backbone_epochs, config.freeze_stages)
+        _seed_epoch(loader, config, epoch)
+        train_loss, seen, stopped = train_one_epoch(
+            train_model, loader, optimizer, scheduler, criterion, device=device, config=config, epoch=epoch,
+            events=events, stop=stop, regularizer=regularizer,
+        )  # fmt: skip
+        if stopped:
+            break  # keep the last complete epoch's checkpoint: a partial epoch would break resume
+        train_loss = mean_across_ranks(train_loss, seen, info)
+        val = validate(
+            regularizer.eval_model(model), val_df, cache, config, info, device, val_criterion, target, loader=val_loader
+        )
+        improved = _record_epoch(state, config, epoch, train_loss, val, scheduler.get_last_lr()[0], epoch_start)
+        events.emit("epoch", **state.history[-1])
+        if info.is_main:
+            _save_epoch(
+                run_dir, config, model, regularizer, optimizer, scheduler, state, summary, target, events, improved
+            )
+        barrier(info)
+
+    del loader, val_loader  # their persistent workers end here, before finalize starts its own
+    return _finish(config, model, df, cache, device, run_dir, summary, state, target, info, events, stop)
+
+
+def _write_config(config: TrainConfig, run_dir: Path, info: DistInfo) -> None:
+    """The run folder, and config.json with the full config (rank 0)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.out = str(run_dir)
+    if info.is_main:
+        write_text_atomic(run_dir / CONFIG_FILE, json.dumps(asdict(config), indent=2) + "\n")
+
+
+def _place(model: nn.Module, config: TrainConfig, device: torch.device, info: DistInfo) -> nn.Module:
+    """Move ``model`` to the device (channels_last on CUDA) and return what the loop trains: compiled, DDP."""
     model.to(device)
     if config.channels_last and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)
     train_model: nn.Module = model
     if config.compile and device.type == "cuda":
         train_model = torch.compile(model)
@@ -421,16 +436,26 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
             # A frozen backbone gives its parameters no gradient in the first epochs.
             find_unused_parameters=config.freeze_backbone_epochs > 0,
         )
+    return train_model
 
-    loader = make_loader(config, train_df, cache, info, train=True, device=device, target=target, persistent=True)
-    val_loader = make_loader(config, val_df, cache, info, train=False, device=device, target=target, persistent=True)
-    steps_per_epoch = min(len(loader), config.max_steps_per_epoch or len(loader))
+
+def _optimizer_and_schedule(
+    model: nn.Module, config: TrainConfig, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The optimizer over :func:`parameter_groups`, and the warm-up then cosine (or constant) schedule per step."""
+    optimizer = OPTIMIZER_BUILDERS[config.optimizer](parameter_groups(model, config), config)
     total_steps = steps_per_epoch * config.epochs
-    optimizer = OPTIMIZERS[config.optimizer](parameter_groups(model, config), config)
     warmup = int(round(config.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, warmup, config.schedule)
     )
+    return optimizer, scheduler
+
+
+def _criteria(
+    config: TrainConfig, target: Target, train_df: pd.DataFrame, device: torch.device
+) -> tuple[nn.Module, nn.Module]:
+    """The training loss (with the benign / malignant term for a dx head) and the validation loss."""
     train_labels = target.indices(train_df["dx"].tolist(), train_df["label"].tolist())
     weight = class_weights(train_labels, target.num_outputs).to(device) if config.balance == "class_weights" else None
     criterion: nn.Module = SoftTargetCrossEntropy(weight=weight, label_smoothing=config.label_smoothing)
@@ -443,64 +468,61 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
             side_weight=config.side_loss,
             label_smoothing=config.label_smoothing,
         ).to(device)
-    regularizer = Regularizer(config, model, num_classes=target.num_outputs)
-    val_criterion = nn.CrossEntropyLoss(weight=weight.cpu() if weight is not None else None)
+    return criterion, nn.CrossEntropyLoss(weight=weight.cpu() if weight is not None else None)
 
-    state = TrainState()
-    last_path, best_path = run_dir / LAST_FILE, run_dir / BEST_FILE
-    if config.resume and last_path.is_file():
-        state = _resume(last_path, model, optimizer, scheduler, regularizer)
-    events.emit(
-        "start",
-        config=asdict(config),
-        sizes=summary["split"],
-        n_images=summary["n_images"],
-        weights=weights_note,
-        device=str(device),
-        world_size=info.world_size,
-        resumed_from_epoch=state.epoch,
-        target=target.kind,
-        outputs=list(target.names),
-        target_note=target.note,
-        pid=os.getpid(),
-        host=socket.gethostname(),
-    )
 
-    for epoch in range(state.epoch + 1, config.epochs + 1):
-        if stop.requested or (config.patience and state.bad_epochs >= config.patience):
-            break
-        epoch_start = time.perf_counter()
-        set_backbone_trainable(model, epoch > config.freeze_backbone_epochs, config.freeze_stages)
-        loader.sampler.set_epoch(epoch)
-        loader.generator.manual_seed(config.seed * 1_000_003 + epoch)
-        torch.manual_seed(config.seed * 1_000_003 + epoch)
-        train_loss, seen, stopped = train_one_epoch(
-            train_model,
-            loader,
-            optimizer,
-            scheduler,
-            criterion,
-            device=device,
-            config=config,
-            epoch=epoch,
-            events=events,
-            stop=stop,
-            regularizer=regularizer,
-        )
-        if stopped:
-            break  # keep the last complete epoch's checkpoint: a partial epoch would break resume
-        train_loss = mean_across_ranks(train_loss, seen, info)
-        val = validate(
-            regularizer.eval_model(model), val_df, cache, config, info, device, val_criterion, target, loader=val_loader
-        )
-        auc = val["roc_auc"] if val["roc_auc"] is not None else -1.0
-        improved = auc > state.best_auc
-        state.epoch = epoch
-        if improved:
-            state.best_auc, state.best_epoch, state.bad_epochs = auc, epoch, 0
-        else:
-            state.bad_epochs += 1
-        record = {
+def _start_fields(
+    config: TrainConfig,
+    summary: dict[str, Any],
+    weights_note: str,
+    device: torch.device,
+    info: DistInfo,
+    state: TrainState,
+    target: Target,
+) -> dict[str, Any]:
+    """What the ``start`` event says: config, sizes, weights, device, resume point, head, process."""
+    return {
+        "config": asdict(config),
+        "sizes": summary["split"],
+        "n_images": summary["n_images"],
+        "weights": weights_note,
+        "device": str(device),
+        "world_size": info.world_size,
+        "resumed_from_epoch": state.epoch,
+        "target": target.kind,
+        "outputs": list(target.names),
+        "target_note": target.note,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+    }
+
+
+def _seed_epoch(loader: DataLoader, config: TrainConfig, epoch: int) -> None:
+    """Sampling, augmentation and dropout of an epoch depend on the seed and the epoch only (resume replays them)."""
+    loader.sampler.set_epoch(epoch)
+    loader.generator.manual_seed(config.seed * 1_000_003 + epoch)
+    torch.manual_seed(config.seed * 1_000_003 + epoch)
+
+
+def _record_epoch(
+    state: TrainState,
+    config: TrainConfig,
+    epoch: int,
+    train_loss: float,
+    val: dict[str, Any],
+    lr: float,
+    epoch_start: float,
+) -> bool:
+    """Early-stopping bookkeeping and the epoch's history row; True when validation ROC-AUC improved."""
+    auc = val["roc_auc"] if val["roc_auc"] is not None else -1.0
+    improved = auc > state.best_auc
+    state.epoch = epoch
+    if improved:
+        state.best_auc, state.best_epoch, state.bad_epochs = auc, epoch, 0
+    else:
+        state.bad_epochs += 1
+    state.history.append(
+        {
             "epoch": epoch,
             "epochs": config.epochs,
             "train_loss": train_loss,
@@ -509,32 +531,60 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
             "val_balanced_accuracy": val["balanced_accuracy"],
             "val_sensitivity": val["sensitivity"],
             "val_specificity": val["specificity"],
-            "lr": scheduler.get_last_lr()[0],
+            "lr": lr,
             "seconds": time.perf_counter() - epoch_start,
             "best_epoch": state.best_epoch,
         }
-        state.history.append(record)
-        events.emit("epoch", **record)
-        if info.is_main:
-            if improved:
-                kept = regularizer.eval_model(model)  # the EMA weights when enabled
-                save_checkpoint(make_checkpoint(config, kept, summary, epoch, target, history=state.history), best_path)
-                events.emit("checkpoint", path=str(best_path), kind="best", epoch=epoch)
-            last = make_checkpoint(config, model, summary, epoch, target, history=state.history)
-            last["training"] = training_state(optimizer, scheduler, state, regularizer)
-            save_checkpoint(last, last_path)
-            events.emit("checkpoint", path=str(last_path), kind="last", epoch=epoch)
-        barrier(info)
+    )
+    return improved
 
-    del loader, val_loader  # their persistent workers end here, before finalize starts its own
+
+def _save_epoch(
+    run_dir: Path,
+    config: TrainConfig,
+    model: nn.Module,
+    regularizer: Regularizer,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    state: TrainState,
+    summary: dict[str, Any],
+    target: Target,
+    events: EventWriter,
+    improved: bool,
+) -> None:
+    """best.pt when validation improved (the EMA weights when enabled), and last.pt with the resume state."""
+    epoch, best_path, last_path = state.epoch, run_dir / BEST_FILE, run_dir / LAST_FILE
+    if improved:
+        kept = regularizer.eval_model(model)
+        save_checkpoint(make_checkpoint(config, kept, summary, epoch, target, history=state.history), best_path)
+        events.emit("checkpoint", path=str(best_path), kind="best", epoch=epoch)
+    last = make_checkpoint(config, model, summary, epoch, target, history=state.history)
+    last["training"] = training_state(optimizer, scheduler, state, regularizer)
+    save_checkpoint(last, last_path)
+    events.emit("checkpoint", path=str(last_path), kind="last", epoch=epoch)
+
+
+def _finish(
+    config: TrainConfig,
+    model: nn.Module,
+    df: pd.DataFrame,
+    cache: lesion_data.ImageCache,
+    device: torch.device,
+    run_dir: Path,
+    summary: dict[str, Any],
+    state: TrainState,
+    target: Target,
+    info: DistInfo,
+    events: EventWriter,
+    stop: StopFlag,
+) -> Path:
+    """The best epoch becomes model.pt (calibrated, thresholds, OOD, test metrics, card) on rank 0."""
     if state.best_epoch == 0:
         if stop.requested:
             raise StoppedBeforeModel("Stopped before the first epoch finished, so there is no model to keep.")
         raise LesionError("Training ended before the first epoch finished; no model was saved.")
-    result = None
     if info.is_main:
-        best = load_checkpoint(best_path)
-        model.load_state_dict(best["state_dict"])
+        model.load_state_dict(load_checkpoint(run_dir / BEST_FILE)["state_dict"])
         result = finalize(
             config, model, df, cache, device, run_dir, summary, state.history, stopped=stop.requested, target=target
         )

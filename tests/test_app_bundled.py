@@ -55,7 +55,8 @@ def test_fresh_clone_selects_the_bundled_model_and_answers_a_sample(
     assert describe(checkpoint) in facts
     test = checkpoint["metrics"]["test"]
     assert f"Test ROC-AUC {test['roc_auc']:.3f} on {test['n_lesions']} held-out lesions" in facts
-    assert "from random weights" in facts and f"{checkpoint['image_size']} px" in facts
+    start = "from ImageNet weights" if checkpoint["config"]["weights"] == "imagenet" else "from random weights"
+    assert start in facts and f"{checkpoint['image_size']} px" in facts
 
 
 def test_bundled_model_is_read_only_on_the_ood_page(

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-import lesion.training
+import lesion.data
+import lesion.data.readers
 from lesion.errors import DataError
 from tests.conftest import REPO, run_installed
 
@@ -39,8 +40,9 @@ def test_the_installed_copy_imports_and_reads_recipes_from_where_it_was_installe
         "demo.toml",
         "notebook.toml",
         "recommended.toml",
+        "scratch.toml",
     ]
-    assert arch == "resnet18"
+    assert arch == "efficientnet_lite0"
 
 
 def test_console_scripts_answer_help(installed_package: Path, tmp_path: Path) -> None:
@@ -72,14 +74,14 @@ def test_the_installed_training_run_is_complete(trained_run: Path) -> None:
 
 def test_a_missing_demo_set_says_to_pass_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # What an installed copy sees: no assets/demo beside the package, none in the working folder.
-    monkeypatch.setattr(lesion.training, "REPO_ROOT", tmp_path / "site-packages")
+    monkeypatch.setattr(lesion.data.readers, "PROJECT_ROOT", tmp_path / "site-packages")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match="not with the installed package. Pass --data DIR"):
-        lesion.training.locate_data("assets/demo")
+        lesion.data.locate_data("assets/demo")
     with pytest.raises(DataError, match="dataset folder not found: elsewhere. Pass --data DIR"):
-        lesion.training.locate_data("elsewhere")
+        lesion.data.locate_data("elsewhere")
     (tmp_path / "elsewhere").mkdir()
-    assert lesion.training.locate_data("elsewhere") == "elsewhere"
+    assert lesion.data.locate_data("elsewhere") == "elsewhere"
 
 
 def test_the_suite_runs_from_another_folder(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import torch
 from lesion.config import TrainConfig
 from lesion.data import ImageCache, read_metadata
 from lesion.distributed import DistInfo
-from lesion.training import make_loader
+from lesion.loaders import make_loader
 from lesion.transforms import resize_size
 from tests.conftest import DEMO
 

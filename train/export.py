@@ -1,6 +1,6 @@
 """``python -m train.export``: turn a finished run into the app's bundled model file.
 
-    python -m train.export --run runs/bundled --out assets/models/lesion-resnet18-demo.pt
+    python -m train.export --run runs/bundled --out assets/models/lesion-efficientnet-lite0-demo.pt
 
 Halves the weights to float16, drops training-only state, records the split, re-measures every
 figure on the CPU with the app's own predictor and the halved weights, and writes the checkpoint

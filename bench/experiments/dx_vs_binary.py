@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from lesion.config import build_config
-from lesion.data import read_split
+from lesion.data import locate_data, read_split
 from lesion.files import CONFIG_FILE, METRICS_FILE, MODEL_FILE, SPLIT_FILE
 from lesion.metrics import (
     mean_roc_auc_difference_interval,
@@ -33,7 +33,7 @@ from lesion.metrics import (
     roc_auc_interval,
 )
 from lesion.predict import Predictor
-from lesion.training import locate_data, run_training
+from lesion.training import run_training
 
 TARGETS = ("dx", "binary")
 

@@ -162,7 +162,7 @@ def run_all(runs: list[Run], args: argparse.Namespace, cache: Path, started: flo
 def warm_cache(args: argparse.Namespace, cache: Path, sizes: set[int]) -> None:
     """Decode the data once per image size before the runs start, so they do not all decode at once."""
     from lesion import data as lesion_data
-    from lesion.training import locate_data
+    from lesion.data import locate_data
     from lesion.transforms import resize_size
 
     df, _ = lesion_data.read_metadata(locate_data(args.data))

@@ -19,17 +19,21 @@ from __future__ import annotations
 from lesion.data.cache import CACHE_VERSION, ImageCache, check_images, default_cache_dir
 from lesion.data.dataset import LesionDataset
 from lesion.data.readers import (
+    DEMO_DATA,
     HAM_COLUMNS,
     IMAGE_SUFFIXES,
     METADATA_NAMES,
     find_metadata,
     index_images,
+    locate_data,
     metadata_file,
     read_metadata,
 )
 from lesion.data.split import FOLDS, SPLIT_COLUMNS, read_split, select_subset, split_by_lesion, write_split
 
 __all__ = [
+    "DEMO_DATA",
+    "locate_data",
     "CACHE_VERSION",
     "FOLDS",
     "HAM_COLUMNS",

@@ -22,9 +22,11 @@ from typing import Any
 import pandas as pd
 
 from lesion.errors import DataError
+from lesion.files import PROJECT_ROOT
 from lesion.labels import CLASS_NAMES, DX_TO_LABEL, ISIC_NAME_TO_DX, label_index
 
 METADATA_NAMES = ("HAM10000_metadata.csv", "metadata.csv")
+DEMO_DATA = "assets/demo"  # the bundled demo set, relative to the repository checkout
 #: The image files a dataset folder may hold (the predictor reads more: lesion.images.IMAGE_EXTENSIONS).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 HAM_COLUMNS = ("lesion_id", "image_id", "dx")
@@ -226,3 +228,23 @@ def read_metadata(
         "skipped": {"missing": missing, "unknown_dx": unknown, "unreadable": []},
     }
     return table, summary
+
+
+def locate_data(path: str) -> str:
+    """A relative data path is looked up from the working folder, then from the repository (assets/demo).
+
+    A folder found in neither raises DataError saying to pass --data; the bundled demo set ships
+    with the repository checkout, not with an installed package, and the message says so.
+    """
+    candidate = Path(path).expanduser()
+    if not candidate.exists() and not candidate.is_absolute() and (PROJECT_ROOT / candidate).exists():
+        return str(PROJECT_ROOT / candidate)
+    if not candidate.exists():
+        if path == DEMO_DATA:
+            raise DataError(
+                f"the bundled demo set ({path}) is not here: it ships with the repository checkout, not with "
+                "the installed package. Pass --data DIR with a HAM10000 or ISIC archive folder "
+                "(or the checkout's assets/demo)."
+            )
+        raise DataError(f"dataset folder not found: {path}. Pass --data DIR with a HAM10000 or ISIC archive folder.")
+    return str(candidate)

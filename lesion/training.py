@@ -9,12 +9,9 @@ Progress goes to events.jsonl; rank 0 alone writes files.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
-import signal
 import socket
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -31,26 +28,19 @@ from torch.utils.data import DataLoader
 from lesion import data as lesion_data
 from lesion.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from lesion.config import TrainConfig
-from lesion.distributed import DistInfo, all_gather_objects, barrier, cleanup, init_distributed, mean_across_ranks
+from lesion.distributed import DistInfo, barrier, cleanup, init_distributed, mean_across_ranks
+from lesion.epochs import StopFlag, train_one_epoch, validate
 from lesion.errors import LesionError
 from lesion.events import EventWriter
 from lesion.files import BEST_FILE, CONFIG_FILE, LAST_FILE, MODEL_FILE, SPLIT_FILE, write_text_atomic
 from lesion.finalize import finalize
 from lesion.labels import CLASS_NAMES
-from lesion.loaders import autocast_for, collect_outputs, make_loader
-from lesion.metrics import binary_metrics
-from lesion.model import (
-    backbone_parameters,
-    build_model,
-    classifier,
-    freeze_stages,
-    frozen_stage_modules,
-    replace_head,
-    unwrap,
-)
-from lesion.regularize import DxSideCrossEntropy, Regularizer, SoftTargetCrossEntropy
-from lesion.targets import BINARY, IGNORE_INDEX, Target, choose_target, output_probabilities, p_malignant
-from lesion.transforms import BatchAugment, resize_size
+from lesion.loaders import make_loader
+from lesion.model import build_model, replace_head
+from lesion.optimization import criteria, optimizer_and_schedule, set_backbone_trainable
+from lesion.regularize import Regularizer
+from lesion.targets import Target, choose_target
+from lesion.transforms import resize_size
 from lesion.weights import load_backbone_weights, provenance
 
 EventCallback = Callable[[dict[str, Any]], None]
@@ -58,34 +48,6 @@ EventCallback = Callable[[dict[str, Any]], None]
 
 class StoppedBeforeModel(LesionError):
     """The user stopped the run before any epoch completed: nothing to finalize."""
-
-
-class StopFlag:
-    """Set by SIGTERM / SIGINT: finish the batch, keep the last checkpoint, finalize the best epoch.
-
-    A second signal restores the default handler, so pressing Ctrl-C twice still kills at once.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        # Signal handlers can only be set from the main thread; elsewhere (a caller's thread)
-        # the run simply cannot be stopped by a signal.
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
 
 
 @dataclass
@@ -155,68 +117,6 @@ def prepare_data(
     return df.reset_index(drop=True), summary, cache
 
 
-# ---------------------------------------------------------------- model and optimisation
-
-
-def _adamw(params: list, config: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-
-
-def _adam(params: list, config: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-
-
-def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
-    """The head at ``lr``, the backbone at ``lr * backbone_lr_scale``; frozen stages left out.
-
-    A pretrained backbone wants smaller steps than the new head (the head starts from random
-    weights; the backbone already holds what ImageNet taught it). Both follow the same warm-up and
-    schedule: LambdaLR scales each group's own learning rate.
-    """
-    frozen = {id(p) for p in _frozen_parameters(model, config)}
-    head = [p for p in classifier(model).parameters()]
-    backbone = [p for p in backbone_parameters(model) if id(p) not in frozen]
-    return [
-        {"params": head, "lr": config.lr},
-        {"params": backbone, "lr": config.lr * config.backbone_lr_scale},
-    ]
-
-
-def _frozen_parameters(model: nn.Module, config: TrainConfig) -> list[nn.Parameter]:
-    return [p for module in frozen_stage_modules(model, config.freeze_stages) for p in module.parameters()]
-
-
-OPTIMIZER_BUILDERS: dict[str, Callable[[list, TrainConfig], torch.optim.Optimizer]] = {"adamw": _adamw, "adam": _adam}
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
-    """Linear warmup, then cosine decay to zero (or constant)."""
-    if warmup_steps and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def class_weights(labels: np.ndarray, num_classes: int = 2) -> torch.Tensor:
-    """Inverse-frequency weights, total / (classes x count) (what the notebook's class weights did).
-
-    Per output of the head: per diagnosis for a dx head. Labels left out of the loss (negative) do not count.
-    """
-    labels = np.asarray(labels)
-    counts = np.bincount(labels[labels >= 0], minlength=num_classes).astype(float)
-    weights = counts.sum() / (num_classes * np.maximum(counts, 1.0))
-    return torch.tensor(weights, dtype=torch.float32)
-
-
-def set_backbone_trainable(model: nn.Module, trainable: bool, frozen_stages: int = 0) -> None:
-    """Backbone parameters get gradients or not; the first ``frozen_stages`` stages never do."""
-    for parameter in backbone_parameters(model):
-        parameter.requires_grad_(trainable)
-    freeze_stages(model, frozen_stages)
-
-
 # ---------------------------------------------------------------- checkpoints
 
 
@@ -229,98 +129,6 @@ def training_state(optimizer, scheduler, state: TrainState, regularizer: Regular
         "history_json": json.dumps(state.history),
         "torch_rng": torch.get_rng_state(),
     }
-
-
-# ---------------------------------------------------------------- loops
-
-
-def train_one_epoch(
-    model: nn.Module,
-    loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LambdaLR,
-    criterion: nn.Module,
-    *,
-    device: torch.device,
-    config: TrainConfig,
-    epoch: int,
-    events: EventWriter,
-    stop: StopFlag,
-    regularizer: Regularizer | None = None,
-) -> tuple[float, int, bool]:
-    """One pass over the training loader; returns (mean loss, images seen, stopped early)."""
-    model.train()
-    freeze_stages(unwrap(model), config.freeze_stages)  # frozen stages keep their BatchNorm statistics
-    batches = len(loader)
-    if config.max_steps_per_epoch:
-        batches = min(batches, config.max_steps_per_epoch)
-    # The loss is summed on the device: a per-step .item() would make the host wait for every step.
-    total_loss = torch.zeros((), device=device)
-    seen, window_images, window_start = 0, 0, time.perf_counter()
-    memory_format = torch.channels_last if config.channels_last and device.type == "cuda" else torch.contiguous_format
-    augment = BatchAugment(config.augment, config.image_size).to(device).train()
-    for batch_index, (images, labels) in enumerate(loader):
-        if batch_index >= batches or stop.requested:
-            break
-        images = augment(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
-        labels = labels.to(device, non_blocking=True)
-        images, targets = regularizer.mix(images, labels) if regularizer is not None else (images, labels)
-        with autocast_for(device, config.amp):
-            loss = criterion(model(images), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if regularizer is not None:
-            regularizer.after_step(model)
-        total_loss += loss.detach().float() * len(labels)
-        seen += len(labels)
-        window_images += len(labels)
-        if (batch_index + 1) % config.log_every == 0 or batch_index + 1 == batches:
-            elapsed = time.perf_counter() - window_start
-            events.emit(
-                "step",
-                epoch=epoch,
-                batch=batch_index + 1,
-                batches=batches,
-                loss=round(loss.item(), 5),
-                lr=scheduler.get_last_lr()[0],
-                images_per_s=round(window_images / max(elapsed, 1e-9), 2),
-            )
-            window_images, window_start = 0, time.perf_counter()
-    return total_loss.item() / max(seen, 1), seen, stop.requested
-
-
-def validate(
-    model: nn.Module,
-    frame: pd.DataFrame,
-    cache: lesion_data.ImageCache,
-    config: TrainConfig,
-    info: DistInfo,
-    device: torch.device,
-    criterion: nn.Module,
-    target: Target = BINARY,
-    loader: DataLoader | None = None,
-) -> dict[str, Any]:
-    """Validation metrics over the whole split, each rank scoring its shard; every rank gets the result.
-
-    The loss is on the head's outputs; the metrics on P(malignant), the sum of the malignant outputs.
-    ``loader`` is the training loop's own validation loader (its workers persist; its labels must
-    be ``target``'s); made here if None.
-    """
-    if loader is None:
-        loader = make_loader(config, frame, cache, info, train=False, device=device, target=target)
-    out = collect_outputs(model, loader, device, config)
-    indices = list(loader.sampler)
-    gathered = all_gather_objects((indices, out["logits"], out["labels"]), info)
-    order = torch.tensor([i for part in gathered for i in part[0]])
-    logits = torch.cat([part[1] for part in gathered])[torch.argsort(order)]
-    labels = torch.cat([part[2] for part in gathered])[torch.argsort(order)]
-    scored = labels != IGNORE_INDEX
-    loss = criterion(logits[scored], labels[scored]).item() if bool(scored.any()) else float("nan")
-    probabilities = p_malignant(output_probabilities(logits), target).numpy()
-    metrics = binary_metrics(frame["label"].to_numpy(), probabilities, 0.5, frame["dx"].tolist())
-    return {"loss": loss, **metrics}
 
 
 def run_training(config: TrainConfig, on_event: EventCallback | None = None) -> Path:
@@ -375,10 +183,10 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
     train_model = _place(model, config, device, info)
     loader = make_loader(config, train_df, cache, info, train=True, device=device, target=target, persistent=True)
     val_loader = make_loader(config, val_df, cache, info, train=False, device=device, target=target, persistent=True)
-    optimizer, scheduler = _optimizer_and_schedule(
+    optimizer, scheduler = optimizer_and_schedule(
         model, config, min(len(loader), config.max_steps_per_epoch or len(loader))
     )
-    criterion, val_criterion = _criteria(config, target, train_df, device)
+    criterion, val_criterion = criteria(config, target, train_df, device)
     regularizer = Regularizer(config, model, num_classes=target.num_outputs)
     state = TrainState()
     if config.resume and (run_dir / LAST_FILE).is_file():
@@ -437,38 +245,6 @@ def _place(model: nn.Module, config: TrainConfig, device: torch.device, info: Di
             find_unused_parameters=config.freeze_backbone_epochs > 0,
         )
     return train_model
-
-
-def _optimizer_and_schedule(
-    model: nn.Module, config: TrainConfig, steps_per_epoch: int
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """The optimizer over :func:`parameter_groups`, and the warm-up then cosine (or constant) schedule per step."""
-    optimizer = OPTIMIZER_BUILDERS[config.optimizer](parameter_groups(model, config), config)
-    total_steps = steps_per_epoch * config.epochs
-    warmup = int(round(config.warmup_epochs * steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup, config.schedule)
-    )
-    return optimizer, scheduler
-
-
-def _criteria(
-    config: TrainConfig, target: Target, train_df: pd.DataFrame, device: torch.device
-) -> tuple[nn.Module, nn.Module]:
-    """The training loss (with the benign / malignant term for a dx head) and the validation loss."""
-    train_labels = target.indices(train_df["dx"].tolist(), train_df["label"].tolist())
-    weight = class_weights(train_labels, target.num_outputs).to(device) if config.balance == "class_weights" else None
-    criterion: nn.Module = SoftTargetCrossEntropy(weight=weight, label_smoothing=config.label_smoothing)
-    if target.kind == "dx" and config.side_loss > 0:
-        side_weight = class_weights(train_df["label"].to_numpy(), 2) if config.balance == "class_weights" else None
-        criterion = DxSideCrossEntropy(
-            target.malignant_mask(),
-            dx_weight=weight,
-            side_weight_per_class=side_weight,
-            side_weight=config.side_loss,
-            label_smoothing=config.label_smoothing,
-        ).to(device)
-    return criterion, nn.CrossEntropyLoss(weight=weight.cpu() if weight is not None else None)
 
 
 def _start_fields(

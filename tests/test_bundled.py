@@ -1,7 +1,7 @@
 """The bundled model: the shipped file does what it says, and the export that builds it is honest.
 
 ``test_shipped_*`` read ``assets/models/`` as committed. They FAIL (never skip) when the file is
-missing or stale: rebuild it with the command in README.md, "The bundled model".
+missing or stale: rebuild it with the two commands in docs/bundled-model.md.
 """
 
 from __future__ import annotations

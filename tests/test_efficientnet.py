@@ -18,8 +18,8 @@ from streamlit.testing.v1 import AppTest
 from lesion.config import build_config
 from lesion.events import iter_events
 from lesion.model import build_model, frozen_stage_modules, stage_names
+from lesion.optimization import parameter_groups, set_backbone_trainable
 from lesion.predict import Predictor
-from lesion.training import parameter_groups, set_backbone_trainable
 from lesion.weights import WEIGHTS_PACKAGES
 from tests.conftest import DEMO, REPO, SAMPLE_LESIONS, SAMPLE_OOD, TINY_PRETRAINED, run_cli
 

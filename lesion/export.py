@@ -97,7 +97,7 @@ def rescore(checkpoint: dict[str, Any], folds: tuple[str, ...] = ("val", "test")
     Probabilities come from :meth:`Predictor.probabilities` (decode, evaluation transform, forward,
     temperature) and are judged at the checkpoint's decision threshold, as ``train.evaluate`` does.
     """
-    from lesion.metrics import binary_metrics
+    from lesion.metrics import binary_metrics, prediction_dx_metrics
     from lesion.predict import Predictor
 
     predictor = Predictor(checkpoint, device="cpu")
@@ -116,7 +116,7 @@ def rescore(checkpoint: dict[str, Any], folds: tuple[str, ...] = ("val", "test")
             part["label"].to_numpy(), probabilities, predictor.decision_threshold, part["dx"].tolist()
         )
         metrics["n_lesions"] = int(part["lesion_id"].nunique())
-        dx = predictor.dx_metrics(predictions, part["dx"].tolist())
+        dx = prediction_dx_metrics(predictions, part["dx"].tolist(), predictor.dx_names)
         if dx is not None:  # a dx head: its diagnosis figures, re-measured like the rest
             metrics["dx"] = dx
         metrics["ood_accepted"] = {

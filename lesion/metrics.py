@@ -376,3 +376,13 @@ def _bootstrap_aucs(y: np.ndarray, scores: list[np.ndarray], keys: np.ndarray, r
                 below = np.cumsum(negative) - negative
                 values[r, column] = np.sum(positive * (below + 0.5 * negative)) / (positive.sum() * negative.sum())
     return values
+
+
+def prediction_dx_metrics(
+    predictions: Sequence[Any], dx_true: Sequence[str], dx_names: Sequence[str]
+) -> dict[str, Any] | None:
+    """:func:`dx_metrics` of predictions (each with ``dx_probabilities``); None for a binary model (no dx names)."""
+    if not dx_names:
+        return None
+    table = [[prediction.dx_probabilities[name] for name in dx_names] for prediction in predictions]
+    return dx_metrics(dx_true, np.array(table), dx_names)

@@ -275,15 +275,6 @@ class Predictor:
                 raise result
         return np.array([result.p_malignant for result in results], dtype=np.float64)
 
-    def dx_metrics(self, predictions: Sequence[Prediction], dx_true: Sequence[str]) -> dict[str, Any] | None:
-        """Diagnosis figures (:func:`lesion.metrics.dx_metrics`) of these predictions; None for a binary model."""
-        if not self.dx_names:
-            return None
-        from lesion.metrics import dx_metrics
-
-        table = [[prediction.dx_probabilities[name] for name in self.dx_names] for prediction in predictions]
-        return dx_metrics(dx_true, np.array(table), self.dx_names)
-
 
 @dataclass(frozen=True)
 class _Settings:

@@ -53,7 +53,7 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     from lesion import data as lesion_data
     from lesion.errors import InvalidImage
-    from lesion.metrics import binary_metrics
+    from lesion.metrics import binary_metrics, prediction_dx_metrics
     from lesion.predict import Predictor
 
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
@@ -74,7 +74,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     probabilities = np.array([result.p_malignant for result in predictions], dtype=np.float64)
     threshold = predictor.decision_threshold
     metrics = binary_metrics(df["label"].to_numpy(), probabilities, threshold, df["dx"].tolist())
-    dx = predictor.dx_metrics(predictions, df["dx"].tolist())
+    dx = prediction_dx_metrics(predictions, df["dx"].tolist(), predictor.dx_names)
     if dx is not None:
         metrics["dx"] = dx
     metrics.update(

@@ -19,7 +19,7 @@ from sklearn.metrics import roc_auc_score
 
 from lesion.checkpoint import load_checkpoint
 from lesion.export import split_frame
-from lesion.metrics import roc_auc_difference_interval
+from lesion.metrics import prediction_dx_metrics, roc_auc_difference_interval
 from lesion.predict import Predictor
 
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         predictor = Predictor(checkpoints[key])
         predictions = predictor.predict_batch(part["path"].tolist(), batch_size=32, with_heatmap=False)
         scores[key] = np.array([p.p_malignant for p in predictions])
-        dx = predictor.dx_metrics(predictions, part["dx"].tolist()) or {}
+        dx = prediction_dx_metrics(predictions, part["dx"].tolist(), predictor.dx_names) or {}
         print(
             f"{key}: {path}: {args.fold} ROC-AUC {roc_auc_score(y, scores[key]):.3f}, "
             f"dx balanced accuracy {dx.get('balanced_accuracy', float('nan')):.3f} "

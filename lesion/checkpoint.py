@@ -232,6 +232,22 @@ def ood_entry(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return {**entry, "detectors": detectors}
 
 
+def resolve_ood_method(entry: dict[str, Any], detectors: dict[str, Any], asked: str | None = None) -> str:
+    """The OOD method a predictor uses: the one asked for (ValueError if it cannot score), else the entry's own.
+
+    The entry's own method must be fitted (InvalidCheckpoint otherwise); an entry that names none is read
+    as :data:`lesion.ood.UNNAMED_DETECTOR`, as checkpoints written before the method was recorded were.
+    """
+    from lesion import ood
+
+    if asked is not None:
+        return ood.check_method(asked, detectors)
+    try:
+        return ood.check_method(entry.get("method") or ood.UNNAMED_DETECTOR, detectors, asked=False)
+    except ValueError as error:
+        raise InvalidCheckpoint(f"the checkpoint's OOD method is unusable: {error}") from None
+
+
 def ood_thresholds(detectors: dict[str, dict[str, Any]]) -> dict[str, float]:
     """Each fitted detector's threshold as a float; InvalidCheckpoint if one is unreadable or not finite."""
     try:

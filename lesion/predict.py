@@ -27,7 +27,14 @@ import numpy as np
 import torch
 
 from lesion import explain, ood
-from lesion.checkpoint import check_checkpoint, load_checkpoint, model_from_checkpoint, ood_entry, ood_thresholds
+from lesion.checkpoint import (
+    check_checkpoint,
+    load_checkpoint,
+    model_from_checkpoint,
+    ood_entry,
+    ood_thresholds,
+    resolve_ood_method,
+)
 from lesion.errors import InvalidCheckpoint, InvalidImage
 from lesion.images import ImageSource
 from lesion.model import LayerStatistics, classifier, forward_parts
@@ -76,15 +83,7 @@ class Predictor:
         self.detectors: dict[str, dict[str, Any]] = ood.stats_on_device(entry["detectors"], self.device)
         self.ood_available = bool(self.detectors)
         self.ood_thresholds: dict[str, float] = ood_thresholds(self.detectors)
-        if ood_method is not None:
-            self.ood_method = ood.check_method(ood_method, self.detectors)
-        else:
-            try:
-                self.ood_method = ood.check_method(
-                    entry.get("method") or ood.UNNAMED_DETECTOR, self.detectors, asked=False
-                )
-            except ValueError as error:
-                raise InvalidCheckpoint(f"the checkpoint's OOD method is unusable: {error}") from None
+        self.ood_method = resolve_ood_method(entry, self.detectors, ood_method)
         # Layer statistics cost a little per pass: collect them only when a fitted detector uses them.
         needs_layers = any(getattr(ood.DETECTORS.get(name), "needs_layers", False) for name in self.detectors)
         self._layer_tap = LayerStatistics(self.model) if needs_layers else None

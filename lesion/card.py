@@ -204,8 +204,52 @@ def render_model_card(checkpoint: dict[str, Any], name: str = "model") -> str:
     dx = metrics.get("test", {}).get("dx")
     if dx:
         lines += _dx_section(dx, "test")
+    lines += _explanations_section(checkpoint, metrics.get("test", {}))
     lines += ["## Intended use and limits", "", INTENDED_USE]
     return "\n".join(lines)
+
+
+def _explanations_section(checkpoint: dict[str, Any], test: dict[str, Any]) -> list[str]:
+    """Similar cases and prediction sets: what the checkpoint holds and how they did on the test split."""
+    index, sets = checkpoint.get("similar"), checkpoint.get("conformal")
+    if not index and not sets:
+        return []
+    lines = ["## Explanations", ""]
+    if index:
+        vote = test.get("similar") or {}
+        sample = index.get("sampled_from", len(index["image_ids"]))
+        lines.append(
+            f"- Similar cases: embeddings ({index.get('feature', 'features')}, float16) of "
+            f"{len(index['image_ids'])} training-split images"
+            + (f" (a stratified sample of {sample})" if sample > len(index["image_ids"]) else "")
+        )
+        if vote:
+            lines.append(
+                f"  - Test split ({vote.get('n')} images): the {vote.get('k')}-nearest vote's ROC-AUC "
+                f"{_fmt(vote.get('vote_roc_auc'))} against the softmax's {_fmt(vote.get('softmax_roc_auc'))}; "
+                f"their most common diagnosis is right for {_fmt(vote.get('dx_majority_accuracy'))} of images"
+            )
+    if sets:
+        measured = test.get("sets") or {}
+        lines.append(
+            f"- Prediction sets: split-conformal ({sets['method'].upper()}), calibrated on "
+            f"{len(sets['scores'])} validation images; default coverage {sets.get('default_coverage', 0.9):.0%}"
+        )
+        if measured.get("n"):
+            lines += [
+                f"  - Test split ({measured['n']} images): empirical coverage **{_fmt(measured['coverage'])}** "
+                f"at nominal {measured['nominal_coverage']:.0%}, mean set size **{measured['mean_size']:.2f}**",
+                "",
+                "| true class | images | coverage | mean set size |",
+                "| --- | --- | --- | --- |",
+                *(
+                    f"| {name} | {row['n']} | {_fmt(row['coverage'])} | {row['mean_size']:.2f} |"
+                    for name, row in measured.get("per_class", {}).items()
+                ),
+                "",
+                "Coverage is guaranteed on average over images like the validation ones, not per diagnosis.",
+            ]
+    return [*lines, ""]
 
 
 def write_model_card(target: str | Path) -> Path:

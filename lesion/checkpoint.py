@@ -309,3 +309,21 @@ def make_checkpoint(
         epoch=epoch,
         **extra,
     )
+
+
+def explanation_entries(checkpoint: dict[str, Any], feature_width: int) -> tuple[dict | None, dict | None]:
+    """The checkpoint's ``similar`` and ``conformal`` entries, each None when absent (older checkpoints).
+
+    InvalidCheckpoint when one is there but cannot serve this network (wrong width, names or values):
+    a hand-edited file is refused at load, not on the first visitor's photo.
+    """
+    from lesion import conformal, similar
+
+    index, sets = checkpoint.get("similar"), checkpoint.get("conformal")
+    if index is not None and (problem := similar.check_index(index, feature_width)):
+        raise InvalidCheckpoint(f"the checkpoint is unusable: {problem}")
+    if sets is not None:
+        names = checkpoint.get("dx_names") or checkpoint["class_names"]
+        if problem := conformal.check_entry(sets, names):
+            raise InvalidCheckpoint(f"the checkpoint is unusable: {problem}")
+    return index, sets

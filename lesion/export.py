@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from lesion.card import render_model_card
@@ -91,11 +92,78 @@ def split_frame(checkpoint: dict[str, Any]):
     return merged
 
 
+def _fold(frame, fold: str):
+    part = frame[frame["fold"] == fold]
+    if part.empty:
+        raise LesionError(f"the recorded split has no {fold} images")
+    return part
+
+
+def output_table(predictor: Any, predictions: list[Any]) -> np.ndarray:
+    """(n, K) calibrated outputs of the head in its order: diagnoses, or benign / malignant."""
+    if predictor.dx_names:
+        return np.array([[p.dx_probabilities[name] for name in predictor.dx_names] for p in predictions])
+    return np.array([[p.probabilities[name] for name in predictor.class_names] for p in predictions])
+
+
+def explanations(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint with its ``similar`` index (training split) and ``conformal`` calibration (validation
+    split) rebuilt by the Predictor from the file's own (halved) weights."""
+    from lesion import conformal, similar
+    from lesion.predict import Predictor
+
+    predictor = Predictor({k: v for k, v in checkpoint.items() if k not in ("similar", "conformal")}, device="cpu")
+    frame = split_frame(checkpoint)
+    train = _fold(frame, "train")
+    features = predictor.features(train["path"].tolist())
+    seed = int((checkpoint.get("config") or {}).get("seed", 0))
+    index = similar.build_index(
+        features, train["image_id"].tolist(), train["label"].tolist(), train["dx"].tolist(), seed=seed
+    )
+    val = _fold(frame, "val")
+    predictions = predictor.predict_batch(val["path"].tolist(), batch_size=32, ood_threshold=float("inf"))
+    bad = [str(p) for p in predictions if not hasattr(p, "p_malignant")]
+    if bad:
+        raise LesionError(f"{len(bad)} val image(s) could not be read: {bad[0]}")
+    names = predictor.dx_names or predictor.class_names
+    truth = val["dx"].tolist() if predictor.dx_names else ["malignant" if y else "benign" for y in val["label"]]
+    labels = [names.index(t) if t in names else -1 for t in truth]
+    sets = conformal.calibrate(output_table(predictor, predictions), labels, names, seed=seed)
+    return {**checkpoint, "similar": index, "conformal": sets}
+
+
+def explanation_metrics(predictor: Any, predictions: list[Any], part) -> dict[str, Any]:
+    """The similar-case vote against the softmax and the sets' coverage, on one fold (every image, OOD aside)."""
+    from lesion import conformal, similar
+
+    result: dict[str, Any] = {}
+    if predictor.similar is not None:
+        result["similar"] = similar.vote_metrics(
+            [p.similar_malignant for p in predictions],
+            [p.p_malignant for p in predictions],
+            part["label"].tolist(),
+            [p.similar_dx for p in predictions],
+            part["dx"].tolist(),
+        )
+    if predictor.conformal is not None:
+        names = predictor.dx_names or predictor.class_names
+        truth = part["dx"].tolist() if predictor.dx_names else ["malignant" if y else "benign" for y in part["label"]]
+        scored = [(p.dx_set, t) for p, t in zip(predictions, truth, strict=True) if t in names]
+        result["sets"] = {
+            "method": predictor.conformal["method"],
+            "calibrated_on": f"val ({len(predictor.conformal['scores'])} images)",
+            **conformal.set_metrics([s for s, _ in scored], [t for _, t in scored], predictor.default_coverage),
+        }
+    return result
+
+
 def rescore(checkpoint: dict[str, Any], folds: tuple[str, ...] = ("val", "test")) -> dict[str, Any]:
     """Metrics per fold of the recorded split, measured on the CPU by the app's own Predictor.
 
-    Probabilities come from :meth:`Predictor.probabilities` (decode, evaluation transform, forward,
+    Probabilities come from :meth:`Predictor.predict_batch` (decode, evaluation transform, forward,
     temperature) and are judged at the checkpoint's decision threshold, as ``train.evaluate`` does.
+    Every image is scored, the OOD check aside (its acceptance is measured apart), so the similar-case
+    vote and the diagnosis sets are measured on the same images as the probability.
     """
     from lesion.metrics import binary_metrics, prediction_dx_metrics
     from lesion.predict import Predictor
@@ -104,10 +172,10 @@ def rescore(checkpoint: dict[str, Any], folds: tuple[str, ...] = ("val", "test")
     frame = split_frame(checkpoint)
     result: dict[str, Any] = {}
     for fold in folds:
-        part = frame[frame["fold"] == fold]
-        if part.empty:
-            raise LesionError(f"the recorded split has no {fold} images")
-        predictions = predictor.predict_batch(part["path"].tolist(), batch_size=32, with_heatmap=False)
+        part = _fold(frame, fold)
+        predictions = predictor.predict_batch(
+            part["path"].tolist(), batch_size=32, with_heatmap=False, ood_threshold=float("inf")
+        )
         bad = [str(p) for p in predictions if not hasattr(p, "p_malignant")]
         if bad:
             raise LesionError(f"{len(bad)} {fold} image(s) could not be read: {bad[0]}")
@@ -119,6 +187,7 @@ def rescore(checkpoint: dict[str, Any], folds: tuple[str, ...] = ("val", "test")
         dx = prediction_dx_metrics(predictions, part["dx"].tolist(), predictor.dx_names)
         if dx is not None:  # a dx head: its diagnosis figures, re-measured like the rest
             metrics["dx"] = dx
+        metrics.update(explanation_metrics(predictor, predictions, part))
         metrics["ood_accepted"] = {
             name: sum(p.ood_scores[name] <= predictor.ood_thresholds[name] for p in predictions) / len(predictions)
             for name in predictor.ood_thresholds
@@ -197,7 +266,7 @@ def export_run(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
     run_dir, out = Path(run_dir), Path(out)
     if not (run_dir / MODEL_FILE).is_file():
         raise LesionError(f"{run_dir} has no model.pt: train it to the end first (python -m train --out {run_dir})")
-    checkpoint = remeasure(exported_checkpoint(run_dir))
+    checkpoint = remeasure(explanations(exported_checkpoint(run_dir)))
     save_checkpoint(checkpoint, out)
     write_text_atomic(out.parent / METRICS_FILE, json.dumps(checkpoint["metrics"], indent=2) + "\n")
     card = render_model_card(checkpoint, out.stem) + "\n" + export_note(checkpoint)

@@ -15,8 +15,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from lesion import conformal, ood, similar
 from lesion import data as lesion_data
-from lesion import ood
 from lesion.checkpoint import make_checkpoint, save_checkpoint
 from lesion.config import TrainConfig
 from lesion.distributed import DistInfo
@@ -63,6 +63,52 @@ def _split_metrics(
         dx_probabilities = output_probabilities(out["logits"], temperature).numpy()
         metrics["dx"] = dx_metrics(frame["dx"].tolist(), dx_probabilities, target.names)
     return metrics
+
+
+def _explanations(
+    outs: dict[str, dict[str, torch.Tensor]],
+    frames: dict[str, pd.DataFrame],
+    temperature: float,
+    target: Target,
+    test_metrics: dict[str, Any],
+    seed: int,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The similar-cases index (training split) and the conformal calibration (validation split).
+
+    Both are measured on the test split into ``test_metrics``: the 16-neighbour vote against the
+    softmax (``similar``) and the sets' coverage and size at the default coverage (``sets``).
+    """
+    train, test = frames["train"], frames["test"]
+    index = similar.build_index(
+        outs["train"]["features"], train["image_id"].tolist(), train["label"].tolist(), train["dx"].tolist(), seed=seed
+    )
+    found = similar.SimilarIndex(index).search(outs["test"]["features"])
+    test_metrics["similar"] = similar.vote_metrics(
+        [f.malignant_share for f in found],
+        _p_malignant(outs["test"]["logits"], target, temperature),
+        test["label"].tolist(),
+        [f.dx_vote for f in found],
+        test["dx"].tolist(),
+    )
+    names = list(target.names)
+    val_labels = outs["val"]["labels"].numpy()  # the head's output per image (IGNORE_INDEX: none)
+    sets = conformal.calibrate(
+        output_probabilities(outs["val"]["logits"], temperature).numpy(),
+        np.where(val_labels < 0, -1, val_labels),
+        names,
+        seed=seed,
+    )
+    chosen = conformal.prediction_sets(
+        sets, output_probabilities(outs["test"]["logits"], temperature).numpy(), sets["default_coverage"]
+    )
+    truth = test["dx"].tolist() if target.kind == "dx" else ["malignant" if y else "benign" for y in test["label"]]
+    scored = [(row, true) for row, true in zip(chosen, truth, strict=True) if true in names]
+    test_metrics["sets"] = {
+        "method": sets["method"],
+        "calibrated_on": f"val ({len(sets['scores'])} images)",
+        **conformal.set_metrics([row for row, _ in scored], [true for _, true in scored], sets["default_coverage"]),
+    }
+    return index, sets
 
 
 def finalize(
@@ -121,6 +167,7 @@ def finalize(
         name: float((test_scores[name] <= detectors[name]["threshold"]).float().mean()) for name in detectors
     }
     metrics["ood_rejection_spread"] = {name: stats["rejection_spread"] for name, stats in detectors.items()}
+    index, sets = _explanations(outs, frames, temperature, target, metrics["test"], config.seed)
     best_epoch = max(history, key=lambda r: r["val_roc_auc"] if r["val_roc_auc"] is not None else -1)["epoch"]
     report = {
         "headline_split": "test",
@@ -151,6 +198,8 @@ def finalize(
         ood={"method": config.ood_method, "detectors": detectors, "keep": config.ood_keep},
         metrics=json.loads(json.dumps(report)),
         history=history,
+        similar=index,
+        conformal=sets,
     )
     path = save_checkpoint(checkpoint, run_dir / MODEL_FILE)
     write_text_atomic(run_dir / METRICS_FILE, json.dumps(report, indent=2) + "\n")

@@ -26,9 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from lesion import explain, ood
+from lesion import conformal, explain, ood
 from lesion.checkpoint import (
     check_checkpoint,
+    explanation_entries,
     load_checkpoint,
     model_from_checkpoint,
     ood_entry,
@@ -37,10 +38,11 @@ from lesion.checkpoint import (
 )
 from lesion.errors import InvalidCheckpoint, InvalidImage
 from lesion.images import ImageSource
-from lesion.model import LayerStatistics, classifier, forward_parts
+from lesion.model import LayerStatistics, classifier, feature_dim, forward_parts
 from lesion.prediction import Prediction
 from lesion.preprocess import Prepared, Preprocessor
 from lesion.regularize import flip_logits
+from lesion.similar import Similar, SimilarIndex
 from lesion.targets import (
     cam_targets,
     class_probabilities,
@@ -88,6 +90,11 @@ class Predictor:
         needs_layers = any(getattr(ood.DETECTORS.get(name), "needs_layers", False) for name in self.detectors)
         self._layer_tap = LayerStatistics(self.model) if needs_layers else None
         self._check_detectors_fit()
+        # Explanations beside the verdict (absent from checkpoints written before them): the nearest
+        # training lesions, and the conformal set of the head's outputs.
+        index, self.conformal = explanation_entries(checkpoint, feature_dim(self.model))
+        self.similar = SimilarIndex(index, self.device) if index is not None else None
+        self.default_coverage = float((self.conformal or {}).get("default_coverage", conformal.DEFAULT_COVERAGE))
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", ood_method: str | None = None) -> Predictor:
@@ -133,6 +140,7 @@ class Predictor:
         decision_threshold: float | None = None,
         ood_threshold: float | None = None,
         cam_target: str | None = None,
+        coverage: float | None = None,
     ) -> _Settings:
         """One call's arguments checked and completed from the checkpoint, before any network time is spent."""
         method = ood.check_method(ood_method, self.detectors) if ood_method else self.ood_method
@@ -148,6 +156,7 @@ class Predictor:
             decision_threshold=self.decision_threshold if decision_threshold is None else float(decision_threshold),
             ood_threshold=threshold,
             fitted=fitted,
+            coverage=self.default_coverage if coverage is None else conformal.check_coverage(coverage),
         )
 
     def _run(self, prepared: Sequence[Prepared], *, with_heatmap: bool, **options: Any) -> list[Prediction]:
@@ -171,6 +180,13 @@ class Predictor:
         timer.lap("cam")
         scores = _rows_on_host(self._ood_scores(features, logits, layers), len(prepared))
         timer.lap("ood")
+        similar = self.similar.search(features) if self.similar is not None else [None] * len(prepared)
+        sets = (
+            conformal.prediction_sets(self.conformal, outputs.numpy(), settings.coverage)
+            if self.conformal is not None
+            else [[] for _ in prepared]
+        )
+        timer.lap("similar")
         results = []
         for i, item in enumerate(prepared):
             timings = timer.shares(len(prepared), decode=item.decode_s, preprocess=item.preprocess_s)
@@ -187,6 +203,8 @@ class Predictor:
                 ood_scores=scores[i],
                 cam_target=names[i],
                 target=output_index(self.target, self.class_names, names[i]),
+                similar=similar[i],
+                output_set=sets[i],
             )
             results.append(_prediction(item, settings, outcome, heatmap, timings))
         return results
@@ -223,17 +241,18 @@ class Predictor:
         decision_threshold: float | None = None,
         ood_threshold: float | None = None,
         cam_target: str | None = None,
+        coverage: float | None = None,
     ) -> Prediction:
         """Classify one image (path, bytes, file object or PIL image); InvalidImage if unreadable.
 
         ``cam_target`` picks what the heatmap explains: "malignant", "benign" or a diagnosis of a
         dx model (see :attr:`cam_targets`); default: the verdict's side. ``target`` (an output
         index) is the older way to pick. ``decision_threshold`` and ``ood_threshold`` override the
-        checkpoint's for this call.
+        checkpoint's for this call; ``coverage`` is the diagnosis set's (default: the checkpoint's, 0.9).
         """
         started = time.perf_counter()
         options = dict(cam_method=cam_method, target=target, ood_method=ood_method, cam_target=cam_target)
-        options.update(decision_threshold=decision_threshold, ood_threshold=ood_threshold)
+        options.update(decision_threshold=decision_threshold, ood_threshold=ood_threshold, coverage=coverage)
         self._settings(**options)  # a bad argument costs no decoding time
         prediction = self._run([self.preprocessor.prepare_one(image)], with_heatmap=with_heatmap, **options)[0]
         prediction.timings["total"] = time.perf_counter() - started
@@ -250,6 +269,7 @@ class Predictor:
         decision_threshold: float | None = None,
         ood_threshold: float | None = None,
         cam_target: str | None = None,
+        coverage: float | None = None,
     ) -> list[Prediction | InvalidImage]:
         """Classify many images, one forward pass per ``batch_size`` chunk.
 
@@ -257,7 +277,7 @@ class Predictor:
         GPU the next chunk is decoded while this one is scored (:meth:`lesion.preprocess.Preprocessor.chunks`).
         """
         options = dict(cam_method=cam_method, target=target, ood_method=ood_method, cam_target=cam_target)
-        options.update(decision_threshold=decision_threshold, ood_threshold=ood_threshold)
+        options.update(decision_threshold=decision_threshold, ood_threshold=ood_threshold, coverage=coverage)
         self._settings(**options)  # a bad argument costs no decoding time
         results: list[Prediction | InvalidImage] = []
         for _, chunk in self.preprocessor.chunks(list(images), max(1, int(batch_size))):
@@ -265,6 +285,19 @@ class Predictor:
             scored = iter(self._run(good, with_heatmap=with_heatmap, **options) if good else [])
             results.extend(item if isinstance(item, InvalidImage) else next(scored) for item in chunk)
         return results
+
+    def features(self, images: Iterable[ImageSource], batch_size: int = 32) -> torch.Tensor:
+        """Pooled penultimate features per image, float32 on the CPU (what the similar-cases index holds).
+
+        The first unreadable image raises its InvalidImage.
+        """
+        rows = []
+        for _, chunk in self.preprocessor.chunks(list(images), max(1, int(batch_size))):
+            for item in chunk:
+                if isinstance(item, InvalidImage):
+                    raise item
+            rows.append(self._forward(self.preprocessor.batch(chunk))[1].float().cpu())
+        return torch.cat(rows) if rows else torch.empty(0, feature_dim(self.model))
 
     def p_malignant(self, images: Iterable[ImageSource], batch_size: int = 32) -> np.ndarray:
         """Calibrated P(malignant) per image (what train.evaluate scores); the first bad image raises."""
@@ -286,6 +319,7 @@ class _Settings:
     decision_threshold: float
     ood_threshold: float
     fitted: bool  # the OOD method has fitted statistics (else every image is accepted)
+    coverage: float  # of the conformal set
 
 
 @dataclass(frozen=True)
@@ -298,6 +332,8 @@ class _Outcome:
     ood_scores: dict[str, float]  # per fitted detector
     cam_target: str  # what the heatmap explains
     target: int  # its class or output index
+    similar: Similar | None  # the nearest training lesions; None without an index
+    output_set: list[str]  # the conformal set of the head's outputs; [] without calibration
 
 
 def _prediction(
@@ -312,6 +348,7 @@ def _prediction(
     p, decision = outcome.p_malignant, settings.decision_threshold
     verdict, accepted = decide(p, decision, ood_score, settings.ood_threshold, fitted=settings.fitted)
     dx = outcome.dx_probabilities
+    similar = outcome.similar if accepted else None  # a photo that is not a lesion resembles no case
     return Prediction(
         verdict=verdict,
         p_malignant=p,
@@ -332,6 +369,11 @@ def _prediction(
         dx_probabilities=dx,
         dx_top=max(dx, key=dx.get) if dx and accepted else "",
         cam_target=outcome.cam_target,
+        similar=[neighbour.to_dict() for neighbour in similar.neighbours] if similar else [],
+        similar_malignant=similar.malignant_share if similar else float("nan"),
+        similar_dx=similar.dx_vote if similar else "",
+        dx_set=list(outcome.output_set) if accepted else [],
+        set_coverage=settings.coverage if accepted and outcome.output_set else float("nan"),
     )
 
 

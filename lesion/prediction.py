@@ -32,6 +32,14 @@ class Prediction:
     dx_probabilities: dict[str, float] = field(default_factory=dict)  # calibrated, per dx; empty for binary models
     dx_top: str = ""  # the most probable dx; "" for a binary model or a rejected ("unknown") image
     cam_target: str = ""  # what the heatmap explains: "malignant", "benign" or a dx code
+    # The nearest training lesions (image_id, dx, label, similarity), nearest first; [] when rejected
+    # or when the checkpoint has no index (lesion.similar).
+    similar: list[dict[str, Any]] = field(default_factory=list)
+    similar_malignant: float = float("nan")  # share malignant among the 16 nearest; nan when none
+    similar_dx: str = ""  # the 16 nearest's most common diagnosis
+    # The conformal set (lesion.conformal): diagnoses, or benign/malignant for a binary head; [] when rejected.
+    dx_set: list[str] = field(default_factory=list)
+    set_coverage: float = float("nan")  # the coverage the set was asked for
 
     def to_dict(self, include_heatmap: bool = False) -> dict[str, Any]:
         """Plain JSON-able values (nan becomes None; the heatmap as nested lists if asked)."""

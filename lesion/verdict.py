@@ -15,6 +15,16 @@ from typing import Any
 import numpy as np
 
 VERDICTS = ("benign", "malignant", "unknown")
+DISCLAIMER = (
+    "Demonstration only — not a diagnosis. This tool is not a medical device; "
+    "a skin lesion that worries you belongs in front of a dermatologist."
+)
+VERDICT_TEXT = {"benign": "Benign", "malignant": "Malignant", "unknown": "Not a skin lesion"}
+VERDICT_DETAIL = {
+    "benign": "The model leans towards a benign lesion.",
+    "malignant": "The model leans towards a malignant lesion.",
+    "unknown": "The model was not trained on photos like this, so it gives no benign/malignant answer.",
+}
 
 
 def accepts(scores: Any, threshold: float, *, fitted: bool = True) -> Any:

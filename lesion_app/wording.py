@@ -4,16 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-DISCLAIMER = (
-    "Demonstration only — not a diagnosis. This tool is not a medical device; "
-    "a skin lesion that worries you belongs in front of a dermatologist."
-)
-VERDICT_TEXT = {"benign": "Benign", "malignant": "Malignant", "unknown": "Not a skin lesion"}
-VERDICT_DETAIL = {
-    "benign": "The model leans towards a benign lesion.",
-    "malignant": "The model leans towards a malignant lesion.",
-    "unknown": "The model was not trained on photos like this, so it gives no benign/malignant answer.",
-}
+# The disclaimer and the verdicts in words live in the library: the PDF report says them too.
+from lesion.verdict import DISCLAIMER, VERDICT_DETAIL, VERDICT_TEXT  # noqa: F401 (re-exported)
+
 METRIC_LABELS = {
     "roc_auc": "ROC-AUC",
     "balanced_accuracy": "Balanced accuracy",

@@ -299,8 +299,9 @@ def check_current(checkpoint: dict[str, Any], name: str = "checkpoint") -> None:
         raise LesionError(f"{name} was not exported by this version of train.export. Rebuild it.")
 
 
-def describe(checkpoint: dict[str, Any]) -> str:
-    """One honest paragraph: what it was trained on, how, and what it reached on how many held-out lesions."""
+def describe(checkpoint: dict[str, Any], with_figures: bool = True) -> str:
+    """One honest paragraph: what it was trained on, how, and (``with_figures``) what it reached on how many
+    held-out lesions."""
     config, data, metrics = (
         checkpoint.get("config") or {},
         checkpoint.get("data") or {},
@@ -323,7 +324,7 @@ def describe(checkpoint: dict[str, Any]) -> str:
     )
     test = metrics.get("test") or {}
     auc = test.get("roc_auc")
-    if isinstance(auc, (int, float)):
+    if isinstance(auc, (int, float)) and with_figures:
         held_out = test.get("n_lesions") or test.get("n")
         unit = "lesions" if test.get("n_lesions") else "images"
         text += f" Test ROC-AUC {auc:.3f} on {held_out} held-out {unit}."

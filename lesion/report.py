@@ -65,7 +65,7 @@ class ModelFacts:
             if parts
             else "No test figures are recorded in this model."
         )
-        return cls(name=name, description=describe(checkpoint), figures=figures + ".")
+        return cls(name=name, description=describe(checkpoint, with_figures=False), figures=figures + ".")
 
 
 def _fitted(image: Image.Image, side: int) -> Image.Image:
@@ -101,12 +101,13 @@ def render_report(
     heatmap_image: Image.Image | None = None,
     thumbnails: Sequence[Image.Image | None] = (),
     when: datetime | None = None,
+    format: str = "pdf",
 ) -> bytes:
     """The PDF bytes of one prediction's report.
 
     ``image`` is the photo as shown; ``heatmap_image`` the photo with its heatmap laid over
     (:func:`lesion.explain.overlay`); ``thumbnails`` one picture (or None) per entry of
-    ``prediction.similar``, in its order.
+    ``prediction.similar``, in its order. ``format="png"`` draws the same page as a picture (a preview).
     """
     from matplotlib.backends.backend_pdf import FigureCanvasPdf
     from matplotlib.figure import Figure
@@ -120,14 +121,14 @@ def render_report(
     text(0.06, 0.915, "Demonstration only — not a diagnosis", fontsize=11, weight="bold", color="#b3261e", va="top")
 
     accepted = bool(prediction.accepted)
-    _picture(figure, (0.06, 0.63, 0.42, 0.26), _fitted(image, PICTURE_SIDE), "The photo")
+    _picture(figure, (0.06, 0.615, 0.42, 0.26), _fitted(image, PICTURE_SIDE), "The photo")
     if heatmap_image is not None:
         _picture(
-            figure, (0.52, 0.63, 0.42, 0.26), _fitted(heatmap_image, PICTURE_SIDE), "Where the model looked (heatmap)"
+            figure, (0.52, 0.615, 0.42, 0.26), _fitted(heatmap_image, PICTURE_SIDE), "Where the model looked (heatmap)"
         )
 
     verdict = str(prediction.verdict)
-    y = 0.6
+    y = 0.585
     text(0.06, y, VERDICT_TEXT.get(verdict, verdict), fontsize=20, weight="bold", color=VERDICT_COLOURS.get(verdict))
     y -= 0.025
     text(0.06, y, VERDICT_DETAIL.get(verdict, ""), fontsize=10, va="top")
@@ -172,7 +173,10 @@ def render_report(
 
     out = io.BytesIO()
     with matplotlib.rc_context({"pdf.fonttype": 42}):  # TrueType: the text can be searched and read back
-        figure.savefig(out, format="pdf", metadata={"Title": f"Lesion report: {name}", "Subject": DISCLAIMER})
+        if format == "pdf":
+            figure.savefig(out, format="pdf", metadata={"Title": f"Lesion report: {name}", "Subject": DISCLAIMER})
+        else:
+            figure.savefig(out, format=format, dpi=100)
     return out.getvalue()
 
 

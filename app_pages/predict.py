@@ -8,6 +8,7 @@ from collections import OrderedDict
 import streamlit as st
 
 from lesion.errors import InvalidImage
+from lesion_app.access import may_change
 from lesion_app.charts import diagnosis_chart
 from lesion_app.gallery import list_samples
 from lesion_app.guards import require_model
@@ -17,9 +18,13 @@ from lesion_app.predict_view import (
     cached_prediction,
     cam_target_label,
     display_box,
+    report_pdf,
     result_json,
     result_row,
+    set_text,
+    similar_cases,
     top_diagnoses,
+    with_coverage,
 )
 from lesion_app.runs_view import NO_MODEL_HELP
 from lesion_app.wording import VERDICT_DETAIL, VERDICT_TEXT
@@ -64,6 +69,18 @@ if not items:
     st.stop()
 # Imported once an image is there: the page was drawn before torch was imported.
 from lesion.explain import CAM_METHODS, heatmap_png, overlay  # noqa: E402
+from lesion.report import CasePictures, ModelFacts  # noqa: E402
+from lesion.similar import vote_in_words  # noqa: E402
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def case_pictures(path: str, mtime: float, _checkpoint: dict) -> CasePictures:
+    """The model's similar cases' pictures: one store per server and model file, shared by every visitor."""
+    return CasePictures(_checkpoint)
+
+
+pictures = case_pictures(str(model.path), model.mtime, predictor.checkpoint)
+facts_about_model = ModelFacts.from_checkpoint(predictor.checkpoint, model.path.stem)
 
 
 @st.fragment
@@ -79,6 +96,16 @@ def show_results(items: list[tuple[str, bytes]]) -> None:
     )
     alpha = middle.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05)
     view = right.segmented_control("View", ["Overlay", "Side by side"], default="Overlay", required=True)
+    coverage = predictor.default_coverage
+    if predictor.conformal is not None and may_change(st.session_state):
+        coverage = st.select_slider(
+            "Confidence of the diagnosis sets",
+            options=[0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95],
+            value=predictor.default_coverage,
+            format_func=lambda level: f"{level:.0%}",
+            help="Each photo gets the set of diagnoses that holds the true one this often, on average over "
+            "lesions like the validation ones (split-conformal). More confidence, larger sets.",
+        )
     table = st.empty()
 
     rows = []
@@ -92,6 +119,7 @@ def show_results(items: list[tuple[str, bytes]]) -> None:
             except InvalidImage as error:
                 st.error(f"**{name}** could not be used: {error}")
                 continue
+            prediction = with_coverage(predictor, prediction, coverage)
             rows.append(result_row(name, prediction))
             picture, facts = st.columns([1, 1])
             blended = shown
@@ -110,6 +138,8 @@ def show_results(items: list[tuple[str, bytes]]) -> None:
             verdict = VERDICT_TEXT.get(prediction.verdict, prediction.verdict)
             show = {"benign": facts.success, "malignant": facts.error}.get(prediction.verdict, facts.warning)
             show(f"**{verdict}** — {VERDICT_DETAIL.get(prediction.verdict, '')}")
+            if described_set := set_text(predictor, prediction):
+                facts.markdown(f"**{described_set}**")
             facts.metric(
                 "P(malignant), calibrated",
                 f"{prediction.p_malignant:.1%}",
@@ -139,6 +169,22 @@ def show_results(items: list[tuple[str, bytes]]) -> None:
                 facts.caption(
                     f"Rejected above {prediction.ood_threshold:.4g}: {'accepted' if prediction.accepted else 'rejected'}."
                 )
+            cases = similar_cases(prediction, pictures)
+            if cases:
+                st.markdown(
+                    "**Similar confirmed cases** from the training set — "
+                    + vote_in_words(prediction.similar_malignant, 16)
+                )
+                shown_cases = [case for case in cases if case["picture"] is not None]
+                if len(shown_cases) == len(cases):
+                    st.image(
+                        [case["picture"] for case in cases], caption=[case["caption"] for case in cases], width=110
+                    )
+                else:  # the model's data folder is not on this machine: ids and diagnoses only
+                    st.caption(
+                        "Pictures not available here; "
+                        + "; ".join(f"{case['image_id']}: {case['caption']}" for case in cases)
+                    )
             stem = name.rsplit(".", 1)[0]
             if prediction.heatmap is not None:
                 heatmap = prediction.heatmap
@@ -150,6 +196,17 @@ def show_results(items: list[tuple[str, bytes]]) -> None:
                     on_click="ignore",
                     key=f"png-{number}-{name}",
                 )
+            facts.download_button(
+                "Report (PDF)",
+                data=lambda n=name, p=prediction, s=shown, b=blended: report_pdf(
+                    n, p, s, b if p.heatmap is not None else None, facts_about_model, pictures
+                ),
+                file_name=f"{stem}-report.pdf",
+                mime="application/pdf",
+                on_click="ignore",
+                key=f"pdf-{number}-{name}",
+                help="One page to keep: the photo, the heatmap, the verdict, the diagnosis set, similar cases and the model.",
+            )
             facts.download_button(
                 "Result JSON",
                 data=result_json(name, prediction, model),

@@ -134,3 +134,68 @@ def result_json(name: str, prediction: Any, model: ModelEntry) -> bytes:
     payload = {key: value for key, value in payload.items() if key != "heatmap"}
     payload = {"image": name, "model": str(model.path), "disclaimer": DISCLAIMER, **payload}
     return json.dumps(payload, indent=2, default=json_default).encode("utf-8")
+
+
+def output_row(predictor: Any, prediction: Any) -> list[float]:
+    """The prediction's calibrated outputs in the head's order (diagnoses, or benign / malignant)."""
+    if predictor.dx_names:
+        return [float(prediction.dx_probabilities.get(name, 0.0)) for name in predictor.dx_names]
+    return [float(prediction.probabilities.get(name, 0.0)) for name in predictor.class_names]
+
+
+def with_coverage(predictor: Any, prediction: Any, coverage: float) -> Any:
+    """The prediction with its diagnosis set at ``coverage``, from its own probabilities (no new pass).
+
+    A rejected photo, or a model without calibration, keeps its empty set.
+    """
+    from dataclasses import replace
+
+    from lesion.conformal import prediction_set
+
+    if not getattr(prediction, "accepted", False) or getattr(predictor, "conformal", None) is None:
+        return prediction
+    if coverage == prediction.set_coverage:
+        return prediction
+    names = prediction_set(predictor.conformal, output_row(predictor, prediction), coverage)
+    return replace(prediction, dx_set=names, set_coverage=float(coverage))
+
+
+def set_text(predictor: Any, prediction: Any) -> str:
+    """The diagnosis set in plain words ('' when there is none)."""
+    from lesion.conformal import set_in_words
+
+    if not getattr(prediction, "dx_set", None):
+        return ""
+    total = len(predictor.dx_names or predictor.class_names)
+    return set_in_words(prediction.dx_set, prediction.set_coverage, total)
+
+
+def similar_cases(prediction: Any, pictures: Any) -> list[dict[str, Any]]:
+    """The similar cases to show: caption in plain words, and the picture when the data folder is here."""
+    cases = []
+    for case in getattr(prediction, "similar", None) or []:
+        cases.append(
+            {
+                "image_id": case["image_id"],
+                "caption": f"{DX_NAMES.get(case['dx'], case['dx'])} ({case['label']})",
+                "picture": pictures.get(case["image_id"]) if pictures is not None else None,
+                "similarity": case["similarity"],
+            }
+        )
+    return cases
+
+
+def report_pdf(
+    name: str,
+    prediction: Any,
+    shown: Image.Image,
+    blended: Image.Image | None,
+    facts: Any,
+    pictures: Any,
+) -> bytes:
+    """The one-page PDF report of the prediction as the page shows it (:func:`lesion.report.render_report`)."""
+    from lesion.report import render_report
+
+    thumbnails = pictures.for_prediction(prediction) if pictures is not None else ()
+    heatmap = blended if prediction.accepted else None
+    return render_report(prediction, shown, facts, name=name, heatmap_image=heatmap, thumbnails=thumbnails)

@@ -9,8 +9,10 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
+from lesion.conformal import set_in_words
 from lesion.labels import DX_NAMES
 from lesion.predict import Predictor
+from lesion.similar import vote_in_words
 from lesion_app.wording import VERDICT_TEXT
 from tests.helpers_model import count_predictions
 
@@ -150,3 +152,36 @@ def test_heatmap_target_select_box_recomputes_the_heatmap(predict_page: AppTest,
     assert not at.exception
     assert calls(counter) == 2
     assert heatmaps(at) == [f"{LESION.name}: Grad-CAM heatmap: why melanoma?"]
+
+
+def test_similar_cases_the_diagnosis_set_and_the_report(
+    predict_page: AppTest, trained_run: Path, counter: Path
+) -> None:
+    """An accepted lesion shows its set under the verdict, six similar cases with pictures, and a report button;
+    a rejected photo shows none of them. Moving the confidence slider redraws the set without a new pass."""
+    at = predict_page
+    predictor = Predictor.from_checkpoint(trained_run / "model.pt")
+    lesion = next(p for p in sorted(LESION.parent.glob("*.jpg")) if predictor.predict(p, with_heatmap=False).accepted)
+    assert not predictor.predict(CAR, with_heatmap=False).accepted
+    at.file_uploader[0].upload(lesion.name, lesion.read_bytes(), "image/jpeg").upload(
+        CAR.name, CAR.read_bytes(), "image/jpeg"
+    )
+    at.run()
+    assert not at.exception
+    expected = predictor.predict(lesion, with_heatmap=False)
+    sets = [m.value for m in at.markdown if m.value.startswith("**With ")]
+    assert sets == [f"**{set_in_words(expected.dx_set, 0.9, len(predictor.dx_names))}**"]
+    headers = [m.value for m in at.markdown if m.value.startswith("**Similar confirmed cases**")]
+    assert len(headers) == 1 and vote_in_words(expected.similar_malignant, 16) in headers[0]
+    thumbnails = [image for image in at.image if len(image.captions) == 6]
+    assert len(thumbnails) == 1
+    assert thumbnails[0].captions == [f"{DX_NAMES[case['dx']]} ({case['label']})" for case in expected.similar]
+    assert [b.label for b in at.download_button].count("Report (PDF)") == 2  # the rejected photo's says so
+    passes = calls(counter)
+    slider = next(s for s in at.select_slider if s.label == "Confidence of the diagnosis sets")
+    slider.set_value(0.5).run()
+    assert not at.exception and calls(counter) == passes  # the set comes from the kept probabilities
+    narrow = predictor.predict(lesion, with_heatmap=False, coverage=0.5)
+    assert [m.value for m in at.markdown if m.value.startswith("**With ")] == [
+        f"**{set_in_words(narrow.dx_set, 0.5, len(predictor.dx_names))}**"
+    ]

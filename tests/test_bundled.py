@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from lesion.errors import InvalidCheckpoint, LesionError
 from lesion.export import RESCORE_TOLERANCE, TRAINING_ONLY, check_current, describe, export_run, rescore
 from lesion.predict import Predictor
 from lesion.runs import BUNDLED_MODEL
-from tests.conftest import SAMPLE_LESIONS, run_cli
+from tests.conftest import DEMO, SAMPLE_LESIONS, run_cli
 
 REBUILD = (
     "python -m train --recipe bundled --out runs/bundled && "
@@ -44,6 +45,12 @@ def assert_same_figures(stored: dict, measured: dict) -> None:
     assert measured["n"] == stored["n"] and measured["n_malignant"] == stored["n_malignant"]
     for key in COMPARED:
         assert measured[key] == pytest.approx(stored[key], abs=RESCORE_TOLERANCE), key
+    # The explanations' figures: the similar-case vote and the diagnosis sets' coverage and size.
+    assert set(measured) >= {"similar", "sets"} and set(stored) >= {"similar", "sets"}
+    for key in ("vote_roc_auc", "softmax_roc_auc", "dx_majority_accuracy"):
+        assert measured["similar"][key] == pytest.approx(stored["similar"][key], abs=RESCORE_TOLERANCE), key
+    for key in ("coverage", "mean_size"):
+        assert measured["sets"][key] == pytest.approx(stored["sets"][key], abs=RESCORE_TOLERANCE), key
 
 
 def test_shipped_model_is_small_half_precision_and_current() -> None:
@@ -56,6 +63,12 @@ def test_shipped_model_is_small_half_precision_and_current() -> None:
     beside = json.loads((BUNDLED_MODEL.parent / "metrics.json").read_text())
     assert beside["test"]["roc_auc"] == checkpoint["metrics"]["test"]["roc_auc"]
     assert "Model card" in (BUNDLED_MODEL.parent / "model_card.md").read_text()
+    # It carries its similar cases (the training split, float16) and its conformal calibration.
+    split = checkpoint["split"]["csv"].splitlines()
+    assert len(checkpoint["similar"]["image_ids"]) == sum(line.endswith(",train") for line in split)
+    assert checkpoint["similar"]["embeddings"].dtype == torch.float16
+    assert len(checkpoint["conformal"]["scores"]) == sum(line.endswith(",val") for line in split)
+    assert "## Explanations" in (BUNDLED_MODEL.parent / "model_card.md").read_text()
 
 
 def test_shipped_model_still_scores_what_it_stores() -> None:
@@ -97,7 +110,12 @@ def test_export_halves_weights_records_split_and_remeasures(trained_run: Path, t
     assert predictor.predict(image, with_heatmap=False).p_malignant == pytest.approx(full.p_malignant, abs=0.01)
     assert json.loads((out.parent / "metrics.json").read_text())["test"] == checkpoint["metrics"]["test"]
     card = (out.parent / "model_card.md").read_text()
-    assert "How this file was made" in card
+    assert "How this file was made" in card and "## Explanations" in card
+    # The index and the calibration are rebuilt from the halved weights: each training image finds itself.
+    train_ids = [line.split(",")[0] for line in checkpoint["split"]["csv"].splitlines() if line.endswith(",train")]
+    assert checkpoint["similar"]["image_ids"] == train_ids
+    first = predictor.predict(DEMO / "images" / f"{train_ids[0]}.jpg", with_heatmap=False, ood_threshold=math.inf)
+    assert first.similar[0]["image_id"] == train_ids[0]
     # A dx model's diagnosis figures are re-measured too, and the card shows them.
     dx = checkpoint["metrics"]["test"]["dx"]
     assert dx["names"] == checkpoint["dx_names"] and dx["n"] == checkpoint["metrics"]["test"]["n"]

@@ -237,3 +237,18 @@ def test_cli_writes_reports_and_the_explanation_columns(trained_run: Path, tmp_p
         assert "Demonstration only — not a diagnosis" in pdf_text(Path(row["report"]).read_bytes())
     bad = run_cli([*args, "--coverage", "1.5", str(lesion)], module="lesion.predict")
     assert bad.returncode == 2 and "--coverage must be between 0 and 1" in bad.stderr
+
+
+def test_without_the_data_folder_cases_have_no_pictures(trained_run: Path, tmp_path: Path) -> None:
+    """A model whose training images are not on this machine still names its cases; the page shows ids."""
+    from lesion_app.predict_view import similar_cases
+
+    checkpoint = load_checkpoint(trained_run / "model.pt")
+    checkpoint["config"]["data"] = str(tmp_path / "gone")
+    pictures = CasePictures(checkpoint)
+    assert len(pictures) == 0
+    predictor = Predictor(checkpoint)
+    result = predictor.predict(sorted(SAMPLE_LESIONS.glob("*.jpg"))[0], with_heatmap=False, ood_threshold=math.inf)
+    cases = similar_cases(result, pictures)
+    assert [case["image_id"] for case in cases] == [case["image_id"] for case in result.similar]
+    assert all(case["picture"] is None and case["caption"] for case in cases)

@@ -93,6 +93,7 @@ def result_row(name: str, prediction: Any) -> dict[str, Any]:
         "verdict": VERDICT_TEXT.get(prediction.verdict, prediction.verdict),
         "P(malignant)": round(float(prediction.p_malignant), 3),
         "most likely diagnosis": next((row["diagnosis"] for row in top_diagnoses(prediction, 1)), ""),
+        "diagnosis set": " or ".join(DX_NAMES.get(name, name) for name in getattr(prediction, "dx_set", None) or []),
         "decision threshold": round(float(prediction.decision_threshold), 3),
         "OOD score": _round(prediction.ood_score),
         "OOD threshold": _round(prediction.ood_threshold),

@@ -11,6 +11,7 @@ from streamlit.testing.v1 import AppTest
 
 from lesion.labels import DX_NAMES
 from lesion.predict import Predictor
+from lesion_app.session_cache import SHARED
 from lesion_app.wording import VERDICT_TEXT
 from tests.helpers_model import count_predictions
 
@@ -33,6 +34,7 @@ def calls(counter: Path) -> int:
 def predict_page(trained_run: Path, monkeypatch: pytest.MonkeyPatch, counter: Path) -> AppTest:
     monkeypatch.setenv("LESION_RUNS_DIR", str(trained_run.parent))
     monkeypatch.delenv("LESION_CHECKPOINT", raising=False)
+    SHARED.clear()  # what an earlier test's session left for others to reuse: each test counts its own network calls
     at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=120).run()
     assert not at.exception
     return at

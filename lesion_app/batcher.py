@@ -68,17 +68,28 @@ class Batcher:
         """The Prediction of one image, computed in a batch with whatever else is queued; raises like predict."""
         return self.submit(predictor, image, **settings).result()
 
+    def close(self) -> None:
+        """Let the worker finish what is queued and end (the app's batcher lives as long as the server)."""
+        with self._start:
+            if self._thread is not None and self._thread.is_alive():
+                self._queue.put(None)  # type: ignore[arg-type]
+                self._thread.join()
+            self._thread = None
+
     def _ensure_worker(self) -> None:
         with self._start:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._work, name="lesion-batcher", daemon=True)
                 self._thread.start()
 
-    def _take(self) -> list[Request]:
-        """The first request (waiting for it), then whatever is queued, gathering for at most ``gather_s``."""
+    def _take(self) -> list[Request | None]:
+        """The first request (waiting for it), then whatever is queued, gathering for at most ``gather_s``.
+
+        None in the list: :meth:`close` asked the worker to end once these are answered.
+        """
         taken = [self._queue.get()]
         deadline = time.perf_counter() + self.gather_s
-        while len(taken) < self.max_batch:
+        while len(taken) < self.max_batch and taken[-1] is not None:
             try:
                 taken.append(self._queue.get_nowait())
                 continue
@@ -96,16 +107,24 @@ class Batcher:
     def _work(self) -> None:
         while True:
             taken = self._take()
-            try:
-                groups: dict[Hashable, list[Request]] = defaultdict(list)
-                for request in taken:
-                    groups[request.group()].append(request)
-                for requests in groups.values():
-                    self._answer(requests)
-            except Exception as error:  # noqa: BLE001 - never leave a session waiting on a future nobody sets
-                for request in taken:
-                    if not request.future.done():
-                        request.future.set_exception(error)
+            closing = taken[-1] is None
+            taken = [request for request in taken if request is not None]
+            self._answer_all(taken)
+            if closing:
+                return
+
+    def _answer_all(self, taken: list[Request]) -> None:
+        """Each (model, settings) group of ``taken`` answered with one call."""
+        try:
+            groups: dict[Hashable, list[Request]] = defaultdict(list)
+            for request in taken:
+                groups[request.group()].append(request)
+            for requests in groups.values():
+                self._answer(requests)
+        except Exception as error:  # noqa: BLE001 - never leave a session waiting on a future nobody sets
+            for request in taken:
+                if not request.future.done():
+                    request.future.set_exception(error)
 
     def _answer(self, requests: list[Request]) -> None:
         """One predict_batch call for the group; if it fails as a whole, each request alone."""

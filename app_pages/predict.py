@@ -53,7 +53,8 @@ with st.expander("…or pick bundled samples", expanded=not uploads):
         grid = tab.container(horizontal=True, gap="small")
         for sample in (s for s in samples if s.kind == kind):
             with grid.container(width=THUMBNAIL_WIDTH, gap=None):
-                st.image(thumbnail(sample.path), width=THUMBNAIL_WIDTH, alt=sample.caption)
+                # "stretch" in a 72 px box: an int width smaller than the file would make Streamlit resize it on every run.
+                st.image(thumbnail(sample.path), width="stretch", output_format="JPEG", alt=sample.caption)
                 st.checkbox("Use", key=f"sample-{sample.name}", help=sample.caption)
 if predictor is None and st.session_state.get("predictor_pending"):
     # The uploader and the gallery are on screen; now load the model (torch is imported here, once).

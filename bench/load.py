@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import shutil
 import signal
 import statistics
@@ -50,6 +51,12 @@ from bench.common import (
 PHONE = {"width": 390, "height": 844}
 DESKTOP = {"width": 1280, "height": 900}
 READY = "Upload a photo or tick a sample"  # the last line of the Predict page's first run
+# An element's bottom edge in pixels from the top of the page, whatever scrolls (the window or a container).
+PAGE_BOTTOM = """e => {
+    let y = e.getBoundingClientRect().bottom + window.scrollY;
+    for (let a = e.parentElement; a; a = a.parentElement) y += a.scrollTop;
+    return y;
+}"""
 ERRORS = '[data-testid="stException"], :text("Traceback"), :text("could not be used")'
 
 
@@ -69,8 +76,7 @@ async def visit(browser, url: str, image: Path, timeout_s: float, viewport: dict
         await verdict.wait_for(state="visible", timeout=timeout_s * 1000)
         result["verdict_s"] = time.perf_counter() - uploaded
         result["text"] = (await verdict.inner_text()).split("\n")[0][:80]
-        top = await verdict.evaluate("e => e.getBoundingClientRect().bottom + window.scrollY")
-        result["screens"] = top / viewport["height"]
+        result["screens"] = await verdict.evaluate(PAGE_BOTTOM) / viewport["height"]
         if await page.locator(ERRORS).count():
             result["error"] = "an error is shown"
         else:
@@ -82,12 +88,25 @@ async def visit(browser, url: str, image: Path, timeout_s: float, viewport: dict
     return result
 
 
-async def run_sessions(url: str, rounds: list[list[Path]], timeout_s: float, viewport: dict, between=None) -> list:
+def niced_chromium(niceness: int, folder: Path) -> str:
+    """Chromium's path, or a wrapper that starts it at ``niceness`` (0: chromium itself)."""
+    chromium = shutil.which("chromium")
+    if not niceness:
+        return chromium
+    wrapper = folder / "chromium-niced"
+    wrapper.write_text(f'#!/bin/sh\nexec nice -n {int(niceness)} "{chromium}" "$@"\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+async def run_sessions(
+    url: str, rounds: list[list[Path]], timeout_s: float, viewport: dict, chromium: str, between=None
+) -> list:
     """Each round's images uploaded by as many concurrent sessions, rounds one after the other, one browser."""
     from playwright.async_api import async_playwright
 
     async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
+        browser = await playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
             answers = []
             for number, images in enumerate(rounds):
@@ -101,6 +120,19 @@ async def run_sessions(url: str, rounds: list[list[Path]], timeout_s: float, vie
             return answers
         finally:
             await browser.close()
+
+
+def server_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of the process ``pid`` and its children so far."""
+    import psutil
+
+    process = psutil.Process(pid)
+    total = 0.0
+    for each in [process, *process.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            times = each.cpu_times()
+            total += times.user + times.system
+    return total
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -149,36 +181,53 @@ CATEGORIES = {
     "heatmaps (Grad-CAM)": ("_low_resolution_cams",),
     "OOD scores": ("_ood_scores",),
     "decoding and preprocessing": ("lesion/preprocess.py", "lesion/images.py"),
-    "file watcher (module paths after each run, polling)": ("/watcher/", "_on_script_finished"),
+    "file watcher (every module's path after each run)": ("local_sources_watcher",),
+    "full garbage collection after each run": ("=ScriptRunner._on_script_finished (scriptrunner/script_runner.py)",),
     "media files (images served)": ("media_file",),
     "websocket writes": ("websocket.py", "_SelectorSocketTransport.write"),
 }
+# Where a sampled thread waits rather than works (py-spy counts some waits as active): left out of the shares.
+WAITING = (
+    "Condition.wait (threading.py)",
+    "Event.wait (threading.py)",
+    "EpollSelector.select (selectors.py)",
+    "_worker (futures/thread.py)",
+    "Queue.get (queue.py)",
+    "SimpleQueue.get",
+    "PollingPathWatcher._schedule.<locals>.task (watcher/polling_path_watcher.py)",  # its sleep between polls
+    "sleep",
+)
 # Frames every thread's stack starts with: their inclusive share says nothing.
 GENERIC = ("threading.py", "runpy", "click/", "asyncio/", "web/bootstrap.py", "web/cli.py", "streamlit/__main__.py")
 
 
-def top_functions(raw: Path, count: int = 15) -> tuple[list, list, list, int]:
-    """Shares of all samples: own time of the busiest functions, time including callees, per category; the samples.
+def top_functions(raw: Path, count: int = 15) -> tuple[list, list, list, int, int]:
+    """Shares of the busy samples: own time of the busiest functions, time including callees, per category;
+    the busy samples and the waiting ones (a thread in one of WAITING, left out).
 
     A function is named ``name (folder/file.py)``: the lines of one function are added together.
     """
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     categories: Counter[str] = Counter()
-    total = 0
+    total = waiting = 0
     for line in raw.read_text().splitlines():
         stack, _, samples = line.rpartition(" ")
         if not stack or not samples.isdigit():
             continue
         n = int(samples)
         frames = [_function(frame) for frame in stack.split(";")]
+        if frames[-1] in WAITING or frames[-1].startswith(WAITING[-1]):
+            waiting += n
+            continue
         total += n
         own[frames[-1]] += n
         for frame in set(frames):
             if not any(generic in frame for generic in GENERIC):
                 inclusive[frame] += n
         for label, marks in CATEGORIES.items():
-            if any(mark in stack for mark in marks):
+            # "=name": the function the thread is in itself (time in C code, such as gc.collect, shows there).
+            if any(frames[-1] == mark[1:] if mark.startswith("=") else mark in stack for mark in marks):
                 categories[label] += n
     share = max(total, 1)
     return (
@@ -186,6 +235,7 @@ def top_functions(raw: Path, count: int = 15) -> tuple[list, list, list, int]:
         [(name, n / share) for name, n in inclusive.most_common(count)],
         [(label, categories[label] / share) for label in CATEGORIES],
         total,
+        waiting,
     )
 
 
@@ -222,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds a session may wait for each step")
     parser.add_argument("--desktop", action="store_true", help=f"a {DESKTOP['width']} px wide window, not a phone's")
     parser.add_argument("--profile", type=Path, default=None, help="py-spy the server during the largest round")
+    parser.add_argument(
+        "--browser-nice",
+        type=int,
+        default=10,
+        help="run Chromium at this niceness (0: as the server): phones bring their own CPUs, these browsers share the server's",
+    )
     parser.add_argument("--verbose", action="store_true", help="one line per session")
     args = parser.parse_args(argv)
     if not shutil.which("chromium"):
@@ -248,7 +304,11 @@ def main(argv: list[str] | None = None) -> int:
         if profiler:
             args.profile.mkdir(parents=True, exist_ok=True)
 
+        cpu: dict[int, float] = {}
+
         def between(number: int, when: str) -> None:
+            # The server's CPU seconds (its process and any children) during each round.
+            cpu[number] = server_cpu_seconds(server.pid) - cpu.get(number, 0.0)
             if profiler and number == largest:
                 profiler.start() if when == "start" else profiler.stop()
 
@@ -257,7 +317,9 @@ def main(argv: list[str] | None = None) -> int:
             wait_healthy(server, port)
             print(f"model {checkpoint or 'bundled'}; app up on port {port} in {time.perf_counter() - started:.1f} s")
             print(f"viewport {viewport['width']} x {viewport['height']}")
-            answers = asyncio.run(run_sessions(f"http://127.0.0.1:{port}/", rounds, args.timeout, viewport, between))
+            chromium = niced_chromium(args.browser_nice, folder)
+            url = f"http://127.0.0.1:{port}/"
+            answers = asyncio.run(run_sessions(url, rounds, args.timeout, viewport, chromium, between))
         finally:
             stop_app(server)
     warm = answers[0][0][0]
@@ -273,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"lone visitor FAILED: {[r['error'] for r in alone if not r['ok']]}")
     complete = base is not None
-    for (results, wall), count in zip(answers[4:], args.sessions, strict=True):
+    for number, ((results, wall), count) in enumerate(zip(answers[4:], args.sessions, strict=True), 4):
         if args.verbose:
             for number, r in enumerate(results, 1):
                 said = (
@@ -281,10 +343,14 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 print(f"  session {number:2d} {r['image']}: {said}")
         print(summary(results, base, f"{count} sessions at once (all done within {wall:.1f} s)"))
+        print(f"  server CPU time during the round: {cpu[number]:.1f} s in {wall:.1f} s of wall time")
         complete = complete and all(r["ok"] for r in results)
     if profiler and (args.profile / "server.raw").is_file():
-        own, inclusive, categories, samples = top_functions(args.profile / "server.raw")
-        text = [f"py-spy, {samples} samples of the server during {args.sessions[largest - 4]} sessions at once"]
+        own, inclusive, categories, samples, waits = top_functions(args.profile / "server.raw")
+        text = [
+            f"py-spy, {samples} busy samples of the server's threads during {args.sessions[largest - 4]} sessions "
+            f"at once ({waits} more waiting, left out); shares of the busy ones"
+        ]
         text += ["own time:"] + [f"  {share:6.1%}  {name}" for name, share in own]
         text += ["including callees:"] + [f"  {share:6.1%}  {name}" for name, share in inclusive]
         text += ["by what the stack contains:"] + [f"  {share:6.1%}  {name}" for name, share in categories]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 from dataclasses import dataclass
 from functools import lru_cache
@@ -74,6 +75,12 @@ def thumbnail(path: Path, side: int = THUMBNAIL_SIDE) -> bytes:
     buffer = io.BytesIO()
     small.save(buffer, format="JPEG", quality=80, optimize=True)
     return buffer.getvalue()
+
+
+@lru_cache(maxsize=1)
+def sample_digests() -> frozenset[str]:
+    """sha256 of every bundled sample's bytes: what the Predict page may share between sessions."""
+    return frozenset(hashlib.sha256(sample.path.read_bytes()).hexdigest() for sample in list_samples())
 
 
 def training_folds(run_dir: Path | None) -> dict[str, str]:

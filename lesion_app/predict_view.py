@@ -13,6 +13,7 @@ from lesion.images import IMAGE_EXTENSIONS, load_image
 from lesion.labels import DX_NAMES
 from lesion.runs import ModelEntry
 from lesion_app.batcher import batcher
+from lesion_app.gallery import sample_digests
 from lesion_app.session_cache import SHARED, digest, named_bytes, recall, remember
 from lesion_app.wording import DISCLAIMER, VERDICT_TEXT, json_default
 
@@ -38,14 +39,17 @@ def display_image(data: bytes, name: str) -> Image.Image:
 def cached_display(cache: MutableMapping[Any, Any], data: bytes, name: str) -> Image.Image:
     """:func:`display_image`, decoded once per image content (a 12-megapixel photo takes a while).
 
-    Kept in the session's ``cache`` and in the server's shared one (a sample many visitors pick is decoded once).
+    Kept in the session's ``cache``; a bundled sample also in the server's shared one (decoded once for the room).
     """
     key = ("display", digest(data))
     if key in cache:
         return cache[key]
-    shown = SHARED.get(key)
+    shared = key[1] in sample_digests()
+    shown = SHARED.get(key) if shared else None
     if shown is None:
-        shown = SHARED.put(key, display_image(data, name))
+        shown = display_image(data, name)
+        if shared:
+            SHARED.put(key, shown)
     return remember(cache, key, shown)
 
 
@@ -80,20 +84,23 @@ def cached_prediction(
     """The Prediction for these image bytes, this model file (path + mtime), CAM method and target.
 
     Computed once, in a batch with other sessions' images (:mod:`lesion_app.batcher`); moving a slider
-    or switching the view reads it from ``cache``, and another session sending the same bytes reads it
-    from the shared cache. The heatmap kept is resized to ``display``'s size (the prediction itself saw
+    or switching the view reads it from ``cache``. A bundled sample's is kept in the server's shared cache
+    too, for every visitor who picks it (an upload's stays in its own session). The heatmap kept is resized to ``display``'s size (the prediction itself saw
     the full-resolution file). ``cam_target`` None explains the verdict (see
     :meth:`lesion.predict.Predictor.predict`). InvalidImage for an unreadable image, as ``predict``.
     """
     key = ("prediction", digest(data), str(model.path), model.mtime, cam_method, cam_target)
     if (hit := recall(cache, key)) is not None:
         return hit
-    if (shared := SHARED.get(key)) is not None:
-        return remember(cache, key, shared)
+    shared = key[1] in sample_digests()
+    if shared and (hit := SHARED.get(key)) is not None:
+        return remember(cache, key, hit)
     prediction = batcher().predict(predictor, named_bytes(data, name), cam_method=cam_method, cam_target=cam_target)
     if prediction.heatmap is not None:
         prediction.heatmap = _resize_heatmap(prediction.heatmap, display.size)
-    return remember(cache, key, SHARED.put(key, prediction))
+    if shared:
+        SHARED.put(key, prediction)
+    return remember(cache, key, prediction)
 
 
 def upload_key(upload: Any) -> str:

@@ -61,7 +61,7 @@ def recall(cache: MutableMapping[Any, Any], key: Any) -> Any:
 class SharedCache:
     """What one session computed that another may reuse (same image bytes, same model and settings): thread-safe.
 
-    Keys are content digests, so a session meets an entry only by sending the very same bytes. Values are
+    The Predict page keeps only the bundled samples' here (an upload's stays in its session). Values are
     read, never changed, once stored.
     """
 

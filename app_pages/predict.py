@@ -17,9 +17,11 @@ from lesion_app.predict_view import (
     cached_prediction,
     cam_target_label,
     display_box,
+    fold_gallery_on_new_upload,
     newest_first,
     result_json,
     result_row,
+    toggle_pick,
     top_diagnoses,
     upload_key,
 )
@@ -47,24 +49,36 @@ uploads = st.file_uploader("Upload one or several photos", type=UPLOAD_TYPES, ac
 # The answers come right under the uploader, above the gallery: on a phone the verdict is on the first screen.
 results = st.container()
 samples = list_samples()
-with st.expander("…or pick bundled samples", expanded=not uploads):
-    for tab, kind in zip(st.tabs(["Dermoscopic lesions", "Not skin lesions"]), ("lesion", "ood"), strict=True):
+picked = st.session_state.setdefault("picked", [])  # sample names, in the order they were ticked
+if fold_gallery_on_new_upload(st.session_state, [upload_key(upload) for upload in uploads or []]):
+    st.session_state["gallery"] = False  # a new upload: fold the gallery, the answer is what matters now
+# Built only while open (a folded gallery sends nothing): every rerun of a visitor's page stays light.
+gallery = st.expander("…or pick bundled samples", expanded=not uploads, key="gallery", on_change="rerun")
+if gallery.open:
+    for tab, kind in zip(gallery.tabs(["Dermoscopic lesions", "Not skin lesions"]), ("lesion", "ood"), strict=True):
         # A wrapping row of small thumbnails (made once per server): a compact grid on a phone's screen too.
         grid = tab.container(horizontal=True, gap="small")
         for sample in (s for s in samples if s.kind == kind):
             with grid.container(width=THUMBNAIL_WIDTH, gap=None):
                 # "stretch" in a 72 px box: an int width smaller than the file would make Streamlit resize it on every run.
                 st.image(thumbnail(sample.path), width="stretch", output_format="JPEG", alt=sample.caption)
-                st.checkbox("Use", key=f"sample-{sample.name}", help=sample.caption)
+                # The ticks live in "picked", so they outlast the folded gallery's checkboxes.
+                st.checkbox(
+                    "Use",
+                    value=sample.name in picked,
+                    key=f"sample-{sample.name}",
+                    help=sample.caption,
+                    on_change=toggle_pick,
+                    args=(st.session_state, sample.name),
+                )
 if predictor is None and st.session_state.get("predictor_pending"):
     # The uploader and the gallery are on screen; now load the model (torch is imported here, once).
     predictor = st.session_state["predictor_pending"]()
 if predictor is None:
     results.info(st.session_state.get("model_error") or NO_MODEL_HELP)
     st.stop()
-picked = [s for s in samples if st.session_state.get(f"sample-{s.name}")]
 arrivals = [(upload_key(upload), upload.name, upload.getvalue()) for upload in uploads or []]
-arrivals += [(f"sample-{sample.name}", sample.path.name, sample.path.read_bytes()) for sample in picked]
+arrivals += [(f"sample-{s.name}", s.path.name, s.path.read_bytes()) for s in samples if s.name in picked]
 # The latest upload or pick first (images that came in the same run keep their order).
 items = [(name, data) for _, name, data in newest_first(arrivals, st.session_state.setdefault("arrived", {}))]
 if not items:

@@ -60,10 +60,15 @@ PAGE_BOTTOM = """e => {
 ERRORS = '[data-testid="stException"], :text("Traceback"), :text("could not be used")'
 
 
-async def visit(browser, url: str, image: Path, timeout_s: float, viewport: dict) -> dict:
-    """One visitor: load the page, upload ``image``, wait for the verdict; times in seconds."""
-    context = await browser.new_context(viewport=viewport)
+async def visit(browser, url: str, image: Path, timeout_s: float, viewport: dict, shared=None) -> dict:
+    """One visitor: load the page, upload ``image``, wait for the verdict; times in seconds.
+
+    ``shared``: a browser context to open a tab in (a session of its own, the browser's cache shared);
+    None: a context of its own, as a separate phone.
+    """
+    context = shared or await browser.new_context(viewport=viewport)
     result = {"image": image.name, "ok": False, "error": ""}
+    page = None
     try:
         page = await context.new_page()
         started = time.perf_counter()
@@ -71,7 +76,7 @@ async def visit(browser, url: str, image: Path, timeout_s: float, viewport: dict
         await page.get_by_text(READY).first.wait_for(state="visible", timeout=timeout_s * 1000)
         result["page_s"] = time.perf_counter() - started
         uploaded = time.perf_counter()
-        await page.locator("input[type=file]").first.set_input_files(str(image))
+        await page.locator("input[type=file]").first.set_input_files(str(image), timeout=timeout_s * 1000)
         verdict = page.get_by_text(VERDICT).first
         await verdict.wait_for(state="visible", timeout=timeout_s * 1000)
         result["verdict_s"] = time.perf_counter() - uploaded
@@ -84,7 +89,10 @@ async def visit(browser, url: str, image: Path, timeout_s: float, viewport: dict
     except Exception as error:  # reported per session; the bench goes on with the others
         result["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
     finally:
-        await context.close()
+        if shared is None:
+            await context.close()
+        elif page is not None:
+            await page.close()
     return result
 
 
@@ -100,20 +108,31 @@ def niced_chromium(niceness: int, folder: Path) -> str:
 
 
 async def run_sessions(
-    url: str, rounds: list[list[Path]], timeout_s: float, viewport: dict, chromium: str, between=None
+    url: str,
+    rounds: list[list[Path]],
+    timeout_s: float,
+    viewport: dict,
+    chromium: str,
+    between=None,
+    tabs: bool = False,
 ) -> list:
-    """Each round's images uploaded by as many concurrent sessions, rounds one after the other, one browser."""
+    """Each round's images uploaded by as many concurrent sessions, rounds one after the other, one browser.
+
+    ``tabs``: every session a tab of one browser context (one cache); else each in a context of its own.
+    """
     from playwright.async_api import async_playwright
 
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        shared = await browser.new_context(viewport=viewport) if tabs else None
         try:
             answers = []
             for number, images in enumerate(rounds):
                 if between is not None:
                     between(number, "start")
                 started = time.perf_counter()
-                results = await asyncio.gather(*(visit(browser, url, image, timeout_s, viewport) for image in images))
+                visits = (visit(browser, url, image, timeout_s, viewport, shared) for image in images)
+                results = await asyncio.gather(*visits)
                 answers.append((list(results), time.perf_counter() - started))
                 if between is not None:
                     between(number, "end")
@@ -278,6 +297,11 @@ def main(argv: list[str] | None = None) -> int:
         default=10,
         help="run Chromium at this niceness (0: as the server): phones bring their own CPUs, these browsers share the server's",
     )
+    parser.add_argument(
+        "--tabs",
+        action="store_true",
+        help="each session a tab of one browser context (the app's scripts parsed from one cache), not a context each",
+    )
     parser.add_argument("--verbose", action="store_true", help="one line per session")
     args = parser.parse_args(argv)
     if not shutil.which("chromium"):
@@ -316,10 +340,13 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             wait_healthy(server, port)
             print(f"model {checkpoint or 'bundled'}; app up on port {port} in {time.perf_counter() - started:.1f} s")
-            print(f"viewport {viewport['width']} x {viewport['height']}")
+            print(
+                f"viewport {viewport['width']} x {viewport['height']}; browser at niceness {args.browser_nice}; "
+                + ("every session a tab of one context" if args.tabs else "a browser context per session")
+            )
             chromium = niced_chromium(args.browser_nice, folder)
             url = f"http://127.0.0.1:{port}/"
-            answers = asyncio.run(run_sessions(url, rounds, args.timeout, viewport, chromium, between))
+            answers = asyncio.run(run_sessions(url, rounds, args.timeout, viewport, chromium, between, args.tabs))
         finally:
             stop_app(server)
     warm = answers[0][0][0]

@@ -11,6 +11,7 @@ from streamlit.testing.v1 import AppTest
 
 from lesion.labels import DX_NAMES
 from lesion.predict import Predictor
+from lesion_app.predict_view import newest_first
 from lesion_app.session_cache import SHARED
 from lesion_app.wording import VERDICT_TEXT
 from tests.helpers_model import count_predictions
@@ -152,3 +153,26 @@ def test_heatmap_target_select_box_recomputes_the_heatmap(predict_page: AppTest,
     assert not at.exception
     assert calls(counter) == 2
     assert heatmaps(at) == [f"{LESION.name}: Grad-CAM heatmap: why melanoma?"]
+
+
+def test_an_upload_folds_the_gallery_keeps_the_picks_and_comes_first(predict_page: AppTest) -> None:
+    at = predict_page
+    at.checkbox(key="sample-car_image1").check().run()
+    assert heatmaps(at) == ["car_image1.jpg: Grad-CAM heatmap"]
+    at.file_uploader[0].upload(LESION.name, LESION.read_bytes(), "image/jpeg")
+    at.run()
+    assert not at.exception
+    # Folded: the gallery's 47 thumbnails and checkboxes are not sent again on this visitor's reruns.
+    assert not [box for box in at.checkbox if box.key and box.key.startswith("sample-")]
+    assert not [image for image in at.image if not any("heatmap" in c for c in image.captions)]
+    # The pick outlived its folded checkbox; the latest arrival, the upload, is answered first.
+    assert heatmaps(at) == [f"{LESION.name}: Grad-CAM heatmap", "car_image1.jpg: Grad-CAM heatmap"]
+    assert len(verdict_boxes(at)) == 2
+
+
+def test_newest_first_orders_by_arrival_and_forgets_what_left() -> None:
+    arrived: dict[str, int] = {}
+    assert newest_first([("a",), ("b",)], arrived) == [("a",), ("b",)]  # same run: their own order
+    assert newest_first([("a",), ("b",), ("c",)], arrived) == [("c",), ("a",), ("b",)]
+    assert newest_first([("b",), ("c",)], arrived) == [("c",), ("b",)]  # "a" unticked: forgotten
+    assert newest_first([("a",), ("b",), ("c",)], arrived) == [("a",), ("c",), ("b",)]  # ticked again: the newest

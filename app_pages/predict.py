@@ -28,7 +28,7 @@ from lesion_app.predict_view import (
 from lesion_app.runs_view import NO_MODEL_HELP
 from lesion_app.wording import VERDICT_DETAIL, VERDICT_TEXT
 
-THUMBNAIL_WIDTH = 72  # pixels a gallery thumbnail is shown at: five in a row on a phone
+THUMBNAIL_WIDTH = 72  # pixels a gallery thumbnail is shown at: four in a row on a 390 px phone
 CAM_LABELS = {
     "gradcam": "Grad-CAM",
     "gradcam++": "Grad-CAM++",
@@ -57,7 +57,7 @@ gallery = st.expander("…or pick bundled samples", expanded=not uploads, key="g
 if gallery.open:
     for tab, kind in zip(gallery.tabs(["Dermoscopic lesions", "Not skin lesions"]), ("lesion", "ood"), strict=True):
         # A wrapping row of small thumbnails (made once per server): a compact grid on a phone's screen too.
-        grid = tab.container(horizontal=True, gap="small")
+        grid = tab.container(horizontal=True, gap="xsmall")
         for sample in (s for s in samples if s.kind == kind):
             with grid.container(width=THUMBNAIL_WIDTH, gap=None):
                 # "stretch" in a 72 px box: an int width smaller than the file would make Streamlit resize it on every run.

@@ -147,7 +147,7 @@ def join_code() -> None:
         if not address:
             st.info("Type the address phones should open.")
             return
-        st.image(qr_png(address), width=440, alt=f"QR code of {address}")
+        st.image(qr_png(address), width="content", alt=f"QR code of {address}")  # its own size: sharp edges
         st.subheader(JOIN_CAPTION, anchor=False)
         st.markdown(f"or type **{address}**")
 

@@ -80,6 +80,7 @@ async def visit(browser, url: str, image: Path, timeout_s: float, viewport: dict
         verdict = page.get_by_text(VERDICT).first
         await verdict.wait_for(state="visible", timeout=timeout_s * 1000)
         result["verdict_s"] = time.perf_counter() - uploaded
+        result["total_s"] = time.perf_counter() - started  # what the visitor lives: opening the page to the verdict
         result["text"] = (await verdict.inner_text()).split("\n")[0][:80]
         result["screens"] = await verdict.evaluate(PAGE_BOTTOM) / viewport["height"]
         if await page.locator(ERRORS).count():
@@ -274,7 +275,7 @@ def summary(results: list[dict], base: dict | None, label: str) -> str:
     ]
     if not done:
         return "\n".join(lines)
-    for key, what in (("page_s", "page"), ("verdict_s", "upload -> verdict")):
+    for key, what in (("page_s", "page"), ("verdict_s", "upload -> verdict"), ("total_s", "page opened -> verdict")):
         values = [r[key] for r in done]
         p50, p95 = statistics.median(values), percentile(values, 95)
         ratio = f" ({p50 / base[key]:.1f}x / {p95 / base[key]:.1f}x the lone visitor)" if base else ""
@@ -354,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     alone = [answer[0][0] for answer in answers[1:4]]
     base = None
     if all(r["ok"] for r in alone):
-        base = {key: statistics.median(r[key] for r in alone) for key in ("page_s", "verdict_s")}
+        base = {key: statistics.median(r[key] for r in alone) for key in ("page_s", "verdict_s", "total_s")}
         print(
             f"lone visitor, median of 3: page {base['page_s']:.2f} s, upload -> verdict {base['verdict_s']:.2f} s "
             f"(each: {', '.join(format(r['verdict_s'], '.2f') for r in alone)} s)"

@@ -15,7 +15,8 @@ import segno
 # Host names that mean "this machine" to the presenter's browser and nothing to a phone.
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "0.0.0.0", "::"}
 JOIN_CAPTION = "Open this on your phone"
-QR_SCALE = 12  # pixels per module: a version-3 code with its quiet zone is about 440 px wide, readable across a room
+QR_SIDE = 440  # pixels the code aims at (quiet zone included): readable across a room, whole modules only
+QUIET_ZONE = 4  # modules of white around the code, as the standard asks
 
 
 def network_address() -> str | None:
@@ -49,10 +50,16 @@ def join_address(page_url: str | None, base_path: str = "", local_ip: str | None
     return urlunsplit((parts.scheme or "http", netloc, path, "", ""))
 
 
-def qr_png(address: str, scale: int = QR_SCALE) -> bytes:
-    """A QR code of ``address`` as PNG bytes (error correction M, the standard 4-module quiet zone)."""
+def qr_png(address: str, side: int = QR_SIDE) -> bytes:
+    """A QR code of ``address`` as PNG bytes, close to ``side`` pixels wide (error correction M).
+
+    Each module is a whole number of pixels (at least 4), so the page can show the image at its own size:
+    scaled by the browser, a code's edges would blur.
+    """
     if not address:
         raise ValueError("no address to encode")
+    code = segno.make(address, error="m", micro=False)
+    modules = code.symbol_size(scale=1, border=QUIET_ZONE)[0]
     buffer = io.BytesIO()
-    segno.make(address, error="m", micro=False).save(buffer, kind="png", scale=scale, border=4)
+    code.save(buffer, kind="png", scale=max(4, side // modules), border=QUIET_ZONE)
     return buffer.getvalue()

@@ -30,13 +30,18 @@ def decoded(png: bytes) -> str:
 
 @pytest.mark.parametrize(
     "address",
-    ["http://192.168.1.23:8501/", "https://lesion-demo.example.org/app/", "http://[fd00::17]:8501/"],
+    [
+        "http://192.168.1.23:8501/",
+        "https://lesion-demo.example.org/app/",
+        "http://[fd00::17]:8501/",
+        "https://a-much-longer-host-name.lesion-demo.example.org:8443/with/a/base/path/",
+    ],
 )
 def test_the_qr_code_reads_back_as_the_address(address: str) -> None:
     png = qr_png(address)
     assert decoded(png) == address
     height, width = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_GRAYSCALE).shape
-    assert height == width >= 300, "large enough to scan across a room"
+    assert height == width and 300 <= width <= 440, "large enough to scan across a room, never scaled up past 440"
 
 
 def test_no_qr_code_of_nothing() -> None:

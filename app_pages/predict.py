@@ -17,7 +17,6 @@ from lesion_app.predict_view import (
     cached_prediction,
     cam_target_label,
     display_box,
-    fold_gallery_on_new_upload,
     newest_first,
     result_json,
     result_row,
@@ -50,19 +49,17 @@ uploads = st.file_uploader("Upload one or several photos", type=UPLOAD_TYPES, ac
 results = st.container()
 samples = list_samples()
 picked = st.session_state.setdefault("picked", [])  # sample names, in the order they were ticked
-if fold_gallery_on_new_upload(st.session_state, [upload_key(upload) for upload in uploads or []]):
-    st.session_state["gallery"] = False  # a new upload: fold the gallery, the answer is what matters now
-# Built only while open (a folded gallery sends nothing): every rerun of a visitor's page stays light.
-gallery = st.expander("…or pick bundled samples", expanded=not uploads, key="gallery", on_change="rerun")
-if gallery.open:
-    for tab, kind in zip(gallery.tabs(["Dermoscopic lesions", "Not skin lesions"]), ("lesion", "ood"), strict=True):
+# A plain expander: a lazy one (built only while open) folded on upload cost a lone visitor about 0.7 s more
+# from upload to verdict in bench.load (docs/load.md).
+with st.expander("…or pick bundled samples", expanded=not uploads):
+    for tab, kind in zip(st.tabs(["Dermoscopic lesions", "Not skin lesions"]), ("lesion", "ood"), strict=True):
         # A wrapping row of small thumbnails (made once per server): a compact grid on a phone's screen too.
         grid = tab.container(horizontal=True, gap="xsmall")
         for sample in (s for s in samples if s.kind == kind):
             with grid.container(width=THUMBNAIL_WIDTH, gap=None):
                 # "stretch" in a 72 px box: an int width smaller than the file would make Streamlit resize it on every run.
                 st.image(thumbnail(sample.path), width="stretch", output_format="JPEG", alt=sample.caption)
-                # The ticks live in "picked", so they outlast the folded gallery's checkboxes.
+                # The ticks live in "picked", in the order they were made (the latest pick is answered first).
                 st.checkbox(
                     "Use",
                     value=sample.name in picked,

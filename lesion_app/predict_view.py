@@ -111,19 +111,12 @@ def upload_key(upload: Any) -> str:
 def toggle_pick(session: MutableMapping[str, Any], name: str) -> None:
     """The gallery checkbox of sample ``name`` changed: add it to, or drop it from, ``session["picked"]``.
 
-    The picks are kept apart from the checkboxes' own state, which Streamlit forgets while the gallery is folded.
+    The picks are kept apart from the checkboxes' own state, in the order they were made.
     """
     picked = [other for other in session.get("picked", []) if other != name]
     if session.get(f"sample-{name}"):
         picked.append(name)
     session["picked"] = picked
-
-
-def fold_gallery_on_new_upload(session: MutableMapping[str, Any], upload_keys: list[str]) -> bool:
-    """Whether an upload arrived since the last run (then the page folds the gallery); remembers the uploads."""
-    new = bool(set(upload_keys) - set(session.get("uploads_seen", [])))
-    session["uploads_seen"] = list(upload_keys)
-    return new
 
 
 def newest_first(arrivals: list[tuple[Any, ...]], arrived: MutableMapping[str, int]) -> list[tuple[Any, ...]]:

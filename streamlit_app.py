@@ -16,8 +16,9 @@ import os
 import streamlit as st
 
 from lesion.runs import default_bundled_checkpoint, default_extra_checkpoint, default_runs_dir, list_models
-from lesion_app.access import ADMIN_SESSION_KEY, LOCKED_HELP, admin_password, password_matches
+from lesion_app.access import ADMIN_SESSION_KEY, LOCKED_HELP, admin_password, may_change, password_matches
 from lesion_app.jobs import active_job, read_progress
+from lesion_app.join import JOIN_CAPTION, join_address, network_address, qr_png
 from lesion_app.wording import DISCLAIMER, METRIC_LABELS
 
 st.set_page_config(page_title="lesion: skin-lesion demo", page_icon=":material/dermatology:", layout="wide")
@@ -126,6 +127,31 @@ def sidebar_presenter() -> None:
         st.sidebar.error("Wrong password: training and saving thresholds stay locked.")
 
 
+def join_code() -> None:
+    """The presenter's QR code of the app's address (a toggle in the sidebar), large at the top of the page.
+
+    Offered to whoever may change things: the presenter once unlocked, everyone when no password is set.
+    """
+    if not may_change(st.session_state) or not st.sidebar.toggle("Show the join QR code", key="show_join"):
+        return
+    # The address the presenter's browser used; a local name is swapped for this machine's network address.
+    page_url = st.context.url or f"http://localhost:{st.get_option('server.port')}/"
+    guess = join_address(page_url, st.get_option("server.baseUrlPath") or "", network_address())
+    with st.container(border=True, horizontal_alignment="center"):
+        address = st.text_input(
+            "The app's address for phones",
+            value=guess,
+            key="join_address",
+            help="Correct it if phones reach this machine by another name (a public address, a proxy).",
+        ).strip()
+        if not address:
+            st.info("Type the address phones should open.")
+            return
+        st.image(qr_png(address), width="content", alt=f"QR code of {address}")  # its own size: sharp edges
+        st.subheader(JOIN_CAPTION, anchor=False)
+        st.markdown(f"or type **{address}**")
+
+
 def sidebar_job() -> None:
     """A running training job, visible from every page and refreshed while it runs."""
     job = active_job(default_runs_dir())
@@ -158,4 +184,5 @@ sidebar_job()
 sidebar_presenter()
 st.sidebar.warning(DISCLAIMER, icon=":material/info:")
 st.caption(f":material/info: {DISCLAIMER}")
+join_code()
 page.run()

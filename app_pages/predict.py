@@ -10,7 +10,7 @@ import streamlit as st
 from lesion.errors import InvalidImage
 from lesion_app.access import may_change
 from lesion_app.charts import diagnosis_chart
-from lesion_app.gallery import list_samples
+from lesion_app.gallery import list_samples, thumbnail
 from lesion_app.guards import require_model
 from lesion_app.predict_view import (
     UPLOAD_TYPES,
@@ -18,17 +18,21 @@ from lesion_app.predict_view import (
     cached_prediction,
     cam_target_label,
     display_box,
+    newest_first,
     report_pdf,
     result_json,
     result_row,
     set_text,
     similar_cases,
+    toggle_pick,
     top_diagnoses,
+    upload_key,
     with_coverage,
 )
 from lesion_app.runs_view import NO_MODEL_HELP
 from lesion_app.wording import VERDICT_DETAIL, VERDICT_TEXT
 
+THUMBNAIL_WIDTH = 72  # pixels a gallery thumbnail is shown at: four in a row on a 390 px phone
 CAM_LABELS = {
     "gradcam": "Grad-CAM",
     "gradcam++": "Grad-CAM++",
@@ -46,26 +50,41 @@ if "predictions" not in st.session_state:
     st.session_state["predictions"] = OrderedDict()
 
 uploads = st.file_uploader("Upload one or several photos", type=UPLOAD_TYPES, accept_multiple_files=True)
+# The answers come right under the uploader, above the gallery: on a phone the verdict is on the first screen.
+results = st.container()
 samples = list_samples()
+picked = st.session_state.setdefault("picked", [])  # sample names, in the order they were ticked
+# A plain expander: a lazy one (built only while open) folded on upload cost a lone visitor about 0.7 s more
+# from upload to verdict in bench.load (docs/load.md).
 with st.expander("…or pick bundled samples", expanded=not uploads):
     for tab, kind in zip(st.tabs(["Dermoscopic lesions", "Not skin lesions"]), ("lesion", "ood"), strict=True):
-        group = [s for s in samples if s.kind == kind]
-        columns = tab.columns(8)
-        for index, sample in enumerate(group):
-            with columns[index % 8]:
-                st.image(str(sample.path), caption=sample.caption, width="stretch")
-                st.checkbox("Use", key=f"sample-{sample.name}")
+        # A wrapping row of small thumbnails (made once per server): a compact grid on a phone's screen too.
+        grid = tab.container(horizontal=True, gap="xsmall")
+        for sample in (s for s in samples if s.kind == kind):
+            with grid.container(width=THUMBNAIL_WIDTH, gap=None):
+                # "stretch" in a 72 px box: an int width smaller than the file would make Streamlit resize it on every run.
+                st.image(thumbnail(sample.path), width="stretch", output_format="JPEG", alt=sample.caption)
+                # The ticks live in "picked", in the order they were made (the latest pick is answered first).
+                st.checkbox(
+                    "Use",
+                    value=sample.name in picked,
+                    key=f"sample-{sample.name}",
+                    help=sample.caption,
+                    on_change=toggle_pick,
+                    args=(st.session_state, sample.name),
+                )
 if predictor is None and st.session_state.get("predictor_pending"):
     # The uploader and the gallery are on screen; now load the model (torch is imported here, once).
     predictor = st.session_state["predictor_pending"]()
 if predictor is None:
-    st.info(st.session_state.get("model_error") or NO_MODEL_HELP)
+    results.info(st.session_state.get("model_error") or NO_MODEL_HELP)
     st.stop()
-picked = [s for s in samples if st.session_state.get(f"sample-{s.name}")]
-items = [(upload.name, upload.getvalue()) for upload in uploads or []]
-items += [(sample.path.name, sample.path.read_bytes()) for sample in picked]
+arrivals = [(upload_key(upload), upload.name, upload.getvalue()) for upload in uploads or []]
+arrivals += [(f"sample-{s.name}", s.path.name, s.path.read_bytes()) for s in samples if s.name in picked]
+# The latest upload or pick first (images that came in the same run keep their order).
+items = [(name, data) for _, name, data in newest_first(arrivals, st.session_state.setdefault("arrived", {}))]
 if not items:
-    st.info("Upload a photo or tick a sample above to see what the model says.")
+    results.info("Upload a photo or tick a sample below to see what the model says.")
     st.stop()
 # Imported once an image is there: the page was drawn before torch was imported.
 from lesion.explain import CAM_METHODS, heatmap_png, overlay  # noqa: E402
@@ -86,7 +105,9 @@ facts_about_model = ModelFacts.from_checkpoint(predictor.checkpoint, model.path.
 @st.fragment
 def show_results(items: list[tuple[str, bytes]]) -> None:
     """Controls and results: a slider or view change reruns only this part, never the uploader or gallery."""
-    left, explains, middle, right = st.columns(4)
+    # What matters less on a phone stays folded away: the heatmap's method, target, opacity and view.
+    settings = st.expander("Heatmap settings", icon=":material/tune:")
+    left, explains, middle, right = settings.columns(4)
     cam_method = left.selectbox("Heatmap method", CAM_METHODS, format_func=lambda m: CAM_LABELS.get(m, m))
     cam_target = explains.selectbox(
         "Heatmap explains:",
@@ -121,6 +142,11 @@ def show_results(items: list[tuple[str, bytes]]) -> None:
                 continue
             prediction = with_coverage(predictor, prediction, coverage)
             rows.append(result_row(name, prediction))
+            verdict = VERDICT_TEXT.get(prediction.verdict, prediction.verdict)
+            show = {"benign": st.success, "malignant": st.error}.get(prediction.verdict, st.warning)
+            show(f"**{verdict}** — {VERDICT_DETAIL.get(prediction.verdict, '')}")  # first: the answer, on any screen
+            if described_set := set_text(predictor, prediction):
+                st.markdown(f"**{described_set}**")
             picture, facts = st.columns([1, 1])
             blended = shown
             if prediction.heatmap is not None:
@@ -135,11 +161,6 @@ def show_results(items: list[tuple[str, bytes]]) -> None:
                 two.image(blended, caption=heatmap_caption, width="stretch")
             else:
                 picture.image(blended, caption=f"{name}: {heatmap_caption}", width="stretch")
-            verdict = VERDICT_TEXT.get(prediction.verdict, prediction.verdict)
-            show = {"benign": facts.success, "malignant": facts.error}.get(prediction.verdict, facts.warning)
-            show(f"**{verdict}** — {VERDICT_DETAIL.get(prediction.verdict, '')}")
-            if described_set := set_text(predictor, prediction):
-                facts.markdown(f"**{described_set}**")
             facts.metric(
                 "P(malignant), calibrated",
                 f"{prediction.p_malignant:.1%}",
@@ -220,4 +241,5 @@ def show_results(items: list[tuple[str, bytes]]) -> None:
         table.dataframe(rows, hide_index=True)
 
 
-show_results(items)
+with results:
+    show_results(items)

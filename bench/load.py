@@ -1,77 +1,158 @@
-"""Ten visitors at once: concurrent browser sessions against the running app, each uploading a photo.
+"""A room full of phones: 10, 20, 30 concurrent browser sessions against the running app, each uploading a photo.
 
-    python -m bench.load [--checkpoint runs/x/model.pt] [--sessions 10] [--timeout 180]
+    python -m bench.load [--checkpoint runs/x/model.pt] [--sessions 10 20 30] [--desktop] [--profile DIR]
 
-Starts ``streamlit run streamlit_app.py`` headless on a free port with LESION_CHECKPOINT set to the
-model (default: the newest runs/*/model.pt; with none, the tiny test model is trained into a
-temporary folder first), opens one Chromium (Playwright, the Debian package) with ``--sessions``
-browser contexts, and in each, concurrently: loads the page, uploads a different bundled lesion and
-waits for its verdict. One session alone runs first as the baseline. Prints per-session times,
-p50 / p95 / max of upload-to-verdict latency (and their ratio to the lone session) and whether
-every session completed. The server is always killed at the end.
+Starts ``streamlit run streamlit_app.py`` headless on a free port (default: the bundled model, as on a
+fresh clone; ``--checkpoint`` names another model.pt), opens one Chromium (Playwright, the Debian
+package) and measures, in one run:
+
+- a warm-up visit (the model is loaded), then one visitor alone, three times (the baseline: the median);
+- for each ``--sessions`` count, that many browser contexts at once, each loading the page, uploading a
+  different lesion (a bundled sample re-encoded with one pixel changed, so no two uploads share a cached
+  answer, across counts too) and waiting for its verdict.
+
+"page" is the time until the first run is fully drawn (the "Upload a photo or tick a sample" line at its
+end); "upload -> verdict" the time from handing the file to the page until the verdict's text is visible.
+For each count it prints p50 and p95 of both, their ratio to the lone visitor's, where the verdict sat
+(in screen heights from the top of the page), and whether every session was answered with no error shown
+(an exception box, a traceback or a "could not be used" message). Sessions use a phone's viewport
+(390 x 844) unless ``--desktop``. With ``--profile DIR`` py-spy samples the server during the largest
+count and the top functions (own time and including callees) are printed and written to DIR.
+The server is always stopped at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
+
+from PIL import Image
 
 from bench.common import (
     CHROMIUM_ARGS,
     REPO,
     VERDICT,
-    ensure_checkpoint,
     free_port,
     start_app,
     stop_app,
     wait_healthy,
 )
 
+PHONE = {"width": 390, "height": 844}
+DESKTOP = {"width": 1280, "height": 900}
+READY = "Upload a photo or tick a sample"  # the last line of the Predict page's first run
+# An element's bottom edge in pixels from the top of the page, whatever scrolls (the window or a container).
+PAGE_BOTTOM = """e => {
+    let y = e.getBoundingClientRect().bottom + window.scrollY;
+    for (let a = e.parentElement; a; a = a.parentElement) y += a.scrollTop;
+    return y;
+}"""
+ERRORS = '[data-testid="stException"], :text("Traceback"), :text("could not be used")'
 
-async def visit(browser, url: str, image: Path, timeout_s: float) -> dict:
-    """One visitor: load the page, upload ``image``, wait for the verdict; times in seconds."""
-    context = await browser.new_context(viewport={"width": 1280, "height": 900})
+
+async def visit(browser, url: str, image: Path, timeout_s: float, viewport: dict, shared=None) -> dict:
+    """One visitor: load the page, upload ``image``, wait for the verdict; times in seconds.
+
+    ``shared``: a browser context to open a tab in (a session of its own, the browser's cache shared);
+    None: a context of its own, as a separate phone.
+    """
+    context = shared or await browser.new_context(viewport=viewport)
     result = {"image": image.name, "ok": False, "error": ""}
+    page = None
     try:
         page = await context.new_page()
         started = time.perf_counter()
         await page.goto(url, wait_until="domcontentloaded", timeout=timeout_s * 1000)
-        upload = page.locator("input[type=file]").first
-        await upload.wait_for(state="attached", timeout=timeout_s * 1000)
+        await page.get_by_text(READY).first.wait_for(state="visible", timeout=timeout_s * 1000)
         result["page_s"] = time.perf_counter() - started
         uploaded = time.perf_counter()
-        await upload.set_input_files(str(image))
-        await page.get_by_text(VERDICT).first.wait_for(state="visible", timeout=timeout_s * 1000)
+        await page.locator("input[type=file]").first.set_input_files(str(image), timeout=timeout_s * 1000)
+        verdict = page.get_by_text(VERDICT).first
+        await verdict.wait_for(state="visible", timeout=timeout_s * 1000)
         result["verdict_s"] = time.perf_counter() - uploaded
-        result["text"] = (await page.get_by_text(VERDICT).first.inner_text()).split("\n")[0][:80]
-        if await page.get_by_text("Traceback").count():
-            result["error"] = "a traceback is shown"
+        result["total_s"] = time.perf_counter() - started  # what the visitor lives: opening the page to the verdict
+        result["text"] = (await verdict.inner_text()).split("\n")[0][:80]
+        result["screens"] = await verdict.evaluate(PAGE_BOTTOM) / viewport["height"]
+        if await page.locator(ERRORS).count():
+            result["error"] = "an error is shown"
         else:
             result["ok"] = True
     except Exception as error:  # reported per session; the bench goes on with the others
         result["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
     finally:
-        await context.close()
+        if shared is None:
+            await context.close()
+        elif page is not None:
+            await page.close()
     return result
 
 
-async def run_sessions(url: str, images: list[Path], timeout_s: float) -> tuple[list[dict], float]:
+def niced_chromium(niceness: int, folder: Path) -> str:
+    """Chromium's path, or a wrapper that starts it at ``niceness`` (0: chromium itself)."""
+    chromium = shutil.which("chromium")
+    if not niceness:
+        return chromium
+    wrapper = folder / "chromium-niced"
+    wrapper.write_text(f'#!/bin/sh\nexec nice -n {int(niceness)} "{chromium}" "$@"\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+async def run_sessions(
+    url: str,
+    rounds: list[list[Path]],
+    timeout_s: float,
+    viewport: dict,
+    chromium: str,
+    between=None,
+    tabs: bool = False,
+) -> list:
+    """Each round's images uploaded by as many concurrent sessions, rounds one after the other, one browser.
+
+    ``tabs``: every session a tab of one browser context (one cache); else each in a context of its own.
+    """
     from playwright.async_api import async_playwright
 
     async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
+        browser = await playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        shared = await browser.new_context(viewport=viewport) if tabs else None
         try:
-            started = time.perf_counter()
-            results = await asyncio.gather(*(visit(browser, url, image, timeout_s) for image in images))
-            return list(results), time.perf_counter() - started
+            answers = []
+            for number, images in enumerate(rounds):
+                if between is not None:
+                    between(number, "start")
+                started = time.perf_counter()
+                visits = (visit(browser, url, image, timeout_s, viewport, shared) for image in images)
+                results = await asyncio.gather(*visits)
+                answers.append((list(results), time.perf_counter() - started))
+                if between is not None:
+                    between(number, "end")
+            return answers
         finally:
             await browser.close()
+
+
+def server_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of the process ``pid`` and its children so far."""
+    import psutil
+
+    process = psutil.Process(pid)
+    total = 0.0
+    for each in [process, *process.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            times = each.cpu_times()
+            total += times.user + times.system
+    return total
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -79,59 +160,230 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
+def distinct_copies(sources: list[Path], count: int, tag: int, folder: Path) -> list[Path]:
+    """``count`` uploads made from ``sources`` in turn, each with one pixel set from (tag, index): distinct bytes."""
+    made = []
+    for index in range(count):
+        source = sources[index % len(sources)]
+        with Image.open(source) as image:
+            copy = image.convert("RGB")
+        copy.putpixel((0, 0), (tag % 256, index % 256, (tag * 7 + index) % 256))
+        path = folder / f"{source.stem}-{tag}-{index}.jpg"
+        copy.save(path, quality=95)
+        made.append(path)
+    return made
+
+
+class Profiler:
+    """py-spy sampling the server between two calls (raw collapsed stacks), if py-spy is installed."""
+
+    def __init__(self, pid: int, out: Path) -> None:
+        self.pid, self.out, self.process = pid, out, None
+
+    def start(self) -> None:
+        command = ["py-spy", "record", "--pid", str(self.pid), "--format", "raw", "--rate", "50", "--nonblocking"]
+        self.process = subprocess.Popen(
+            [*command, "-o", str(self.out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGINT)
+            self.process.wait(60)
+
+
+# Where the server's time goes, by what a sample's stack contains (a sample may count in several).
+CATEGORIES = {
+    "page script runs (all of it)": ("exec_func_with_error_handling",),
+    "  st.image in the script": ("elements/image.py",),
+    "  the prediction (wait or work)": ("predict_view.py", "batcher.py"),
+    "network forward pass": ("forward_parts",),
+    "heatmaps (Grad-CAM)": ("_low_resolution_cams",),
+    "OOD scores": ("_ood_scores",),
+    "decoding and preprocessing": ("lesion/preprocess.py", "lesion/images.py"),
+    "file watcher (every module's path after each run)": ("local_sources_watcher",),
+    "full garbage collection after each run": ("=ScriptRunner._on_script_finished (scriptrunner/script_runner.py)",),
+    "media files (images served)": ("media_file",),
+    "websocket writes": ("websocket.py", "_SelectorSocketTransport.write"),
+}
+# Where a sampled thread waits rather than works (py-spy counts some waits as active): left out of the shares.
+WAITING = (
+    "Condition.wait (threading.py)",
+    "Event.wait (threading.py)",
+    "EpollSelector.select (selectors.py)",
+    "_worker (futures/thread.py)",
+    "Queue.get (queue.py)",
+    "SimpleQueue.get",
+    "PollingPathWatcher._schedule.<locals>.task (watcher/polling_path_watcher.py)",  # its sleep between polls
+    "sleep",
+)
+# Frames every thread's stack starts with: their inclusive share says nothing.
+GENERIC = ("threading.py", "runpy", "click/", "asyncio/", "web/bootstrap.py", "web/cli.py", "streamlit/__main__.py")
+
+
+def top_functions(raw: Path, count: int = 15) -> tuple[list, list, list, int, int]:
+    """Shares of the busy samples: own time of the busiest functions, time including callees, per category;
+    the busy samples and the waiting ones (a thread in one of WAITING, left out).
+
+    A function is named ``name (folder/file.py)``: the lines of one function are added together.
+    """
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    categories: Counter[str] = Counter()
+    total = waiting = 0
+    for line in raw.read_text().splitlines():
+        stack, _, samples = line.rpartition(" ")
+        if not stack or not samples.isdigit():
+            continue
+        n = int(samples)
+        frames = [_function(frame) for frame in stack.split(";")]
+        if frames[-1] in WAITING or frames[-1].startswith(WAITING[-1]):
+            waiting += n
+            continue
+        total += n
+        own[frames[-1]] += n
+        for frame in set(frames):
+            if not any(generic in frame for generic in GENERIC):
+                inclusive[frame] += n
+        for label, marks in CATEGORIES.items():
+            # "=name": the function the thread is in itself (time in C code, such as gc.collect, shows there).
+            if any(frames[-1] == mark[1:] if mark.startswith("=") else mark in stack for mark in marks):
+                categories[label] += n
+    share = max(total, 1)
+    return (
+        [(name, n / share) for name, n in own.most_common(count)],
+        [(name, n / share) for name, n in inclusive.most_common(count)],
+        [(label, categories[label] / share) for label in CATEGORIES],
+        total,
+        waiting,
+    )
+
+
+def _function(frame: str) -> str:
+    """'name (path/to/file.py:12)' -> 'name (file.py)'; py-spy's raw frames name the file and line."""
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")").rsplit(":", 1)[0]
+    parts = Path(where).parts
+    short = "/".join(parts[-2:]) if len(parts) > 1 else where
+    return f"{name} ({short})"
+
+
+def summary(results: list[dict], base: dict | None, label: str) -> str:
+    done = [r for r in results if r["ok"]]
+    lines = [
+        f"{label}: {len(done)}/{len(results)} answered with no error shown" + ("" if done == results else " -- NOT ALL")
+    ]
+    if not done:
+        return "\n".join(lines)
+    for key, what in (("page_s", "page"), ("verdict_s", "upload -> verdict"), ("total_s", "page opened -> verdict")):
+        values = [r[key] for r in done]
+        p50, p95 = statistics.median(values), percentile(values, 95)
+        ratio = f" ({p50 / base[key]:.1f}x / {p95 / base[key]:.1f}x the lone visitor)" if base else ""
+        lines.append(f"  {what}: p50 {p50:.2f} s, p95 {p95:.2f} s, max {max(values):.2f} s{ratio}")
+    screens = [r["screens"] for r in done]
+    lines.append(f"  the verdict's bottom edge: at most {max(screens):.2f} screen heights down the page")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", default=None, help="model.pt (default: newest runs/*/model.pt, or train one)")
-    parser.add_argument("--sessions", type=int, default=10)
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds a session may wait for its verdict")
+    parser.add_argument("--checkpoint", default=None, help="model.pt (default: the bundled model, as on a fresh clone)")
+    parser.add_argument("--sessions", type=int, nargs="+", default=[10, 20, 30], help="concurrent sessions, per round")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds a session may wait for each step")
+    parser.add_argument("--desktop", action="store_true", help=f"a {DESKTOP['width']} px wide window, not a phone's")
+    parser.add_argument("--profile", type=Path, default=None, help="py-spy the server during the largest round")
+    parser.add_argument(
+        "--browser-nice",
+        type=int,
+        default=10,
+        help="run Chromium at this niceness (0: as the server): phones bring their own CPUs, these browsers share the server's",
+    )
+    parser.add_argument(
+        "--tabs",
+        action="store_true",
+        help="each session a tab of one browser context (the app's scripts parsed from one cache), not a context each",
+    )
+    parser.add_argument("--verbose", action="store_true", help="one line per session")
     args = parser.parse_args(argv)
     if not shutil.which("chromium"):
         print("error: no chromium on PATH (apt install chromium)", file=sys.stderr)
         return 2
-    checkpoint = ensure_checkpoint(args.checkpoint)
+    if args.profile and not shutil.which("py-spy"):
+        print("error: --profile needs py-spy (python3 -m pip install py-spy)", file=sys.stderr)
+        return 2
+    checkpoint = Path(args.checkpoint) if args.checkpoint else None
+    viewport = DESKTOP if args.desktop else PHONE
     lesions = sorted((REPO / "assets" / "samples" / "lesions").glob("*.jpg"))
-    images = [lesions[i % len(lesions)] for i in range(args.sessions)]
+    photos = sorted((REPO / "assets" / "samples" / "ood").glob("*.jpg"))
     port = free_port()
-    with tempfile.TemporaryDirectory(prefix="lesion-load-") as runs_dir:
-        server = start_app(checkpoint, port, Path(runs_dir))
+    with tempfile.TemporaryDirectory(prefix="lesion-load-") as scratch:
+        folder = Path(scratch)
+        (folder / "runs").mkdir()
+        # The warm-up, then the lone visitor three times: non-lesion photos, distinct from every round's lesions.
+        lone = distinct_copies(photos, 4, 0, folder)
+        rounds = [[lone[0]], [lone[1]], [lone[2]], [lone[3]]]
+        rounds += [distinct_copies(lesions, n, k + 1, folder) for k, n in enumerate(args.sessions)]
+        largest = 4 + max(range(len(args.sessions)), key=lambda k: args.sessions[k])
+        server = start_app(checkpoint, port, folder / "runs")
+        profiler = Profiler(server.pid, args.profile / "server.raw") if args.profile else None
+        if profiler:
+            args.profile.mkdir(parents=True, exist_ok=True)
+
+        cpu: dict[int, float] = {}
+
+        def between(number: int, when: str) -> None:
+            # The server's CPU seconds (its process and any children) during each round.
+            cpu[number] = server_cpu_seconds(server.pid) - cpu.get(number, 0.0)
+            if profiler and number == largest:
+                profiler.start() if when == "start" else profiler.stop()
+
         try:
             started = time.perf_counter()
             wait_healthy(server, port)
-            print(f"checkpoint {checkpoint}; app up on port {port} in {time.perf_counter() - started:.1f} s")
-            url = f"http://127.0.0.1:{port}/"
-            # The baseline: one visitor alone (a bundled OOD photo, so no session below reuses its result).
-            alone, _ = asyncio.run(
-                run_sessions(url, [sorted((REPO / "assets/samples/ood").glob("*.jpg"))[0]], args.timeout)
+            print(f"model {checkpoint or 'bundled'}; app up on port {port} in {time.perf_counter() - started:.1f} s")
+            print(
+                f"viewport {viewport['width']} x {viewport['height']}; browser at niceness {args.browser_nice}; "
+                + ("every session a tab of one context" if args.tabs else "a browser context per session")
             )
-            results, wall = asyncio.run(run_sessions(url, images, args.timeout))
+            chromium = niced_chromium(args.browser_nice, folder)
+            url = f"http://127.0.0.1:{port}/"
+            answers = asyncio.run(run_sessions(url, rounds, args.timeout, viewport, chromium, between, args.tabs))
         finally:
             stop_app(server)
-    for number, result in enumerate(results, 1):
-        if result["ok"]:
-            print(
-                f"session {number:2d} {result['image']}: page {result['page_s']:.2f} s, "
-                f"upload -> verdict {result['verdict_s']:.2f} s ({result['text']})"
-            )
-        else:
-            print(f"session {number:2d} {result['image']}: FAILED {result['error']}")
-    base = alone[0]
-    if base["ok"]:
-        print(f"baseline, one session alone: page {base['page_s']:.2f} s, upload -> verdict {base['verdict_s']:.2f} s")
-    else:
-        print(f"baseline session FAILED: {base['error']}")
-    done = [r["verdict_s"] for r in results if r["ok"]]
-    if done:
-        p50, p95 = statistics.median(done), percentile(done, 95)
-        ratio = (
-            f" ({p50 / base['verdict_s']:.1f}x / {p95 / base['verdict_s']:.1f}x the lone session)" if base["ok"] else ""
-        )
+    warm = answers[0][0][0]
+    print("warm-up visit (loads the model): " + (f"verdict {warm['verdict_s']:.2f} s" if warm["ok"] else warm["error"]))
+    alone = [answer[0][0] for answer in answers[1:4]]
+    base = None
+    if all(r["ok"] for r in alone):
+        base = {key: statistics.median(r[key] for r in alone) for key in ("page_s", "verdict_s", "total_s")}
         print(
-            f"upload -> verdict latency over {len(done)} concurrent sessions: p50 {p50:.2f} s, p95 {p95:.2f} s, "
-            f"max {max(done):.2f} s{ratio}; page load p50 {statistics.median(r['page_s'] for r in results if r['ok']):.2f} s; "
-            f"all sessions within {wall:.1f} s"
+            f"lone visitor, median of 3: page {base['page_s']:.2f} s, upload -> verdict {base['verdict_s']:.2f} s "
+            f"(each: {', '.join(format(r['verdict_s'], '.2f') for r in alone)} s)"
         )
-    complete = len(done) == len(results)
-    print(f"{len(done)}/{len(results)} sessions completed" + ("" if complete else " -- NOT ALL"))
+    else:
+        print(f"lone visitor FAILED: {[r['error'] for r in alone if not r['ok']]}")
+    complete = base is not None
+    for number, ((results, wall), count) in enumerate(zip(answers[4:], args.sessions, strict=True), 4):
+        if args.verbose:
+            for number, r in enumerate(results, 1):
+                said = (
+                    f"page {r['page_s']:.2f} s, verdict {r['verdict_s']:.2f} s" if r["ok"] else f"FAILED {r['error']}"
+                )
+                print(f"  session {number:2d} {r['image']}: {said}")
+        print(summary(results, base, f"{count} sessions at once (all done within {wall:.1f} s)"))
+        print(f"  server CPU time during the round: {cpu[number]:.1f} s in {wall:.1f} s of wall time")
+        complete = complete and all(r["ok"] for r in results)
+    if profiler and (args.profile / "server.raw").is_file():
+        own, inclusive, categories, samples, waits = top_functions(args.profile / "server.raw")
+        text = [
+            f"py-spy, {samples} busy samples of the server's threads during {args.sessions[largest - 4]} sessions "
+            f"at once ({waits} more waiting, left out); shares of the busy ones"
+        ]
+        text += ["own time:"] + [f"  {share:6.1%}  {name}" for name, share in own]
+        text += ["including callees:"] + [f"  {share:6.1%}  {name}" for name, share in inclusive]
+        text += ["by what the stack contains:"] + [f"  {share:6.1%}  {name}" for name, share in categories]
+        (args.profile / "top.txt").write_text("\n".join(text) + "\n")
+        print("\n".join(text))
     print(f"server stopped: {server.poll() is not None}")
     return 0 if complete else 1
 

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+
+from PIL import Image
 
 from lesion.files import PROJECT_ROOT, SPLIT_FILE
 from lesion.labels import DX_NAMES
 
 SAMPLES_DIR = PROJECT_ROOT / "assets" / "samples"
+# Longest side of a gallery thumbnail, in pixels: twice the 72 px it is shown at, for sharp phone screens.
+THUMBNAIL_SIDE = 144
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,26 @@ def list_samples(samples_dir: Path = SAMPLES_DIR) -> list[Sample]:
                         )
                     )
     return samples
+
+
+@lru_cache(maxsize=128)
+def thumbnail(path: Path, side: int = THUMBNAIL_SIDE) -> bytes:
+    """A small JPEG of a bundled sample, made once per server (every visitor's gallery sends these bytes).
+
+    The file's modification time is not part of the key: bundled samples do not change while the app runs.
+    """
+    with Image.open(path) as image:
+        small = image.convert("RGB")
+    small.thumbnail((side, side), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    small.save(buffer, format="JPEG", quality=80, optimize=True)
+    return buffer.getvalue()
+
+
+@lru_cache(maxsize=1)
+def sample_digests() -> frozenset[str]:
+    """sha256 of every bundled sample's bytes: what the Predict page may share between sessions."""
+    return frozenset(hashlib.sha256(sample.path.read_bytes()).hexdigest() for sample in list_samples())
 
 
 def training_folds(run_dir: Path | None) -> dict[str, str]:

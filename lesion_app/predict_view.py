@@ -12,7 +12,9 @@ from PIL import Image
 from lesion.images import IMAGE_EXTENSIONS, load_image
 from lesion.labels import DX_NAMES
 from lesion.runs import ModelEntry
-from lesion_app.session_cache import PREDICT_LOCK, digest, named_bytes, recall, remember
+from lesion_app.batcher import batcher
+from lesion_app.gallery import sample_digests
+from lesion_app.session_cache import SHARED, digest, named_bytes, recall, remember
 from lesion_app.wording import DISCLAIMER, VERDICT_TEXT, json_default
 
 #: What the uploaders accept: the image types the library reads.
@@ -35,11 +37,20 @@ def display_image(data: bytes, name: str) -> Image.Image:
 
 
 def cached_display(cache: MutableMapping[Any, Any], data: bytes, name: str) -> Image.Image:
-    """:func:`display_image`, decoded once per image content (a 12-megapixel photo takes a while)."""
+    """:func:`display_image`, decoded once per image content (a 12-megapixel photo takes a while).
+
+    Kept in the session's ``cache``; a bundled sample also in the server's shared one (decoded once for the room).
+    """
     key = ("display", digest(data))
-    if key not in cache:
-        return remember(cache, key, display_image(data, name))
-    return cache[key]
+    if key in cache:
+        return cache[key]
+    shared = key[1] in sample_digests()
+    shown = SHARED.get(key) if shared else None
+    if shown is None:
+        shown = display_image(data, name)
+        if shared:
+            SHARED.put(key, shown)
+    return remember(cache, key, shown)
 
 
 def _resize_heatmap(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -72,18 +83,56 @@ def cached_prediction(
 ) -> Any:
     """The Prediction for these image bytes, this model file (path + mtime), CAM method and target.
 
-    Computed once; moving a slider or switching the view reads it from ``cache``. The heatmap
-    kept is resized to ``display``'s size (the prediction itself saw the full-resolution file).
-    ``cam_target`` None explains the verdict (see :meth:`lesion.predict.Predictor.predict`).
+    Computed once, in a batch with other sessions' images (:mod:`lesion_app.batcher`); moving a slider
+    or switching the view reads it from ``cache``. A bundled sample's is kept in the server's shared cache
+    too, for every visitor who picks it (an upload's stays in its own session). The heatmap kept is resized to ``display``'s size (the prediction itself saw
+    the full-resolution file). ``cam_target`` None explains the verdict (see
+    :meth:`lesion.predict.Predictor.predict`). InvalidImage for an unreadable image, as ``predict``.
     """
     key = ("prediction", digest(data), str(model.path), model.mtime, cam_method, cam_target)
     if (hit := recall(cache, key)) is not None:
         return hit
-    with PREDICT_LOCK:
-        prediction = predictor.predict(named_bytes(data, name), cam_method=cam_method, cam_target=cam_target)
+    shared = key[1] in sample_digests()
+    if shared and (hit := SHARED.get(key)) is not None:
+        return remember(cache, key, hit)
+    prediction = batcher().predict(predictor, named_bytes(data, name), cam_method=cam_method, cam_target=cam_target)
     if prediction.heatmap is not None:
         prediction.heatmap = _resize_heatmap(prediction.heatmap, display.size)
+    if shared:
+        SHARED.put(key, prediction)
     return remember(cache, key, prediction)
+
+
+def upload_key(upload: Any) -> str:
+    """A stable name for one uploaded file across reruns (Streamlit's file id; the name if there is none)."""
+    return f"upload-{getattr(upload, 'file_id', None) or upload.name}"
+
+
+def toggle_pick(session: MutableMapping[str, Any], name: str) -> None:
+    """The gallery checkbox of sample ``name`` changed: add it to, or drop it from, ``session["picked"]``.
+
+    The picks are kept apart from the checkboxes' own state, in the order they were made.
+    """
+    picked = [other for other in session.get("picked", []) if other != name]
+    if session.get(f"sample-{name}"):
+        picked.append(name)
+    session["picked"] = picked
+
+
+def newest_first(arrivals: list[tuple[Any, ...]], arrived: MutableMapping[str, int]) -> list[tuple[Any, ...]]:
+    """``arrivals`` (each starting with its key) with the latest upload or pick first.
+
+    ``arrived`` (kept in the session) maps a key to the run it first appeared in; keys no longer there
+    are forgotten, so a sample unticked and ticked again counts as new. Arrivals of the same run keep
+    their order (several photos uploaded at once read top to bottom).
+    """
+    keys = {arrival[0] for arrival in arrivals}
+    for gone in [key for key in arrived if key not in keys]:
+        del arrived[gone]
+    run = max(arrived.values(), default=0) + 1
+    for arrival in arrivals:
+        arrived.setdefault(arrival[0], run)
+    return sorted(arrivals, key=lambda arrival: -arrived[arrival[0]])
 
 
 def result_row(name: str, prediction: Any) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Per-session caches of what the network computed, keyed by image content; the lock that serialises the network.
+"""Per-session caches of what the network computed, keyed by image content; one shared by every session;
+the lock that serialises the network.
 
 A page passes in its ``st.session_state`` (any mutable mapping), so everything here runs without Streamlit.
 """
@@ -16,8 +17,11 @@ from lesion.images import MAX_BYTES
 
 CACHE_ENTRIES = 64
 
+SHARED_ENTRIES = 32  # a room picking the same bundled samples; each entry holds a display-sized image and heatmap
+
 # One model is shared by every session (st.cache_resource); Grad-CAM needs gradients through
-# it, so predictions are serialised. On a CPU they would compete for the same cores anyway.
+# it, so predictions are serialised (the Predict page's batcher takes it around each batch).
+# On a CPU they would compete for the same cores anyway.
 PREDICT_LOCK = threading.Lock()
 
 
@@ -52,3 +56,44 @@ def recall(cache: MutableMapping[Any, Any], key: Any) -> Any:
     if isinstance(cache, OrderedDict):
         cache.move_to_end(key)
     return cache[key]
+
+
+class SharedCache:
+    """What one session computed that another may reuse (same image bytes, same model and settings): thread-safe.
+
+    The Predict page keeps only the bundled samples' here (an upload's stays in its session). Values are
+    read, never changed, once stored.
+    """
+
+    def __init__(self, entries: int = SHARED_ENTRIES) -> None:
+        self.entries = entries
+        self._items: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        """The value under ``key`` (None when there is none), marked as the most recent."""
+        with self._lock:
+            if key not in self._items:
+                return None
+            self._items.move_to_end(key)
+            return self._items[key]
+
+    def put(self, key: Any, value: Any) -> Any:
+        """Store ``value``; only the ``entries`` most recent are kept."""
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.entries:
+                self._items.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+#: The server's one shared cache (a module global: every session's script imports the same module).
+SHARED = SharedCache()

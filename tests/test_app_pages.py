@@ -80,7 +80,7 @@ def test_extra_checkpoint_is_offered_first(trained_run: Path, tmp_path: Path, mo
     model = at.sidebar.selectbox[0]
     assert model.label == "Model" and len(model.options) == 1 and "LESION_CHECKPOINT" in model.options[0]
     assert [i.value for i in at.main.info] == [
-        "Upload a photo or tick a sample above to see what the model says."
+        "Upload a photo or tick a sample below to see what the model says."
     ]  # the Predict page is ready for an upload, not asking for a model
 
 

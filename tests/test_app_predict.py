@@ -13,6 +13,8 @@ from lesion.conformal import set_in_words
 from lesion.labels import DX_NAMES
 from lesion.predict import Predictor
 from lesion.similar import vote_in_words
+from lesion_app.predict_view import newest_first
+from lesion_app.session_cache import SHARED
 from lesion_app.wording import VERDICT_TEXT
 from tests.helpers_model import count_predictions
 
@@ -35,6 +37,7 @@ def calls(counter: Path) -> int:
 def predict_page(trained_run: Path, monkeypatch: pytest.MonkeyPatch, counter: Path) -> AppTest:
     monkeypatch.setenv("LESION_RUNS_DIR", str(trained_run.parent))
     monkeypatch.delenv("LESION_CHECKPOINT", raising=False)
+    SHARED.clear()  # what an earlier test's session left for others to reuse: each test counts its own network calls
     at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=120).run()
     assert not at.exception
     return at
@@ -185,3 +188,25 @@ def test_similar_cases_the_diagnosis_set_and_the_report(
     assert [m.value for m in at.markdown if m.value.startswith("**With ")] == [
         f"**{set_in_words(narrow.dx_set, 0.5, len(predictor.dx_names))}**"
     ]
+
+
+def test_the_latest_upload_or_pick_is_answered_first(predict_page: AppTest) -> None:
+    at = predict_page
+    at.checkbox(key="sample-car_image1").check().run()
+    assert heatmaps(at) == ["car_image1.jpg: Grad-CAM heatmap"]
+    at.file_uploader[0].upload(LESION.name, LESION.read_bytes(), "image/jpeg")
+    at.run()
+    assert not at.exception
+    assert heatmaps(at) == [f"{LESION.name}: Grad-CAM heatmap", "car_image1.jpg: Grad-CAM heatmap"]
+    at.checkbox(key="sample-ISIC_0000169").check().run()  # the same lesion, picked from the gallery now
+    assert heatmaps(at)[0] == "ISIC_0000169.jpg: Grad-CAM heatmap" and len(verdict_boxes(at)) == 3
+    at.checkbox(key="sample-car_image1").uncheck().run()
+    assert "car_image1.jpg: Grad-CAM heatmap" not in heatmaps(at) and len(verdict_boxes(at)) == 2
+
+
+def test_newest_first_orders_by_arrival_and_forgets_what_left() -> None:
+    arrived: dict[str, int] = {}
+    assert newest_first([("a",), ("b",)], arrived) == [("a",), ("b",)]  # same run: their own order
+    assert newest_first([("a",), ("b",), ("c",)], arrived) == [("c",), ("a",), ("b",)]
+    assert newest_first([("b",), ("c",)], arrived) == [("c",), ("b",)]  # "a" unticked: forgotten
+    assert newest_first([("a",), ("b",), ("c",)], arrived) == [("a",), ("c",), ("b",)]  # ticked again: the newest

@@ -24,7 +24,7 @@ class Prediction:
     heatmap: np.ndarray | None  # (image_height, image_width) float32 in [0, 1], or None
     cam_method: str
     target: int  # class index the heatmap explains
-    timings: dict[str, float]  # seconds: decode, preprocess, forward, cam, ood, total
+    timings: dict[str, float]  # seconds: decode, preprocess, forward, cam, ood, similar (cases and set), total
     image_width: int  # the original image, after EXIF orientation
     image_height: int
     probabilities: dict[str, float] = field(default_factory=dict)  # calibrated, per class name

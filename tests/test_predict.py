@@ -91,7 +91,7 @@ def test_prediction_fields_and_heatmap_size(predictor: Predictor, wide_jpeg: Pat
     assert prediction.heatmap.min() >= 0 and prediction.heatmap.max() == pytest.approx(1, abs=1e-5)
     # The network saw the centre crop only (450 x 450 here); outside it the map is 0.
     assert prediction.heatmap[:, :70].max() == 0 and prediction.heatmap[:, -70:].max() == 0
-    assert set(prediction.timings) == {"decode", "preprocess", "forward", "cam", "ood", "total"}
+    assert set(prediction.timings) == {"decode", "preprocess", "forward", "cam", "ood", "similar", "total"}
     assert prediction.ood_score == prediction.ood_scores["mahalanobis"]
     assert prediction.accepted == (prediction.ood_score <= prediction.ood_threshold)
     assert sum(prediction.probabilities.values()) == pytest.approx(1)

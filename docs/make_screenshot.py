@@ -5,7 +5,7 @@
 Starts ``streamlit run streamlit_app.py`` on a free localhost port with the bundled model (no runs,
 no LESION_CHECKPOINT: the app as a fresh clone shows it), drives Debian's chromium through
 Playwright, ticks the first bundled sample lesion the model accepts, waits for the verdict and the
-heatmap, folds the sample gallery away and saves a screenshot of the page. The server is stopped at
+heatmap, the diagnosis set and the similar cases, folds the sample gallery away and saves a screenshot. The server is stopped at
 the end, whatever happens.
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import math
 import os
 import sys
 import tempfile
@@ -25,29 +24,21 @@ sys.path.insert(0, str(REPO))  # a script in docs/, run from anywhere: the check
 from bench.common import CHROMIUM_ARGS, free_port, start_app, stop_app, wait_healthy  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
-GALLERY_COLUMNS = 8  # the Predict page lays the samples out in eight columns
 MAX_BYTES = 900_000  # the PNG stays well under 1 MB
 
 
-def accepted_sample() -> tuple[int, int, str]:
-    """(position among the gallery's lesions, how many lesions, file stem) of the first one the bundled model accepts."""
+def accepted_sample() -> str:
+    """The file stem of the first gallery lesion the bundled model accepts."""
     from lesion.predict import Predictor
     from lesion.runs import BUNDLED_MODEL
     from lesion_app.gallery import list_samples
 
     lesions = [sample for sample in list_samples() if sample.kind == "lesion"]
     predictor = Predictor.from_checkpoint(BUNDLED_MODEL)
-    for index, sample in enumerate(lesions):
+    for sample in lesions:
         if predictor.predict(sample.path, with_heatmap=False).accepted:
-            return index, len(lesions), sample.name
+            return sample.name
     raise RuntimeError("the bundled model accepts none of the sample lesions")
-
-
-def checkbox_position(index: int, count: int) -> int:
-    """Where sample ``index`` of ``count``'s "Use" box comes in the page: column by column, top to bottom."""
-    column, row = index % GALLERY_COLUMNS, index // GALLERY_COLUMNS
-    before = sum(math.ceil((count - c) / GALLERY_COLUMNS) for c in range(column))
-    return before + row
 
 
 def shrink(png: bytes) -> bytes:
@@ -65,7 +56,7 @@ def shrink(png: bytes) -> bytes:
 def screenshot(out: Path) -> None:
     from playwright.sync_api import sync_playwright
 
-    index, count, name = accepted_sample()
+    name = accepted_sample()
     port = free_port()
     runs = Path(tempfile.mkdtemp(prefix="lesion-screenshot-"))
     os.environ.pop("LESION_BUNDLED_MODEL", None)  # the app as a fresh clone shows it: the shipped model
@@ -75,15 +66,16 @@ def screenshot(out: Path) -> None:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             # The page scrolls inside its own frame, so the viewport is the whole picture.
-            page = browser.new_page(viewport={"width": 1280, "height": 1160})
+            page = browser.new_page(viewport={"width": 1280, "height": 1500})
             page.goto(f"http://127.0.0.1:{port}/", timeout=120_000)
             page.get_by_text("Benign or malignant?").wait_for(timeout=120_000)
-            box = page.locator('[data-testid="stCheckbox"]').nth(checkbox_position(index, count))
+            box = page.locator(f".st-key-sample-{name}").get_by_text("Use")
             box.wait_for(timeout=120_000)
             box.click()
             page.get_by_text("Result JSON").wait_for(timeout=180_000)
             page.get_by_text("…or pick bundled samples").click()  # fold the gallery: the result moves up
-            page.locator('[data-testid="stImage"] img').last.wait_for(timeout=60_000)
+            page.get_by_text("Similar confirmed cases").wait_for(timeout=60_000)
+            page.locator('[data-testid="stImage"] img').first.wait_for(timeout=60_000)  # results sit above the gallery
             page.wait_for_timeout(2000)  # let the heatmap and the chart paint
             if name not in page.content():
                 raise RuntimeError(f"the page does not show {name}")

@@ -120,3 +120,17 @@ def count_predictions(monkeypatch: Any, path: Path) -> Path:
     monkeypatch.setattr(Predictor, "predict", counted_predict)
     monkeypatch.setattr(Predictor, "predict_batch", counted_batch)
     return path
+
+
+def exif_rotated_jpeg(path: Path, orientation: int, size: tuple[int, int]) -> bytes:
+    """``path`` resized to ``size`` as JPEG bytes carrying EXIF orientation ``orientation`` (6, 8: rotated)."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(path) as image:
+        buffer = io.BytesIO()
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        image.convert("RGB").resize(size).save(buffer, format="JPEG", exif=exif)
+    return buffer.getvalue()

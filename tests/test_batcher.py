@@ -8,18 +8,16 @@ batches it made is read from ``Batcher.batches``.
 
 from __future__ import annotations
 
-import io
 import threading
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from lesion.errors import InvalidImage
 from lesion.predict import Prediction, Predictor
 from lesion.runs import BUNDLED_MODEL
 from lesion_app.batcher import Batcher
-from tests.helpers_model import lesion_paths, ood_paths, write_tiny_checkpoint
+from tests.helpers_model import exif_rotated_jpeg, lesion_paths, ood_paths, write_tiny_checkpoint
 from tests.tolerances import ood_slack, p_malignant_slack
 
 GATHER_S = 30.0  # long: the batch is closed by reaching max_batch, never by the clock
@@ -53,12 +51,7 @@ def mixed_images() -> list[bytes]:
     """Lesions, a non-lesion photo of another size and shape, and an EXIF-rotated JPEG, as upload bytes."""
     lesions = lesion_paths()
     images = [path.read_bytes() for path in (lesions[0], lesions[7], ood_paths()[0], lesions[12])]
-    with Image.open(lesions[3]) as lesion:
-        buffer = io.BytesIO()
-        exif = Image.Exif()
-        exif[0x0112] = 6
-        lesion.convert("RGB").resize((240, 130)).save(buffer, format="JPEG", exif=exif)
-    images.append(buffer.getvalue())
+    images.append(exif_rotated_jpeg(lesions[3], 6, (240, 130)))
     return images
 
 

@@ -8,12 +8,14 @@ so the check is real: the lesion must get Benign/Malignant and the photo "Not a 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,6 +45,31 @@ def wait_healthy(port: int, server: subprocess.Popen, timeout: float = 120) -> N
         except OSError:
             time.sleep(0.3)
     raise AssertionError("streamlit did not become healthy")
+
+
+@contextlib.contextmanager
+def bundled_app(runs: Path, log_name: str) -> Iterator[int]:
+    """``streamlit run`` as a fresh clone runs it (no runs, no LESION_CHECKPOINT: the bundled model), on a
+    free port it yields; its output goes to test-artifacts/``log_name``. Stopped at the end, whatever happens."""
+    port = free_port()
+    env = {**os.environ, "LESION_RUNS_DIR": str(runs), "LESION_CHECKPOINT": ""}
+    env.pop("LESION_BUNDLED_MODEL", None)
+    command = [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.port", str(port)]
+    command += ["--server.headless", "true"]
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = (ARTIFACTS / log_name).open("w")
+    server = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_healthy(port, server)
+        yield port
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
 
 
 def pick_pair(checkpoint: Path) -> tuple[Path, Path]:
@@ -96,66 +123,39 @@ def test_upload_lesion_and_photo_in_a_real_browser(app_run: tuple[Path, Path, Pa
     runs, lesion, photo = app_run
     expected = Predictor.from_checkpoint(BUNDLED_MODEL).predict(lesion, with_heatmap=False)
     assert expected.accepted and Predictor.from_checkpoint(BUNDLED_MODEL).predict(photo).verdict == "unknown"
-    port = free_port()
-    env = {**os.environ, "LESION_RUNS_DIR": str(runs), "LESION_CHECKPOINT": ""}
-    env.pop("LESION_BUNDLED_MODEL", None)
-    command = [
-        sys.executable,
-        "-m",
-        "streamlit",
-        "run",
-        "streamlit_app.py",
-        "--server.port",
-        str(port),
-        "--server.headless",
-        "true",
-    ]
-    ARTIFACTS.mkdir(exist_ok=True)
-    log = (ARTIFACTS / "browser-server.log").open("w")
-    server = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_healthy(port, server)
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 2400})
-            page.goto(f"http://127.0.0.1:{port}/", timeout=120_000)
-            page.get_by_text("Benign or malignant?").wait_for(timeout=120_000)
-            # The uploader is drawn before the model has loaded; it accepts files once that first run ends.
-            page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(
-                [str(lesion), str(photo)], timeout=120_000
-            )
-            lesion_block = result_block(page, lesion.name, photo.name)
-            photo_block = result_block(page, photo.name, lesion.name)
-            lesion_block.get_by_text("Result JSON").wait_for(timeout=120_000)
-            photo_block.get_by_text("Result JSON").wait_for(timeout=120_000)
-            lesion_verdict = lesion_block.locator('[data-testid="stAlert"]').first.inner_text()
-            photo_verdict = photo_block.locator('[data-testid="stAlert"]').first.inner_text()
-            assert lesion_verdict.startswith(VERDICT_TEXT[expected.verdict]), lesion_verdict
-            assert expected.verdict in ("benign", "malignant")
-            assert photo_verdict.startswith("Not a skin lesion"), photo_verdict
-            assert "not trained on photos like this" in photo_verdict
-            for block in (lesion_block, photo_block):
-                assert heatmap_widths(block), "no heatmap image rendered"
-            # The accepted lesion shows its six most similar training cases as small pictures with their
-            # confirmed diagnosis; the rejected photo shows none.
-            lesion_block.get_by_text("Similar confirmed cases").wait_for(timeout=30_000)
-            widths = heatmap_widths(lesion_block)
-            assert len(widths) == 1 + len(expected.similar) == 7, widths
-            assert all(width <= 200 for width in sorted(widths)[:6]), widths  # thumbnails, not full photos
-            for case in expected.similar:
-                assert lesion_block.get_by_text(f"{DX_NAMES[case['dx']]} ({case['label']})").count() >= 1
-            assert photo_block.get_by_text("Similar confirmed cases").count() == 0
-            assert len(heatmap_widths(photo_block)) == 1
-            assert lesion_block.get_by_text("With 90% confidence:").count() == 1
-            page.locator('[data-testid="stDataFrame"]').first.wait_for(timeout=30_000)
-            page.wait_for_timeout(1500)  # let the results table's canvas paint before the screenshot
-            page.screenshot(path=str(ARTIFACTS / "browser.png"), full_page=True)
-            browser.close()
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
+    with bundled_app(runs, "browser-server.log") as port, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 2400})
+        page.goto(f"http://127.0.0.1:{port}/", timeout=120_000)
+        page.get_by_text("Benign or malignant?").wait_for(timeout=120_000)
+        # The uploader is drawn before the model has loaded; it accepts files once that first run ends.
+        page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(
+            [str(lesion), str(photo)], timeout=120_000
+        )
+        lesion_block = result_block(page, lesion.name, photo.name)
+        photo_block = result_block(page, photo.name, lesion.name)
+        lesion_block.get_by_text("Result JSON").wait_for(timeout=120_000)
+        photo_block.get_by_text("Result JSON").wait_for(timeout=120_000)
+        lesion_verdict = lesion_block.locator('[data-testid="stAlert"]').first.inner_text()
+        photo_verdict = photo_block.locator('[data-testid="stAlert"]').first.inner_text()
+        assert lesion_verdict.startswith(VERDICT_TEXT[expected.verdict]), lesion_verdict
+        assert expected.verdict in ("benign", "malignant")
+        assert photo_verdict.startswith("Not a skin lesion"), photo_verdict
+        assert "not trained on photos like this" in photo_verdict
+        for block in (lesion_block, photo_block):
+            assert heatmap_widths(block), "no heatmap image rendered"
+        # The accepted lesion shows its six most similar training cases as small pictures with their
+        # confirmed diagnosis; the rejected photo shows none.
+        lesion_block.get_by_text("Similar confirmed cases").wait_for(timeout=30_000)
+        widths = heatmap_widths(lesion_block)
+        assert len(widths) == 1 + len(expected.similar) == 7, widths
+        assert all(width <= 200 for width in sorted(widths)[:6]), widths  # thumbnails, not full photos
+        for case in expected.similar:
+            assert lesion_block.get_by_text(f"{DX_NAMES[case['dx']]} ({case['label']})").count() >= 1
+        assert photo_block.get_by_text("Similar confirmed cases").count() == 0
+        assert len(heatmap_widths(photo_block)) == 1
+        assert lesion_block.get_by_text("With 90% confidence:").count() == 1
+        page.locator('[data-testid="stDataFrame"]').first.wait_for(timeout=30_000)
+        page.wait_for_timeout(1500)  # let the results table's canvas paint before the screenshot
+        page.screenshot(path=str(ARTIFACTS / "browser.png"), full_page=True)
+        browser.close()

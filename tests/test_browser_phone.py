@@ -7,21 +7,18 @@ state, so the bundled model answers.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from bench.load import CHROMIUM_ARGS, PAGE_BOTTOM, PHONE, free_port
+from bench.load import CHROMIUM_ARGS, PAGE_BOTTOM, PHONE
 from lesion.predict import Predictor
 from lesion.runs import BUNDLED_MODEL
 from lesion_app.gallery import THUMBNAIL_SIDE, list_samples
 from lesion_app.wording import VERDICT_TEXT
-from tests.test_browser import ARTIFACTS, REPO, wait_healthy
+from tests.test_browser import ARTIFACTS, REPO, bundled_app
 from tests.test_bundled import shipped
 
 pytestmark = pytest.mark.browser
@@ -37,25 +34,8 @@ def app_url(tmp_path_factory: pytest.TempPathFactory):
     shipped()
     runs = tmp_path_factory.mktemp("phone") / "runs"
     runs.mkdir()
-    port = free_port()
-    env = {**os.environ, "LESION_RUNS_DIR": str(runs), "LESION_CHECKPOINT": ""}
-    env.pop("LESION_BUNDLED_MODEL", None)
-    command = [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.port", str(port)]
-    command += ["--server.headless", "true"]
-    ARTIFACTS.mkdir(exist_ok=True)
-    log = (ARTIFACTS / "browser-phone-server.log").open("w")
-    server = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_healthy(port, server)
+    with bundled_app(runs, "browser-phone-server.log") as port:
         yield f"http://127.0.0.1:{port}/", chromium
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from PIL import Image
 
 from bench.memory import leftovers
 from lesion.predict import Prediction, Predictor
+from tests.helpers_model import exif_rotated_jpeg
 
 REPO = Path(__file__).resolve().parent.parent
 THREADS, PER_THREAD = 8, 50
@@ -38,11 +39,7 @@ def _mixed_images() -> list[bytes]:
         buffer = io.BytesIO()
         lesion.convert("RGBA").save(buffer, format="PNG")
         images.append(buffer.getvalue())
-        buffer = io.BytesIO()
-        exif = Image.Exif()
-        exif[0x0112] = 8
-        lesion.convert("RGB").resize((200, 120)).save(buffer, format="JPEG", exif=exif)
-        images.append(buffer.getvalue())
+    images.append(exif_rotated_jpeg(lesions[0], 8, (200, 120)))
     return images
 
 

@@ -19,7 +19,6 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +38,10 @@ from lesion.checkpoint import (
 from lesion.errors import InvalidCheckpoint, InvalidImage
 from lesion.images import ImageSource
 from lesion.model import LayerStatistics, classifier, feature_dim, forward_parts
-from lesion.prediction import Prediction
+from lesion.prediction import Outcome, Prediction, Settings, make_prediction
 from lesion.preprocess import Prepared, Preprocessor
 from lesion.regularize import flip_logits
-from lesion.similar import Similar, SimilarIndex
+from lesion.similar import SimilarIndex
 from lesion.targets import (
     cam_targets,
     class_probabilities,
@@ -53,7 +52,7 @@ from lesion.targets import (
     p_malignant,
     target_of_checkpoint,
 )
-from lesion.verdict import decide, side
+from lesion.verdict import side
 
 
 class Predictor:
@@ -141,14 +140,14 @@ class Predictor:
         ood_threshold: float | None = None,
         cam_target: str | None = None,
         coverage: float | None = None,
-    ) -> _Settings:
+    ) -> Settings:
         """One call's arguments checked and completed from the checkpoint, before any network time is spent."""
         method = ood.check_method(ood_method, self.detectors) if ood_method else self.ood_method
         threshold = self.ood_thresholds.get(method, float("nan")) if ood_threshold is None else float(ood_threshold)
         fitted = method in self.detectors  # else nothing to check: every image is accepted
         if math.isnan(threshold) and fitted:
             raise ValueError("the OOD threshold must be a number, not NaN")
-        return _Settings(
+        return Settings(
             cam_method=explain.check_method(cam_method),
             cam_target=self.check_cam_target(cam_target),
             output=None if target is None else output_name(self.target, self.class_names, int(target)),
@@ -196,7 +195,7 @@ class Predictor:
                 heatmap = explain.place_in_image(low_res[i], item.original_size, item.crop_box)
                 timings["cam"] += time.perf_counter() - placed_at
             timings["total"] = sum(timings.values())
-            outcome = _Outcome(
+            outcome = Outcome(
                 p_malignant=probabilities[i],
                 probabilities=class_probabilities(outputs[i], probabilities[i], self.target, self.class_names),
                 dx_probabilities={name: float(outputs[i, j]) for j, name in enumerate(self.dx_names)},
@@ -206,7 +205,7 @@ class Predictor:
                 similar=similar[i],
                 output_set=sets[i],
             )
-            results.append(_prediction(item, settings, outcome, heatmap, timings))
+            results.append(make_prediction(item, settings, outcome, heatmap, timings))
         return results
 
     def _low_resolution_cams(self, activations: torch.Tensor, names: list[str], cam_method: str) -> torch.Tensor:
@@ -306,75 +305,6 @@ class Predictor:
             if isinstance(result, InvalidImage):
                 raise result
         return np.array([result.p_malignant for result in results], dtype=np.float64)
-
-
-@dataclass(frozen=True)
-class _Settings:
-    """One call's settings, checked before the pass (see :meth:`Predictor._settings`)."""
-
-    cam_method: str
-    cam_target: str | None  # what the heatmap explains; None: the verdict's side
-    output: str | None  # the legacy integer target, as the name of that output
-    ood_method: str
-    decision_threshold: float
-    ood_threshold: float
-    fitted: bool  # the OOD method has fitted statistics (else every image is accepted)
-    coverage: float  # of the conformal set
-
-
-@dataclass(frozen=True)
-class _Outcome:
-    """What the pass says about one image, before the verdict."""
-
-    p_malignant: float
-    probabilities: dict[str, float]  # per class name
-    dx_probabilities: dict[str, float]  # per dx of a dx head
-    ood_scores: dict[str, float]  # per fitted detector
-    cam_target: str  # what the heatmap explains
-    target: int  # its class or output index
-    similar: Similar | None  # the nearest training lesions; None without an index
-    output_set: list[str]  # the conformal set of the head's outputs; [] without calibration
-
-
-def _prediction(
-    item: Prepared, settings: _Settings, outcome: _Outcome, heatmap: np.ndarray | None, timings: dict[str, float]
-) -> Prediction:
-    """One image's Prediction, its verdict by :func:`lesion.verdict.decide`.
-
-    No fitted detector (nan score): accepted, there is nothing to check. A fitted detector that
-    cannot score this image (nan) fails closed: the photo is not taken for a lesion.
-    """
-    ood_score = outcome.ood_scores.get(settings.ood_method, float("nan"))
-    p, decision = outcome.p_malignant, settings.decision_threshold
-    verdict, accepted = decide(p, decision, ood_score, settings.ood_threshold, fitted=settings.fitted)
-    dx = outcome.dx_probabilities
-    similar = outcome.similar if accepted else None  # a photo that is not a lesion resembles no case
-    return Prediction(
-        verdict=verdict,
-        p_malignant=p,
-        decision_threshold=decision,
-        ood_score=ood_score,
-        ood_threshold=settings.ood_threshold,
-        ood_method=settings.ood_method,
-        accepted=accepted,
-        ood_scores=outcome.ood_scores,
-        heatmap=heatmap,
-        cam_method=settings.cam_method,
-        target=outcome.target,
-        timings=timings,
-        image_width=item.original_size[0],
-        image_height=item.original_size[1],
-        probabilities=outcome.probabilities,
-        crop_box=tuple(float(v) for v in item.crop_box),
-        dx_probabilities=dx,
-        dx_top=max(dx, key=dx.get) if dx and accepted else "",
-        cam_target=outcome.cam_target,
-        similar=[neighbour.to_dict() for neighbour in similar.neighbours] if similar else [],
-        similar_malignant=similar.malignant_share if similar else float("nan"),
-        similar_dx=similar.dx_vote if similar else "",
-        dx_set=list(outcome.output_set) if accepted else [],
-        set_coverage=settings.coverage if accepted and outcome.output_set else float("nan"),
-    )
 
 
 class _Timer:

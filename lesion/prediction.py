@@ -1,12 +1,19 @@
-"""What the predictor says about one image: the :class:`Prediction` dataclass (importable as ``lesion.predict.Prediction``)."""
+"""What the predictor says about one image: the :class:`Prediction` dataclass (importable as ``lesion.predict.Prediction``),
+and how :class:`lesion.predict.Predictor` assembles one from a call's settings and the pass's outcome."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from lesion.verdict import decide
+
+if TYPE_CHECKING:
+    from lesion.preprocess import Prepared
+    from lesion.similar import Similar
 
 
 @dataclass
@@ -55,3 +62,72 @@ class Prediction:
         if include_heatmap:
             result["heatmap"] = None if self.heatmap is None else self.heatmap.tolist()
         return result
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One call's settings, checked before the pass (see :meth:`Predictor._settings`)."""
+
+    cam_method: str
+    cam_target: str | None  # what the heatmap explains; None: the verdict's side
+    output: str | None  # the legacy integer target, as the name of that output
+    ood_method: str
+    decision_threshold: float
+    ood_threshold: float
+    fitted: bool  # the OOD method has fitted statistics (else every image is accepted)
+    coverage: float  # of the conformal set
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the pass says about one image, before the verdict."""
+
+    p_malignant: float
+    probabilities: dict[str, float]  # per class name
+    dx_probabilities: dict[str, float]  # per dx of a dx head
+    ood_scores: dict[str, float]  # per fitted detector
+    cam_target: str  # what the heatmap explains
+    target: int  # its class or output index
+    similar: Similar | None  # the nearest training lesions; None without an index
+    output_set: list[str]  # the conformal set of the head's outputs; [] without calibration
+
+
+def make_prediction(
+    item: Prepared, settings: Settings, outcome: Outcome, heatmap: np.ndarray | None, timings: dict[str, float]
+) -> Prediction:
+    """One image's Prediction, its verdict by :func:`lesion.verdict.decide`.
+
+    No fitted detector (nan score): accepted, there is nothing to check. A fitted detector that
+    cannot score this image (nan) fails closed: the photo is not taken for a lesion.
+    """
+    ood_score = outcome.ood_scores.get(settings.ood_method, float("nan"))
+    p, decision = outcome.p_malignant, settings.decision_threshold
+    verdict, accepted = decide(p, decision, ood_score, settings.ood_threshold, fitted=settings.fitted)
+    dx = outcome.dx_probabilities
+    similar = outcome.similar if accepted else None  # a photo that is not a lesion resembles no case
+    return Prediction(
+        verdict=verdict,
+        p_malignant=p,
+        decision_threshold=decision,
+        ood_score=ood_score,
+        ood_threshold=settings.ood_threshold,
+        ood_method=settings.ood_method,
+        accepted=accepted,
+        ood_scores=outcome.ood_scores,
+        heatmap=heatmap,
+        cam_method=settings.cam_method,
+        target=outcome.target,
+        timings=timings,
+        image_width=item.original_size[0],
+        image_height=item.original_size[1],
+        probabilities=outcome.probabilities,
+        crop_box=tuple(float(v) for v in item.crop_box),
+        dx_probabilities=dx,
+        dx_top=max(dx, key=dx.get) if dx and accepted else "",
+        cam_target=outcome.cam_target,
+        similar=[neighbour.to_dict() for neighbour in similar.neighbours] if similar else [],
+        similar_malignant=similar.malignant_share if similar else float("nan"),
+        similar_dx=similar.dx_vote if similar else "",
+        dx_set=list(outcome.output_set) if accepted else [],
+        set_coverage=settings.coverage if accepted and outcome.output_set else float("nan"),
+    )

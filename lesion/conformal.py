@@ -207,3 +207,18 @@ def set_in_words(names: Sequence[str], coverage: float, total: int | None = None
     if total is not None and len(names) >= total > 2:
         text += " The model cannot narrow it down at this confidence."
     return text
+
+
+def true_classes(dx: Sequence[str], labels: Sequence[int], by_diagnosis: bool) -> list[str]:
+    """Each image's true class in a head's terms: its diagnosis, or benign / malignant for a binary head."""
+    return [str(d) for d in dx] if by_diagnosis else ["malignant" if y else "benign" for y in labels]
+
+
+def measure(entry: dict[str, Any], sets: Sequence[Sequence[str]], truth: Sequence[str], coverage: float) -> dict:
+    """:func:`set_metrics` over the images whose true class the head names, with the calibration named."""
+    scored = [(row, true) for row, true in zip(sets, truth, strict=True) if true in entry["names"]]
+    return {
+        "method": entry["method"],
+        "calibrated_on": f"val ({len(entry['scores'])} images)",
+        **set_metrics([row for row, _ in scored], [true for _, true in scored], coverage),
+    }

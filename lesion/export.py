@@ -126,7 +126,7 @@ def explanations(checkpoint: dict[str, Any]) -> dict[str, Any]:
     if bad:
         raise LesionError(f"{len(bad)} val image(s) could not be read: {bad[0]}")
     names = predictor.dx_names or predictor.class_names
-    truth = val["dx"].tolist() if predictor.dx_names else ["malignant" if y else "benign" for y in val["label"]]
+    truth = conformal.true_classes(val["dx"], val["label"], bool(predictor.dx_names))
     labels = [names.index(t) if t in names else -1 for t in truth]
     sets = conformal.calibrate(output_table(predictor, predictions), labels, names, seed=seed)
     return {**checkpoint, "similar": index, "conformal": sets}
@@ -146,14 +146,9 @@ def explanation_metrics(predictor: Any, predictions: list[Any], part) -> dict[st
             part["dx"].tolist(),
         )
     if predictor.conformal is not None:
-        names = predictor.dx_names or predictor.class_names
-        truth = part["dx"].tolist() if predictor.dx_names else ["malignant" if y else "benign" for y in part["label"]]
-        scored = [(p.dx_set, t) for p, t in zip(predictions, truth, strict=True) if t in names]
-        result["sets"] = {
-            "method": predictor.conformal["method"],
-            "calibrated_on": f"val ({len(predictor.conformal['scores'])} images)",
-            **conformal.set_metrics([s for s, _ in scored], [t for _, t in scored], predictor.default_coverage),
-        }
+        truth = conformal.true_classes(part["dx"], part["label"], bool(predictor.dx_names))
+        sets = [p.dx_set for p in predictions]
+        result["sets"] = conformal.measure(predictor.conformal, sets, truth, predictor.default_coverage)
     return result
 
 

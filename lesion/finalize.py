@@ -101,13 +101,8 @@ def _explanations(
     chosen = conformal.prediction_sets(
         sets, output_probabilities(outs["test"]["logits"], temperature).numpy(), sets["default_coverage"]
     )
-    truth = test["dx"].tolist() if target.kind == "dx" else ["malignant" if y else "benign" for y in test["label"]]
-    scored = [(row, true) for row, true in zip(chosen, truth, strict=True) if true in names]
-    test_metrics["sets"] = {
-        "method": sets["method"],
-        "calibrated_on": f"val ({len(sets['scores'])} images)",
-        **conformal.set_metrics([row for row, _ in scored], [true for _, true in scored], sets["default_coverage"]),
-    }
+    truth = conformal.true_classes(test["dx"], test["label"], target.kind == "dx")
+    test_metrics["sets"] = conformal.measure(sets, chosen, truth, sets["default_coverage"])
     return index, sets
 
 

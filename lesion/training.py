@@ -14,7 +14,7 @@ import random
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from lesion.loaders import make_loader
 from lesion.model import build_model, replace_head
 from lesion.optimization import criteria, optimizer_and_schedule, set_backbone_trainable
 from lesion.regularize import Regularizer
+from lesion.resume import TrainState, resume, training_state
 from lesion.targets import Target, choose_target
 from lesion.transforms import resize_size
 from lesion.weights import load_backbone_weights, provenance
@@ -48,17 +49,6 @@ EventCallback = Callable[[dict[str, Any]], None]
 
 class StoppedBeforeModel(LesionError):
     """The user stopped the run before any epoch completed: nothing to finalize."""
-
-
-@dataclass
-class TrainState:
-    """What resume needs besides the weights and optimizer."""
-
-    epoch: int = 0  # epochs completed
-    best_auc: float = -1.0
-    best_epoch: int = 0
-    bad_epochs: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 def resolve_device(name: str, info: DistInfo) -> torch.device:
@@ -115,20 +105,6 @@ def prepare_data(
     summary["n_images"] = int(len(df))
     summary["n_lesions"] = int(df["lesion_id"].nunique())
     return df.reset_index(drop=True), summary, cache
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def training_state(optimizer, scheduler, state: TrainState, regularizer: Regularizer | None = None) -> dict[str, Any]:
-    return {
-        **(regularizer.state_dict() if regularizer is not None else {}),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "state": {k: v for k, v in asdict(state).items() if k != "history"},
-        "history_json": json.dumps(state.history),
-        "torch_rng": torch.get_rng_state(),
-    }
 
 
 def run_training(config: TrainConfig, on_event: EventCallback | None = None) -> Path:
@@ -190,7 +166,7 @@ def _train(config: TrainConfig, run_dir: Path, info: DistInfo, events: EventWrit
     regularizer = Regularizer(config, model, num_classes=target.num_outputs)
     state = TrainState()
     if config.resume and (run_dir / LAST_FILE).is_file():
-        state = _resume(run_dir / LAST_FILE, model, optimizer, scheduler, regularizer)
+        state = resume(run_dir / LAST_FILE, model, optimizer, scheduler, regularizer)
     events.emit("start", **_start_fields(config, summary, weights_note, device, info, state, target))
 
     for epoch in range(state.epoch + 1, config.epochs + 1):
@@ -399,20 +375,3 @@ def _choose_head(
         "train_images_without_dx_output": int(len(train_df) - len(kept)),
     }
     return target, kept
-
-
-def _resume(path: Path, model: nn.Module, optimizer, scheduler, regularizer: Regularizer | None = None) -> TrainState:
-    """Restore weights, optimizer, schedule, EMA, RNG and early-stopping state from last.pt."""
-    checkpoint = load_checkpoint(path)
-    training = checkpoint.get("training")
-    if not training:
-        raise LesionError(f"{path} has no training state to resume from.")
-    model.load_state_dict(checkpoint["state_dict"])
-    optimizer.load_state_dict(training["optimizer"])
-    scheduler.load_state_dict(training["scheduler"])
-    torch.set_rng_state(training["torch_rng"])
-    if regularizer is not None:
-        regularizer.load_state_dict(training)
-    state = TrainState(**training["state"])
-    state.history = json.loads(training["history_json"])
-    return state

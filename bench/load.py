@@ -1,6 +1,7 @@
 """A room full of phones: 10, 20, 30 concurrent browser sessions against the running app, each uploading a photo.
 
-    python -m bench.load [--checkpoint runs/x/model.pt] [--sessions 10 20 30] [--desktop] [--profile DIR]
+    python -m bench.load [--checkpoint runs/x/model.pt] [--sessions 10 20 30] [--desktop] [--tabs] [--phones]
+                         [--profile DIR]
 
 Starts ``streamlit run streamlit_app.py`` headless on a free port (default: the bundled model, as on a
 fresh clone; ``--checkpoint`` names another model.pt), opens one Chromium (Playwright, the Debian
@@ -18,7 +19,10 @@ For each count it prints p50 and p95 of both, their ratio to the lone visitor's,
 (an exception box, a traceback or a "could not be used" message). Sessions use a phone's viewport
 (390 x 844) unless ``--desktop``. With ``--profile DIR`` py-spy samples the server during the largest
 count and the top functions (own time and including callees) are printed and written to DIR.
-The server is always stopped at the end.
+With ``--phones`` only the warm-up visit uses the browser: it records what the browser fetched, and every
+later visitor is a :mod:`bench.phones` visitor that asks the server for the same things over Streamlit's
+own protocol and draws nothing, so the server's side of a room is measured without 30 renderers on its
+cores (real phones bring their own). The server is always stopped at the end.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ from bench.common import (
     stop_app,
     wait_healthy,
 )
+from bench.phones import Recording
+from bench.phones import visit as phones_visit
 
 PHONE = {"width": 390, "height": 844}
 DESKTOP = {"width": 1280, "height": 900}
@@ -60,21 +66,28 @@ PAGE_BOTTOM = """e => {
 ERRORS = '[data-testid="stException"], :text("Traceback"), :text("could not be used")'
 
 
-async def visit(browser, url: str, image: Path, timeout_s: float, viewport: dict, shared=None) -> dict:
+async def visit(
+    browser, url: str, image: Path, timeout_s: float, viewport: dict, shared=None, record: bool = False
+) -> dict:
     """One visitor: load the page, upload ``image``, wait for the verdict; times in seconds.
 
     ``shared``: a browser context to open a tab in (a session of its own, the browser's cache shared);
-    None: a context of its own, as a separate phone.
+    None: a context of its own, as a separate phone. ``record``: the result's "recording" holds what the
+    browser fetched from the server (a :class:`bench.phones.Recording`, for ``--phones``).
     """
     context = shared or await browser.new_context(viewport=viewport)
     result = {"image": image.name, "ok": False, "error": ""}
     page = None
     try:
         page = await context.new_page()
+        if record:
+            result["recording"], upload_starts = Recording.attach(page, url)
         started = time.perf_counter()
         await page.goto(url, wait_until="domcontentloaded", timeout=timeout_s * 1000)
         await page.get_by_text(READY).first.wait_for(state="visible", timeout=timeout_s * 1000)
         result["page_s"] = time.perf_counter() - started
+        if record:
+            upload_starts()
         uploaded = time.perf_counter()
         await page.locator("input[type=file]").first.set_input_files(str(image), timeout=timeout_s * 1000)
         verdict = page.get_by_text(VERDICT).first
@@ -83,6 +96,8 @@ async def visit(browser, url: str, image: Path, timeout_s: float, viewport: dict
         result["total_s"] = time.perf_counter() - started  # what the visitor lives: opening the page to the verdict
         result["text"] = (await verdict.inner_text()).split("\n")[0][:80]
         result["screens"] = await verdict.evaluate(PAGE_BOTTOM) / viewport["height"]
+        if record:
+            await page.wait_for_load_state("networkidle", timeout=timeout_s * 1000)  # the answer's pictures and code
         if await page.locator(ERRORS).count():
             result["error"] = "an error is shown"
         else:
@@ -116,10 +131,13 @@ async def run_sessions(
     chromium: str,
     between=None,
     tabs: bool = False,
+    phones: bool = False,
 ) -> list:
     """Each round's images uploaded by as many concurrent sessions, rounds one after the other, one browser.
 
     ``tabs``: every session a tab of one browser context (one cache); else each in a context of its own.
+    ``phones``: the first round in the browser, recording what it fetches; every later one by
+    :mod:`bench.phones` visitors (Streamlit's protocol, no browser) asking for the same.
     """
     from playwright.async_api import async_playwright
 
@@ -127,14 +145,21 @@ async def run_sessions(
         browser = await playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         shared = await browser.new_context(viewport=viewport) if tabs else None
         try:
-            answers = []
+            answers, recording = [], None
             for number, images in enumerate(rounds):
                 if between is not None:
                     between(number, "start")
                 started = time.perf_counter()
-                visits = (visit(browser, url, image, timeout_s, viewport, shared) for image in images)
+                if recording is not None:
+                    visits = (phones_visit(url, image, timeout_s, recording) for image in images)
+                else:
+                    visits = (visit(browser, url, image, timeout_s, viewport, shared, phones) for image in images)
                 results = await asyncio.gather(*visits)
                 answers.append((list(results), time.perf_counter() - started))
+                if phones and recording is None:
+                    recording = results[0].get("recording")
+                    if recording is None:
+                        raise RuntimeError(f"the browser's first visit failed: {results[0]['error']}")
                 if between is not None:
                     between(number, "end")
             return answers
@@ -280,8 +305,9 @@ def summary(results: list[dict], base: dict | None, label: str) -> str:
         p50, p95 = statistics.median(values), percentile(values, 95)
         ratio = f" ({p50 / base[key]:.1f}x / {p95 / base[key]:.1f}x the lone visitor)" if base else ""
         lines.append(f"  {what}: p50 {p50:.2f} s, p95 {p95:.2f} s, max {max(values):.2f} s{ratio}")
-    screens = [r["screens"] for r in done]
-    lines.append(f"  the verdict's bottom edge: at most {max(screens):.2f} screen heights down the page")
+    screens = [r["screens"] for r in done if r["screens"] == r["screens"]]  # none (NaN) from --phones visitors
+    if screens:
+        lines.append(f"  the verdict's bottom edge: at most {max(screens):.2f} screen heights down the page")
     return "\n".join(lines)
 
 
@@ -302,6 +328,12 @@ def main(argv: list[str] | None = None) -> int:
         "--tabs",
         action="store_true",
         help="each session a tab of one browser context (the app's scripts parsed from one cache), not a context each",
+    )
+    parser.add_argument(
+        "--phones",
+        action="store_true",
+        help="after the browser's warm-up, visitors that speak Streamlit's protocol and draw nothing (bench/phones.py): "
+        "the server's side alone, as when real phones bring their own CPUs",
     )
     parser.add_argument("--verbose", action="store_true", help="one line per session")
     args = parser.parse_args(argv)
@@ -341,13 +373,18 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             wait_healthy(server, port)
             print(f"model {checkpoint or 'bundled'}; app up on port {port} in {time.perf_counter() - started:.1f} s")
-            print(
-                f"viewport {viewport['width']} x {viewport['height']}; browser at niceness {args.browser_nice}; "
-                + ("every session a tab of one context" if args.tabs else "a browser context per session")
-            )
+            if args.phones:
+                print("visitors after the warm-up: bench.phones (Streamlit's protocol, no browser, nothing drawn)")
+            else:
+                print(
+                    f"viewport {viewport['width']} x {viewport['height']}; browser at niceness {args.browser_nice}; "
+                    + ("every session a tab of one context" if args.tabs else "a browser context per session")
+                )
             chromium = niced_chromium(args.browser_nice, folder)
             url = f"http://127.0.0.1:{port}/"
-            answers = asyncio.run(run_sessions(url, rounds, args.timeout, viewport, chromium, between, args.tabs))
+            answers = asyncio.run(
+                run_sessions(url, rounds, args.timeout, viewport, chromium, between, args.tabs, args.phones)
+            )
         finally:
             stop_app(server)
     warm = answers[0][0][0]

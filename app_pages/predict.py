@@ -54,37 +54,53 @@ uploads = st.file_uploader("Upload one or several photos", type=UPLOAD_TYPES, ac
 results = st.container()
 samples = list_samples()
 picked = st.session_state.setdefault("picked", [])  # sample names, in the order they were ticked
-# A plain expander: a lazy one (built only while open) folded on upload cost a lone visitor about 0.7 s more
-# from upload to verdict in bench.load (docs/load.md).
-with st.expander("…or pick bundled samples", expanded=not uploads):
-    for tab, kind in zip(st.tabs(["Dermoscopic lesions", "Not skin lesions"]), ("lesion", "ood"), strict=True):
-        # A wrapping row of small thumbnails (made once per server): a compact grid on a phone's screen too.
-        grid = tab.container(horizontal=True, gap="xsmall")
-        for sample in (s for s in samples if s.kind == kind):
-            with grid.container(width=THUMBNAIL_WIDTH, gap=None):
-                # "stretch" in a 72 px box: an int width smaller than the file would make Streamlit resize it on every run.
-                st.image(thumbnail(sample.path), width="stretch", output_format="JPEG", alt=sample.caption)
-                # The ticks live in "picked", in the order they were made (the latest pick is answered first).
-                st.checkbox(
-                    "Use",
-                    value=sample.name in picked,
-                    key=f"sample-{sample.name}",
-                    help=sample.caption,
-                    on_change=toggle_pick,
-                    args=(st.session_state, sample.name),
-                )
+# Drawn into its slot below the answers, but only after them: the verdict is sent before the 47 thumbnails,
+# which cost a rerun most of its time when a room uploads at once (docs/load.md).
+gallery = st.container()
+gallery_drawn: list[bool] = []  # this run's
+
+
+def draw_gallery() -> None:
+    """The bundled samples, a tick each; drawn once a run. A plain expander: a lazy one (built only while open) folded on upload
+    cost a lone visitor about 0.7 s more from upload to verdict in bench.load (docs/load.md)."""
+    if gallery_drawn:
+        return
+    gallery_drawn.append(True)
+    with gallery.expander("…or pick bundled samples", expanded=not uploads):
+        for tab, kind in zip(st.tabs(["Dermoscopic lesions", "Not skin lesions"]), ("lesion", "ood"), strict=True):
+            # A wrapping row of small thumbnails (made once per server): a compact grid on a phone's screen too.
+            grid = tab.container(horizontal=True, gap="xsmall")
+            for sample in (s for s in samples if s.kind == kind):
+                with grid.container(width=THUMBNAIL_WIDTH, gap=None):
+                    # "stretch" in a 72 px box: an int width smaller than the file would make Streamlit resize
+                    # it on every run.
+                    st.image(thumbnail(sample.path), width="stretch", output_format="JPEG", alt=sample.caption)
+                    # The ticks live in "picked", in the order they were made (the latest pick is answered first).
+                    st.checkbox(
+                        "Use",
+                        value=sample.name in picked,
+                        key=f"sample-{sample.name}",
+                        help=sample.caption,
+                        on_change=toggle_pick,
+                        args=(st.session_state, sample.name),
+                    )
+
+
 if predictor is None and st.session_state.get("predictor_pending"):
-    # The uploader and the gallery are on screen; now load the model (torch is imported here, once).
+    # The uploader and the gallery on screen first; then load the model (torch is imported here, once).
+    draw_gallery()
     predictor = st.session_state["predictor_pending"]()
 if predictor is None:
     results.info(st.session_state.get("model_error") or NO_MODEL_HELP)
+    draw_gallery()
     st.stop()
 arrivals = [(upload_key(upload), upload.name, upload.getvalue()) for upload in uploads or []]
 arrivals += [(f"sample-{s.name}", s.path.name, s.path.read_bytes()) for s in samples if s.name in picked]
 # The latest upload or pick first (images that came in the same run keep their order).
 items = [(name, data) for _, name, data in newest_first(arrivals, st.session_state.setdefault("arrived", {}))]
 if not items:
-    results.info("Upload a photo or tick a sample below to see what the model says.")
+    draw_gallery()
+    results.info("Upload a photo or tick a sample below to see what the model says.")  # the first run's last line
     st.stop()
 # Imported once an image is there: the page was drawn before torch was imported.
 from lesion.explain import CAM_METHODS, heatmap_png, overlay  # noqa: E402
@@ -243,3 +259,4 @@ def show_results(items: list[tuple[str, bytes]]) -> None:
 
 with results:
     show_results(items)
+draw_gallery()

@@ -66,18 +66,47 @@ PAGE_BOTTOM = """e => {
 ERRORS = '[data-testid="stException"], :text("Traceback"), :text("could not be used")'
 
 
+class Together:
+    """The presenter's "now upload": visitors wait, page loaded, until all of the round have theirs."""
+
+    def __init__(self, count: int) -> None:
+        self.waiting, self.count, self.event = 0, count, asyncio.Event()
+
+    async def arrive(self) -> None:
+        self.waiting += 1
+        self._check()
+        await self.event.wait()
+
+    def leave(self) -> None:
+        """A visitor failed before arriving: nobody waits for it."""
+        self.count -= 1
+        self._check()
+
+    def _check(self) -> None:
+        if self.waiting >= self.count:
+            self.event.set()
+
+
 async def visit(
-    browser, url: str, image: Path, timeout_s: float, viewport: dict, shared=None, record: bool = False
+    browser,
+    url: str,
+    image: Path,
+    timeout_s: float,
+    viewport: dict,
+    shared=None,
+    record: bool = False,
+    together: Together | None = None,
 ) -> dict:
     """One visitor: load the page, upload ``image``, wait for the verdict; times in seconds.
 
     ``shared``: a browser context to open a tab in (a session of its own, the browser's cache shared);
     None: a context of its own, as a separate phone. ``record``: the result's "recording" holds what the
-    browser fetched from the server (a :class:`bench.phones.Recording`, for ``--phones``).
+    browser fetched from the server (a :class:`bench.phones.Recording`, for ``--phones``). ``together``: wait
+    there, page loaded, until every visitor of the round has loaded theirs, then upload.
     """
     context = shared or await browser.new_context(viewport=viewport)
-    result = {"image": image.name, "ok": False, "error": ""}
-    page = None
+    result = {"image": image.name, "ok": False, "error": "", "kind": "browser"}
+    page, arrived = None, False
     try:
         page = await context.new_page()
         if record:
@@ -86,6 +115,9 @@ async def visit(
         await page.goto(url, wait_until="domcontentloaded", timeout=timeout_s * 1000)
         await page.get_by_text(READY).first.wait_for(state="visible", timeout=timeout_s * 1000)
         result["page_s"] = time.perf_counter() - started
+        if together is not None:
+            arrived = True
+            await together.arrive()
         if record:
             upload_starts()
         uploaded = time.perf_counter()
@@ -105,6 +137,8 @@ async def visit(
     except Exception as error:  # reported per session; the bench goes on with the others
         result["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
     finally:
+        if together is not None and not arrived:
+            together.leave()
         if shared is None:
             await context.close()
         elif page is not None:
@@ -125,19 +159,21 @@ def niced_chromium(niceness: int, folder: Path) -> str:
 
 async def run_sessions(
     url: str,
-    rounds: list[list[Path]],
+    rounds: list[list[tuple[Path, str]]],
     timeout_s: float,
     viewport: dict,
     chromium: str,
     between=None,
     tabs: bool = False,
     phones: bool = False,
+    together: bool = False,
 ) -> list:
     """Each round's images uploaded by as many concurrent sessions, rounds one after the other, one browser.
 
-    ``tabs``: every session a tab of one browser context (one cache); else each in a context of its own.
-    ``phones``: the first round in the browser, recording what it fetches; every later one by
-    :mod:`bench.phones` visitors (Streamlit's protocol, no browser) asking for the same.
+    ``rounds``: each visitor's image and kind, "browser" or "phone" (a :mod:`bench.phones` visitor:
+    Streamlit's protocol, no browser, asking for what the first round's browser fetched, recorded when
+    ``phones``). ``tabs``: every browser session a tab of one browser context (one cache); else each in a
+    context of its own. ``together``: in each round, every visitor uploads once all pages are loaded.
     """
     from playwright.async_api import async_playwright
 
@@ -150,10 +186,13 @@ async def run_sessions(
                 if between is not None:
                     between(number, "start")
                 started = time.perf_counter()
-                if recording is not None:
-                    visits = (phones_visit(url, image, timeout_s, recording) for image in images)
-                else:
-                    visits = (visit(browser, url, image, timeout_s, viewport, shared, phones) for image in images)
+                moment = Together(len(images)) if together else None
+                visits = (
+                    phones_visit(url, image, timeout_s, recording, moment)
+                    if kind == "phone"
+                    else visit(browser, url, image, timeout_s, viewport, shared, phones and recording is None, moment)
+                    for image, kind in images
+                )
                 results = await asyncio.gather(*visits)
                 answers.append((list(results), time.perf_counter() - started))
                 if phones and recording is None:
@@ -335,6 +374,17 @@ def main(argv: list[str] | None = None) -> int:
         help="after the browser's warm-up, visitors that speak Streamlit's protocol and draw nothing (bench/phones.py): "
         "the server's side alone, as when real phones bring their own CPUs",
     )
+    parser.add_argument(
+        "--browsers",
+        type=int,
+        default=1,
+        help="with --phones: how many of each round's visitors are real browsers (their own figures, beside the phones')",
+    )
+    parser.add_argument(
+        "--together",
+        action="store_true",
+        help="the presenter's 'now upload': each round's visitors upload at one moment, once every page is loaded",
+    )
     parser.add_argument("--verbose", action="store_true", help="one line per session")
     args = parser.parse_args(argv)
     if not shutil.which("chromium"):
@@ -351,11 +401,18 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lesion-load-") as scratch:
         folder = Path(scratch)
         (folder / "runs").mkdir()
-        # The warm-up, then the lone visitor three times: non-lesion photos, distinct from every round's lesions.
-        lone = distinct_copies(photos, 4, 0, folder)
-        rounds = [[lone[0]], [lone[1]], [lone[2]], [lone[3]]]
-        rounds += [distinct_copies(lesions, n, k + 1, folder) for k, n in enumerate(args.sessions)]
-        largest = 4 + max(range(len(args.sessions)), key=lambda k: args.sessions[k])
+        # The warm-up (a browser), then the lone visitor three times, of each kind measured: non-lesion photos,
+        # distinct from every round's lesions.
+        kinds = ["browser", "phone"] if args.phones else ["browser"]
+        lone = distinct_copies(photos, 1 + 3 * len(kinds), 0, folder)
+        rounds = [[(lone[0], "browser")]]
+        rounds += [[(lone[1 + 3 * k + j], kind)] for k, kind in enumerate(kinds) for j in range(3)]
+        first = len(rounds)
+        for k, n in enumerate(args.sessions):
+            browsers = min(args.browsers, n) if args.phones else n
+            who = ["browser"] * browsers + ["phone"] * (n - browsers)
+            rounds.append(list(zip(distinct_copies(lesions, n, k + 1, folder), who, strict=True)))
+        largest = first + max(range(len(args.sessions)), key=lambda k: args.sessions[k])
         server = start_app(checkpoint, port, folder / "runs")
         profiler = Profiler(server.pid, args.profile / "server.raw") if args.profile else None
         if profiler:
@@ -373,47 +430,60 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             wait_healthy(server, port)
             print(f"model {checkpoint or 'bundled'}; app up on port {port} in {time.perf_counter() - started:.1f} s")
-            if args.phones:
-                print("visitors after the warm-up: bench.phones (Streamlit's protocol, no browser, nothing drawn)")
-            else:
-                print(
-                    f"viewport {viewport['width']} x {viewport['height']}; browser at niceness {args.browser_nice}; "
-                    + ("every session a tab of one context" if args.tabs else "a browser context per session")
+            print(
+                f"viewport {viewport['width']} x {viewport['height']}; browser at niceness {args.browser_nice}; "
+                + ("every session a tab of one context" if args.tabs else "a browser context per session")
+                + (
+                    f"; in each round {args.browsers} browser(s), the other visitors bench.phones (Streamlit's "
+                    "protocol, nothing drawn)"
+                    if args.phones
+                    else ""
                 )
+                + ("; every visitor uploads once all the round's pages are loaded" if args.together else "")
+            )
             chromium = niced_chromium(args.browser_nice, folder)
             url = f"http://127.0.0.1:{port}/"
             answers = asyncio.run(
-                run_sessions(url, rounds, args.timeout, viewport, chromium, between, args.tabs, args.phones)
+                run_sessions(
+                    url, rounds, args.timeout, viewport, chromium, between, args.tabs, args.phones, args.together
+                )
             )
         finally:
             stop_app(server)
     warm = answers[0][0][0]
     print("warm-up visit (loads the model): " + (f"verdict {warm['verdict_s']:.2f} s" if warm["ok"] else warm["error"]))
-    alone = [answer[0][0] for answer in answers[1:4]]
-    base = None
-    if all(r["ok"] for r in alone):
-        base = {key: statistics.median(r[key] for r in alone) for key in ("page_s", "verdict_s", "total_s")}
-        print(
-            f"lone visitor, median of 3: page {base['page_s']:.2f} s, upload -> verdict {base['verdict_s']:.2f} s "
-            f"(each: {', '.join(format(r['verdict_s'], '.2f') for r in alone)} s)"
-        )
-    else:
-        print(f"lone visitor FAILED: {[r['error'] for r in alone if not r['ok']]}")
-    complete = base is not None
-    for number, ((results, wall), count) in enumerate(zip(answers[4:], args.sessions, strict=True), 4):
+    bases: dict[str, dict] = {}
+    complete = True
+    for k, kind in enumerate(kinds):
+        alone = [answer[0][0] for answer in answers[1 + 3 * k : 4 + 3 * k]]
+        who = "lone visitor" if not args.phones else f"lone visitor ({kind})"
+        if all(r["ok"] for r in alone):
+            bases[kind] = {key: statistics.median(r[key] for r in alone) for key in ("page_s", "verdict_s", "total_s")}
+            print(
+                f"{who}, median of 3: page {bases[kind]['page_s']:.2f} s, upload -> verdict "
+                f"{bases[kind]['verdict_s']:.2f} s (each: {', '.join(format(r['verdict_s'], '.2f') for r in alone)} s)"
+            )
+        else:
+            print(f"{who} FAILED: {[r['error'] for r in alone if not r['ok']]}")
+            complete = False
+    for number, ((results, wall), count) in enumerate(zip(answers[first:], args.sessions, strict=True), first):
         if args.verbose:
-            for number, r in enumerate(results, 1):
+            for position, r in enumerate(results, 1):
                 said = (
                     f"page {r['page_s']:.2f} s, verdict {r['verdict_s']:.2f} s" if r["ok"] else f"FAILED {r['error']}"
                 )
-                print(f"  session {number:2d} {r['image']}: {said}")
-        print(summary(results, base, f"{count} sessions at once (all done within {wall:.1f} s)"))
+                print(f"  session {position:2d} {r['kind']} {r['image']}: {said}")
+        label = f"{count} sessions at once (all done within {wall:.1f} s)"
+        for kind in kinds:
+            group = [r for r in results if r["kind"] == kind]
+            if group:
+                print(summary(group, bases.get(kind), f"{label}, the {kind}s" if args.phones else label))
         print(f"  server CPU time during the round: {cpu[number]:.1f} s in {wall:.1f} s of wall time")
         complete = complete and all(r["ok"] for r in results)
     if profiler and (args.profile / "server.raw").is_file():
         own, inclusive, categories, samples, waits = top_functions(args.profile / "server.raw")
         text = [
-            f"py-spy, {samples} busy samples of the server's threads during {args.sessions[largest - 4]} sessions "
+            f"py-spy, {samples} busy samples of the server's threads during {args.sessions[largest - first]} sessions "
             f"at once ({waits} more waiting, left out); shares of the busy ones"
         ]
         text += ["own time:"] + [f"  {share:6.1%}  {name}" for name, share in own]

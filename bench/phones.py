@@ -195,9 +195,10 @@ class Phone:
         self.error = ""
         self.messages = 0
 
-    async def visit(self, image: Path) -> dict:
-        result = {"image": image.name, "ok": False, "error": "", "screens": float("nan")}
-        fetcher = None
+    async def visit(self, image: Path, together=None) -> dict:
+        """``together``: a ``bench.load.Together`` to wait at, page loaded, before uploading."""
+        result = {"image": image.name, "ok": False, "error": "", "screens": float("nan"), "kind": "phone"}
+        fetcher, arrived = None, False
         try:
             started = time.perf_counter()
             first = _Connection(self.host, self.port, "")
@@ -220,6 +221,9 @@ class Phone:
             await asyncio.gather(*later)
             if not self.uploader_id:
                 raise RuntimeError("the page sent no file uploader")
+            if together is not None:
+                arrived = True
+                await together.arrive()
             uploaded = time.perf_counter()
             async with asyncio.timeout(self.timeout_s):
                 state = await self._upload(image, token, xsrf)
@@ -241,6 +245,8 @@ class Phone:
         except Exception as error:  # reported per visitor; the bench goes on with the others
             result["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
         finally:
+            if together is not None and not arrived:
+                together.leave()
             with contextlib.suppress(Exception):
                 await self.socket.close()
             if fetcher is not None:
@@ -348,6 +354,6 @@ class Phone:
             self.file_urls = message.file_urls_response
 
 
-async def visit(url: str, image: Path, timeout_s: float, recording: Recording) -> dict:
+async def visit(url: str, image: Path, timeout_s: float, recording: Recording, together=None) -> dict:
     """One visitor without a browser: the page, the upload, the verdict (see the module's docstring)."""
-    return await Phone(url, recording, timeout_s).visit(image)
+    return await Phone(url, recording, timeout_s).visit(image, together)

@@ -8,7 +8,12 @@ reports an error the page shows instead of a verdict.
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from bench.common import VERDICT
 from bench.load import distinct_copies
@@ -54,3 +59,19 @@ def test_a_phone_reports_the_error_the_page_shows(tmp_path: Path) -> None:
     assert not result["ok"]
     assert "could not be used" in result["error"], result
     assert "verdict_s" not in result
+
+
+def test_the_load_bench_mixes_a_browser_and_phones_uploading_together(tmp_path: Path) -> None:
+    """``python -m bench.load --phones --together`` as a presenter runs it, with the smallest room."""
+    if shutil.which("chromium") is None:
+        pytest.skip("chromium is not installed (apt-get install chromium); the bench's browser needs it")
+    shipped()
+    command = [sys.executable, "-m", "bench.load", "--sessions", "3", "--phones", "--together", "--timeout", "120"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    assert "lone visitor (browser), median of 3" in out and "lone visitor (phone), median of 3" in out
+    assert "3 sessions at once" in out
+    assert "the browsers: 1/1 answered with no error shown" in out
+    assert "the phones: 2/2 answered with no error shown" in out
+    assert "server stopped: True" in out

@@ -14,7 +14,7 @@ best mean validation ROC-AUC over its seeds (variants with several seeds rank fi
     python -m bench.experiments.recipe_search --variants base,mixup,tta --seeds 0,1,2,3 --top 0 --parallel 12 \
         --num-workers 1 --threads 1 --budget-s 240 --device cuda
     # the pretrained candidates of issue 19, five seeds each, paired by split (one H200 or H100; not yet run):
-    python -m bench.experiments.recipe_search --variants base,tta,lite1_240,lite1_240_tta,lite2_260,ep24,freeze0 \
+    python -m bench.experiments.recipe_search --variants base,tta,size288,lite1_240,lite1_240_tta,lite2_260,ep24,freeze0 \
         --seeds 0,1,2,3,4 --top 0 --parallel 12 --num-workers 1 --threads 1 --budget-s 480 --device cuda
     # a smoke test on a CPU (two variants, 1 epoch, 64 px):
     python -m bench.experiments.recipe_search --tiny --variants demo,base --parallel 2 --num-workers 0
@@ -67,6 +67,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     },
     # The pretrained candidates of issue 19 (docs/experiments.md, four CPU seeds each): the larger
     # EfficientNet-Lites at their native sizes, test-time flips, a longer schedule, nothing frozen.
+    "size288": {"image_size": 288},
     "lite1_240": {"arch": "efficientnet_lite1", "image_size": 240},
     "lite1_240_tta": {"arch": "efficientnet_lite1", "image_size": 240, "tta": True},
     "lite2_260": {"arch": "efficientnet_lite2", "image_size": 260},
@@ -74,7 +75,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "freeze0": {"freeze_stages": 0},
 }
 # Run only when named in --variants: the default set fits about 5 minutes on one H100.
-OPTIONAL = ("aug_notebook", "lr3e-3", "first_guess", "lite1_240", "lite1_240_tta", "lite2_260", "ep24", "freeze0")
+OPTIONAL = (
+    "aug_notebook",
+    "lr3e-3",
+    "first_guess",
+    "size288",
+    "lite1_240",
+    "lite1_240_tta",
+    "lite2_260",
+    "ep24",
+    "freeze0",
+)
 TINY = {"image_size": 64, "epochs": 1, "max_images": 120, "batch_size": 16}
 
 

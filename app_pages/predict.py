@@ -61,8 +61,11 @@ gallery_drawn: list[bool] = []  # this run's
 
 
 def draw_gallery() -> None:
-    """The bundled samples, a tick each; drawn once a run. A plain expander: a lazy one (built only while open) folded on upload
-    cost a lone visitor about 0.7 s more from upload to verdict in bench.load (docs/load.md)."""
+    """The bundled samples, a tick each; drawn once a run.
+
+    A plain expander: a lazy one (built only while open) folded on upload cost a lone visitor about 0.7 s
+    more from upload to verdict in bench.load (docs/load.md).
+    """
     if gallery_drawn:
         return
     gallery_drawn.append(True)

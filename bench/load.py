@@ -1,7 +1,7 @@
 """A room full of phones: 10, 20, 30 concurrent browser sessions against the running app, each uploading a photo.
 
-    python -m bench.load [--checkpoint runs/x/model.pt] [--sessions 10 20 30] [--desktop] [--tabs] [--phones]
-                         [--profile DIR]
+    python -m bench.load [--checkpoint runs/x/model.pt] [--sessions 10 20 30] [--desktop] [--tabs]
+                         [--phones [--browsers K]] [--together] [--profile DIR]
 
 Starts ``streamlit run streamlit_app.py`` headless on a free port (default: the bundled model, as on a
 fresh clone; ``--checkpoint`` names another model.pt), opens one Chromium (Playwright, the Debian
@@ -19,10 +19,12 @@ For each count it prints p50 and p95 of both, their ratio to the lone visitor's,
 (an exception box, a traceback or a "could not be used" message). Sessions use a phone's viewport
 (390 x 844) unless ``--desktop``. With ``--profile DIR`` py-spy samples the server during the largest
 count and the top functions (own time and including callees) are printed and written to DIR.
-With ``--phones`` only the warm-up visit uses the browser: it records what the browser fetched, and every
-later visitor is a :mod:`bench.phones` visitor that asks the server for the same things over Streamlit's
-own protocol and draws nothing, so the server's side of a room is measured without 30 renderers on its
-cores (real phones bring their own). The server is always stopped at the end.
+With ``--phones`` the warm-up visit records what the browser fetched, and in each round all visitors but
+``--browsers`` (default 1) are :mod:`bench.phones` visitors that ask the server for the same things over
+Streamlit's own protocol and draw nothing: the server's side of a room is measured without 30 renderers
+on its cores (real phones bring their own). Each kind is compared with a lone visitor of its own kind.
+With ``--together`` every visitor of a round uploads at one moment, once all its pages are loaded. The
+server is always stopped at the end.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ import re
 import time
 import uuid
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -50,7 +51,7 @@ class Recording:
     answer: list[str] = field(default_factory=list)  # after the upload (the answer's elements' code)
 
     @classmethod
-    def attach(cls, page, url: str) -> tuple[Recording, callable]:
+    def attach(cls, page, url: str) -> tuple[Recording, Callable[[], None]]:
         """Record the requests of ``page`` (Playwright) to the app at ``url``; returns the recording and a
         function to call when the upload starts."""
         recording = cls()
@@ -194,6 +195,7 @@ class Phone:
         self.session_id = self.page_hash = self.uploader_id = ""
         self.error = ""
         self.messages = 0
+        self.file_urls = None  # the server's answer to the upload's file_urls_request
 
     async def visit(self, image: Path, together=None) -> dict:
         """``together``: a ``bench.load.Together`` to wait at, page loaded, before uploading."""
@@ -226,7 +228,7 @@ class Phone:
                 await together.arrive()
             uploaded = time.perf_counter()
             async with asyncio.timeout(self.timeout_s):
-                state = await self._upload(image, token, xsrf)
+                state = await self._upload(image, token, xsrf, fetcher)
                 answer = fetcher.fetch(self.recording.answer)
                 await self._rerun([state])
                 verdict = await self._read(fetcher, until=lambda text: VERDICT.search(text) is not None)
@@ -279,42 +281,50 @@ class Phone:
 
     async def _read(self, fetcher: _Fetcher, until) -> str:
         """Messages until one's text satisfies ``until`` (its text returned), or, ``until`` None, the run's end."""
-        from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
-
         while True:
-            data = await self.socket.recv()
-            self.messages += 1
-            message = ForwardMsg()
-            message.ParseFromString(data)
-            kind = message.WhichOneof("type")
-            fetcher.fetch(path.decode() for path in dict.fromkeys(MEDIA.findall(data)))
-            if kind == "new_session":
-                self.session_id = message.new_session.initialize.session_id
-                self.page_hash = message.new_session.page_script_hash or self.page_hash
-            elif kind == "navigation":
-                self.page_hash = message.navigation.page_script_hash or self.page_hash
-            elif kind == "file_urls_response":
-                self.file_urls = message.file_urls_response
-            elif kind == "script_finished":
+            kind, text = self._take(await self.socket.recv(), fetcher)
+            if kind == "script_finished":
                 if until is None:
                     return ""
                 if self.error:
                     raise RuntimeError(self.error)  # the run ended on an error: no verdict will come
-            elif kind == "delta":
-                element = message.delta.new_element
-                which = element.WhichOneof("type") if message.delta.WhichOneof("type") == "new_element" else None
-                if which == "file_uploader":
-                    self.uploader_id = element.file_uploader.id
-                elif which == "exception":
-                    self.error = self.error or f"an exception was shown: {element.exception.message[:120]}"
-                text = data.decode("utf-8", "ignore")
-                if COULD_NOT in text:
-                    self.error = self.error or "a 'could not be used' message was shown"
-                if until is not None and until(text):
-                    match = VERDICT.search(text)
-                    return match.group(0) if match else READY
+            elif until is not None and text and until(text):
+                match = VERDICT.search(text)
+                return match.group(0) if match else READY
 
-    async def _upload(self, image: Path, token: str, xsrf: str):
+    def _take(self, data: bytes, fetcher: _Fetcher) -> tuple[str, str]:
+        """One ForwardMsg as the frontend takes it: the session's state kept, the pictures it names fetched.
+
+        Returns its kind and, for a delta, its text ("" otherwise).
+        """
+        from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+
+        self.messages += 1
+        message = ForwardMsg()
+        message.ParseFromString(data)
+        kind = message.WhichOneof("type")
+        fetcher.fetch(path.decode() for path in dict.fromkeys(MEDIA.findall(data)))
+        if kind == "new_session":
+            self.session_id = message.new_session.initialize.session_id
+            self.page_hash = message.new_session.page_script_hash or self.page_hash
+        elif kind == "navigation":
+            self.page_hash = message.navigation.page_script_hash or self.page_hash
+        elif kind == "file_urls_response":
+            self.file_urls = message.file_urls_response
+        elif kind == "delta":
+            element = message.delta.new_element
+            which = element.WhichOneof("type") if message.delta.WhichOneof("type") == "new_element" else None
+            if which == "file_uploader":
+                self.uploader_id = element.file_uploader.id
+            elif which == "exception":
+                self.error = self.error or f"an exception was shown: {element.exception.message[:120]}"
+            text = data.decode("utf-8", "ignore")
+            if COULD_NOT in text:
+                self.error = self.error or "a 'could not be used' message was shown"
+            return kind, text
+        return kind, ""
+
+    async def _upload(self, image: Path, token: str, xsrf: str, fetcher: _Fetcher):
         """The file handed to the uploader; returns its widget state for the rerun."""
         from streamlit.proto.BackMsg_pb2 import BackMsg
         from streamlit.proto.WidgetStates_pb2 import WidgetState
@@ -327,7 +337,7 @@ class Phone:
         self.file_urls = None
         await self.socket.send(request.SerializeToString())
         while self.file_urls is None:
-            await self._read_one()
+            self._take(await self.socket.recv(), fetcher)
         if self.file_urls.error_msg:
             raise RuntimeError(f"file_urls_response: {self.file_urls.error_msg}")
         urls = self.file_urls.file_urls[0]
@@ -343,15 +353,6 @@ class Phone:
         info.file_id, info.name, info.size = urls.file_id, image.name, len(data)
         info.file_urls.CopyFrom(urls)
         return state
-
-    async def _read_one(self) -> None:
-        from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
-
-        message = ForwardMsg()
-        message.ParseFromString(await self.socket.recv())
-        self.messages += 1
-        if message.WhichOneof("type") == "file_urls_response":
-            self.file_urls = message.file_urls_response
 
 
 async def visit(url: str, image: Path, timeout_s: float, recording: Recording, together=None) -> dict:

@@ -108,7 +108,7 @@ if not items:
 # Imported once an image is there: the page was drawn before torch was imported.
 from lesion.explain import CAM_METHODS, heatmap_png, overlay  # noqa: E402
 from lesion.report import CasePictures, ModelFacts  # noqa: E402
-from lesion.similar import vote_in_words  # noqa: E402
+from lesion.similar import blend_in_words, vote_in_words  # noqa: E402
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)
@@ -185,6 +185,14 @@ def show_results(items: list[tuple[str, bytes]]) -> None:
                 f"{prediction.p_malignant:.1%}",
                 help="Above the decision threshold the verdict is malignant.",
             )
+            if formed := blend_in_words(
+                prediction.p_malignant,
+                prediction.p_network,
+                prediction.similar_malignant,
+                prediction.similar_k,
+                prediction.vote_weight,
+            ):
+                facts.caption(formed)
             facts.caption(
                 f"Decision threshold {prediction.decision_threshold:.1%}"
                 + (
@@ -213,7 +221,7 @@ def show_results(items: list[tuple[str, bytes]]) -> None:
             if cases:
                 st.markdown(
                     "**Similar confirmed cases** from the training set — "
-                    + vote_in_words(prediction.similar_malignant, 16)
+                    + vote_in_words(prediction.similar_malignant, prediction.similar_k)
                 )
                 shown_cases = [case for case in cases if case["picture"] is not None]
                 if len(shown_cases) == len(cases):

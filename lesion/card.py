@@ -173,6 +173,7 @@ def render_model_card(checkpoint: dict[str, Any], name: str = "model") -> str:
         "## Thresholds",
         f"- Decision threshold on calibrated P(malignant): {checkpoint['decision_threshold']:.3f} "
         f"(rule: {config.get('threshold_rule')}, fitted on the validation split)",
+        *_vote_line(checkpoint),
         f"- Calibration temperature: {checkpoint['temperature']:.3f} (fitted on the validation split)",
         f"- Out-of-distribution detector in use: **{ood.get('method')}**",
     ]
@@ -207,6 +208,19 @@ def render_model_card(checkpoint: dict[str, Any], name: str = "model") -> str:
     lines += _explanations_section(checkpoint, metrics.get("test", {}))
     lines += ["## Intended use and limits", "", INTENDED_USE]
     return "\n".join(lines)
+
+
+def _vote_line(checkpoint: dict[str, Any]) -> list[str]:
+    """How P(malignant) is formed when the similar cases' vote is part of it ([] when it is not)."""
+    index = checkpoint.get("similar") or {}
+    weight = float(index.get("weight", 0.0) or 0.0)
+    if weight <= 0:
+        return []
+    return [
+        f"- P(malignant) = {1 - weight:.0%} of the network's calibrated probability + {weight:.0%} of the share "
+        f"malignant among the {index.get('k')} most similar training lesions (the threshold, like every figure "
+        "below, is on that blend; the network's own ROC-AUC is under Explanations)"
+    ]
 
 
 def _explanations_section(checkpoint: dict[str, Any], test: dict[str, Any]) -> list[str]:

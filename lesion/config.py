@@ -86,6 +86,8 @@ class TrainConfig:
     ood_method: str = DEFAULT_OOD_METHOD  # default OOD detector stored in the checkpoint (see lesion.ood)
     ood_keep: float = 0.95  # share of validation lesions the OOD threshold accepts
     knn_k: int = 10  # k of the knn OOD detector
+    vote_k: int = 16  # similar confirmed cases (nearest training images in feature space) that vote beside each verdict
+    vote_weight: float = 0.0  # weight of their malignant share in P(malignant): (1 - w) network + w vote; 0 = network alone
     num_workers: int = 2  # data loader worker processes
     cache_dir: str = ""  # decoded-image cache; empty = $LESION_CACHE_DIR or ~/.cache/lesion
     skip_bad_images: bool = False  # skip missing or unreadable images instead of failing
@@ -168,6 +170,10 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ConfigError("val_fraction + test_fraction leaves too little to train on")
     if not 0.5 <= config.ood_keep < 1:
         raise ConfigError(f"ood_keep must lie in [0.5, 1); got {config.ood_keep}")
+    if not 1 <= config.vote_k <= 1000:
+        raise ConfigError(f"vote_k must lie in [1, 1000]; got {config.vote_k}")
+    if not 0 <= config.vote_weight < 1:
+        raise ConfigError(f"vote_weight must lie in [0, 1) (0 = the network alone); got {config.vote_weight}")
     if not 0 < config.target_sensitivity < 1:
         raise ConfigError(f"target_sensitivity must lie in (0, 1); got {config.target_sensitivity}")
     if config.mixup_alpha < 0 or config.cutmix_alpha < 0:

@@ -108,17 +108,30 @@ def output_table(predictor: Any, predictions: list[Any]) -> np.ndarray:
 
 def explanations(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint with its ``similar`` index (training split) and ``conformal`` calibration (validation
-    split) rebuilt by the Predictor from the file's own (halved) weights."""
+    split) rebuilt by the Predictor from the file's own (halved) weights.
+
+    When the recipe weighs the similar cases' vote into P(malignant) (``vote_weight``), the decision
+    threshold is chosen again on validation by the recipe's rule, from the blend these weights give.
+    """
     from lesion import conformal, similar
+    from lesion.metrics import choose_threshold
     from lesion.predict import Predictor
 
+    config = checkpoint.get("config") or {}
     predictor = Predictor({k: v for k, v in checkpoint.items() if k not in ("similar", "conformal")}, device="cpu")
     frame = split_frame(checkpoint)
     train = _fold(frame, "train")
     features = predictor.features(train["path"].tolist())
-    seed = int((checkpoint.get("config") or {}).get("seed", 0))
+    seed = int(config.get("seed", 0))
+    weight = float(config.get("vote_weight", 0.0))
     index = similar.build_index(
-        features, train["image_id"].tolist(), train["label"].tolist(), train["dx"].tolist(), seed=seed
+        features,
+        train["image_id"].tolist(),
+        train["label"].tolist(),
+        train["dx"].tolist(),
+        seed=seed,
+        k=int(config.get("vote_k", similar.VOTE_K)),
+        weight=weight,
     )
     val = _fold(frame, "val")
     predictions = predictor.predict_batch(val["path"].tolist(), batch_size=32, ood_threshold=float("inf"))
@@ -129,7 +142,15 @@ def explanations(checkpoint: dict[str, Any]) -> dict[str, Any]:
     truth = conformal.true_classes(val["dx"], val["label"], bool(predictor.dx_names))
     labels = [names.index(t) if t in names else -1 for t in truth]
     sets = conformal.calibrate(output_table(predictor, predictions), labels, names, seed=seed)
-    return {**checkpoint, "similar": index, "conformal": sets}
+    result = {**checkpoint, "similar": index, "conformal": sets}
+    if weight > 0:
+        found = similar.SimilarIndex(index).search(predictor.features(val["path"].tolist()))
+        p = similar.blended([q.p_malignant for q in predictions], [f.malignant_share for f in found], weight)
+        rule = str(config.get("threshold_rule", "youden"))
+        result["decision_threshold"] = choose_threshold(
+            val["label"].to_numpy(), p, rule, float(config.get("target_sensitivity", 0.9))
+        )
+    return result
 
 
 def explanation_metrics(predictor: Any, predictions: list[Any], part) -> dict[str, Any]:
@@ -140,10 +161,11 @@ def explanation_metrics(predictor: Any, predictions: list[Any], part) -> dict[st
     if predictor.similar is not None:
         result["similar"] = similar.vote_metrics(
             [p.similar_malignant for p in predictions],
-            [p.p_malignant for p in predictions],
+            [p.p_network for p in predictions],
             part["label"].tolist(),
             [p.similar_dx for p in predictions],
             part["dx"].tolist(),
+            k=predictor.similar.k,
         )
     if predictor.conformal is not None:
         truth = conformal.true_classes(part["dx"], part["label"], bool(predictor.dx_names))
@@ -247,6 +269,7 @@ def remeasure(checkpoint: dict[str, Any]) -> dict[str, Any]:
         headline_split="test",
         headline={key: measured["test"].get(key) for key in headline or measured["test"]},
         ood_test_lesions_accepted=measured["test"]["ood_accepted"],
+        decision_threshold=float(checkpoint["decision_threshold"]),
         measured_by="lesion.predict.Predictor on CPU, float16 weights (python -m train.export)",
     )
     if "dx" in measured["test"]:

@@ -52,10 +52,15 @@ def _p_malignant(logits: torch.Tensor, target: Target, temperature: float = 1.0)
 
 
 def _split_metrics(
-    out: dict[str, torch.Tensor], frame: pd.DataFrame, temperature: float, threshold: float, target: Target
+    out: dict[str, torch.Tensor],
+    frame: pd.DataFrame,
+    temperature: float,
+    threshold: float,
+    target: Target,
+    probabilities: np.ndarray,
 ) -> dict:
+    """``probabilities``: the verdict's P(malignant), the network's or its blend with the similar cases' vote."""
     labels = out["binary"].numpy()
-    probabilities = _p_malignant(out["logits"], target, temperature)
     metrics = binary_metrics(labels, probabilities, threshold, frame["dx"].tolist())
     metrics["ece_before_scaling"] = expected_calibration_error(labels, _p_malignant(out["logits"], target))
     metrics["ece_after_scaling"] = expected_calibration_error(labels, probabilities)
@@ -65,6 +70,24 @@ def _split_metrics(
     return metrics
 
 
+def _similar_index(
+    outs: dict[str, dict[str, torch.Tensor]], frames: dict[str, pd.DataFrame], config: TrainConfig
+) -> tuple[dict[str, Any], dict[str, list[similar.Similar]]]:
+    """The similar-cases index (training split), and what it finds for each validation and test image."""
+    train = frames["train"]
+    index = similar.build_index(
+        outs["train"]["features"],
+        train["image_id"].tolist(),
+        train["label"].tolist(),
+        train["dx"].tolist(),
+        seed=config.seed,
+        k=config.vote_k,
+        weight=config.vote_weight,
+    )
+    search = similar.SimilarIndex(index)
+    return index, {fold: search.search(outs[fold]["features"]) for fold in ("val", "test")}
+
+
 def _explanations(
     outs: dict[str, dict[str, torch.Tensor]],
     frames: dict[str, pd.DataFrame],
@@ -72,23 +95,22 @@ def _explanations(
     target: Target,
     test_metrics: dict[str, Any],
     seed: int,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The similar-cases index (training split) and the conformal calibration (validation split).
+    found: list[similar.Similar],
+    k: int,
+) -> dict[str, Any]:
+    """The conformal calibration (validation split); the similar cases (``found`` on test) measured.
 
-    Both are measured on the test split into ``test_metrics``: the 16-neighbour vote against the
-    softmax (``similar``) and the sets' coverage and size at the default coverage (``sets``).
+    Both are measured on the test split into ``test_metrics``: the ``k``-neighbour vote against the
+    network's softmax (``similar``) and the sets' coverage and size at the default coverage (``sets``).
     """
-    train, test = frames["train"], frames["test"]
-    index = similar.build_index(
-        outs["train"]["features"], train["image_id"].tolist(), train["label"].tolist(), train["dx"].tolist(), seed=seed
-    )
-    found = similar.SimilarIndex(index).search(outs["test"]["features"])
+    test = frames["test"]
     test_metrics["similar"] = similar.vote_metrics(
         [f.malignant_share for f in found],
         _p_malignant(outs["test"]["logits"], target, temperature),
         test["label"].tolist(),
         [f.dx_vote for f in found],
         test["dx"].tolist(),
+        k=k,
     )
     names = list(target.names)
     val_labels = outs["val"]["labels"].numpy()  # the head's output per image (IGNORE_INDEX: none)
@@ -103,7 +125,7 @@ def _explanations(
     )
     truth = conformal.true_classes(test["dx"], test["label"], target.kind == "dx")
     test_metrics["sets"] = conformal.measure(sets, chosen, truth, sets["default_coverage"])
-    return index, sets
+    return sets
 
 
 def finalize(
@@ -129,11 +151,19 @@ def finalize(
 
     scored = val["labels"] != IGNORE_INDEX  # images with an output of the head (all, for binary)
     temperature = fit_temperature(val["logits"][scored], val["labels"][scored])
+    index, found = _similar_index(outs, frames, config)
+    # The verdict's P(malignant): the network's, blended with the similar cases' vote when the recipe
+    # weighs it in. The threshold is chosen on it, on validation.
+    verdict_p = {
+        fold: similar.blended(
+            _p_malignant(outs[fold]["logits"], target, temperature),
+            [f.malignant_share for f in found[fold]],
+            config.vote_weight,
+        )
+        for fold in ("val", "test")
+    }
     threshold = choose_threshold(
-        val["binary"].numpy(),
-        _p_malignant(val["logits"], target, temperature),
-        config.threshold_rule,
-        config.target_sensitivity,
+        val["binary"].numpy(), verdict_p["val"], config.threshold_rule, config.target_sensitivity
     )
     head = ood.cpu_copy(classifier(model))  # the features are on the CPU
     stages = stage_names(model)
@@ -151,8 +181,8 @@ def finalize(
         head=head,
     )
     metrics = {
-        "val": _split_metrics(val, frames["val"], temperature, threshold, target),
-        "test": _split_metrics(test, frames["test"], temperature, threshold, target),
+        fold: _split_metrics(outs[fold], frames[fold], temperature, threshold, target, verdict_p[fold])
+        for fold in ("val", "test")
     }
     test_scores = {
         name: ood.score(name, stats, test["features"], test["plain_logits"], layers=_layers(test, stages), head=head)
@@ -162,7 +192,9 @@ def finalize(
         name: float((test_scores[name] <= detectors[name]["threshold"]).float().mean()) for name in detectors
     }
     metrics["ood_rejection_spread"] = {name: stats["rejection_spread"] for name, stats in detectors.items()}
-    index, sets = _explanations(outs, frames, temperature, target, metrics["test"], config.seed)
+    sets = _explanations(
+        outs, frames, temperature, target, metrics["test"], config.seed, found["test"], config.vote_k
+    )
     best_epoch = max(history, key=lambda r: r["val_roc_auc"] if r["val_roc_auc"] is not None else -1)["epoch"]
     report = {
         "headline_split": "test",
@@ -171,6 +203,7 @@ def finalize(
         "target_note": target.note,
         "decision_threshold": threshold,
         "threshold_rule": config.threshold_rule,
+        "vote": {"k": config.vote_k, "weight": config.vote_weight},  # the similar cases' share of P(malignant)
         "temperature": temperature,
         "ood_method": config.ood_method,
         "ood_thresholds": {name: float(stats["threshold"]) for name, stats in detectors.items()},
@@ -198,7 +231,7 @@ def finalize(
     )
     path = save_checkpoint(checkpoint, run_dir / MODEL_FILE)
     write_text_atomic(run_dir / METRICS_FILE, json.dumps(report, indent=2) + "\n")
-    _plots(run_dir, test, temperature, threshold, report["test"], history, target)
+    _plots(run_dir, test, verdict_p["test"], threshold, report["test"], history, target)
     from lesion.card import write_model_card
 
     write_model_card(run_dir)
@@ -208,7 +241,7 @@ def finalize(
 def _plots(
     run_dir: Path,
     test: dict[str, torch.Tensor],
-    temperature: float,
+    probabilities: np.ndarray,
     threshold: float,
     test_metrics: dict,
     history: list,
@@ -220,7 +253,7 @@ def _plots(
         run_dir,
         test["binary"].numpy(),
         _p_malignant(test["logits"], target),
-        _p_malignant(test["logits"], target, temperature),
+        probabilities,  # the verdict's P(malignant)
         threshold,
         test_metrics["confusion"],
         [{"event": "epoch", **record} for record in history],

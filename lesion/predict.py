@@ -41,7 +41,7 @@ from lesion.model import LayerStatistics, classifier, feature_dim, forward_parts
 from lesion.prediction import Outcome, Prediction, Settings, make_prediction
 from lesion.preprocess import Prepared, Preprocessor
 from lesion.regularize import flip_logits
-from lesion.similar import SimilarIndex
+from lesion.similar import SimilarIndex, blended
 from lesion.targets import (
     cam_targets,
     class_probabilities,
@@ -171,15 +171,22 @@ class Predictor:
         else:
             class_logits = logits
         outputs = output_probabilities(class_logits, self.temperature).cpu()
-        probabilities = p_malignant(outputs, self.target).tolist()
+        network = p_malignant(outputs, self.target).tolist()
         timer.lap("forward")
+        # The similar cases first: with a weighted vote they are part of P(malignant), hence of the verdict.
+        similar = self.similar.search(features) if self.similar is not None else [None] * len(prepared)
+        weight = self.similar.weight if self.similar is not None else 0.0
+        probabilities = [
+            blended(p, found.malignant_share, weight) if found is not None else p
+            for p, found in zip(network, similar, strict=True)
+        ]
+        timer.lap("similar")
         # Default target: the class the verdict names, so the map shows the evidence for it.
         names = [settings.output or settings.cam_target or side(p, settings.decision_threshold) for p in probabilities]
         low_res = self._low_resolution_cams(activations, names, settings.cam_method) if with_heatmap else None
         timer.lap("cam")
         scores = _rows_on_host(self._ood_scores(features, logits, layers), len(prepared))
         timer.lap("ood")
-        similar = self.similar.search(features) if self.similar is not None else [None] * len(prepared)
         sets = (
             conformal.prediction_sets(self.conformal, outputs.numpy(), settings.coverage)
             if self.conformal is not None
@@ -197,7 +204,11 @@ class Predictor:
             timings["total"] = sum(timings.values())
             outcome = Outcome(
                 p_malignant=probabilities[i],
-                probabilities=class_probabilities(outputs[i], probabilities[i], self.target, self.class_names),
+                p_network=network[i],
+                vote_weight=weight,
+                probabilities=class_probabilities(
+                    outputs[i], probabilities[i], self.target, self.class_names, from_p=weight > 0
+                ),
                 dx_probabilities={name: float(outputs[i, j]) for j, name in enumerate(self.dx_names)},
                 ood_scores=scores[i],
                 cam_target=names[i],
@@ -316,7 +327,7 @@ class _Timer:
 
     def lap(self, stage: str) -> None:
         now = time.perf_counter()
-        self.seconds[stage] = now - self._since
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._since  # a stage may lap twice
         self._since = now
 
     def shares(self, images: int, **own: float) -> dict[str, float]:

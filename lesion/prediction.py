@@ -21,7 +21,7 @@ class Prediction:
     """What the model says about one image (higher OOD score = less like the training lesions)."""
 
     verdict: str  # "benign", "malignant", or "unknown" when the OOD detector rejects the image
-    p_malignant: float  # calibrated (temperature-scaled) probability of malignancy
+    p_malignant: float  # calibrated (temperature-scaled) probability of malignancy; the verdict's
     decision_threshold: float  # malignant when p_malignant >= this
     ood_score: float  # score of the active detector; nan when the checkpoint has none
     ood_threshold: float  # rejected ("unknown") when ood_score > this
@@ -42,8 +42,13 @@ class Prediction:
     # The nearest training lesions (image_id, dx, label, similarity), nearest first; [] when rejected
     # or when the checkpoint has no index (lesion.similar).
     similar: list[dict[str, Any]] = field(default_factory=list)
-    similar_malignant: float = float("nan")  # share malignant among the 16 nearest; nan when none
-    similar_dx: str = ""  # the 16 nearest's most common diagnosis
+    similar_malignant: float = float("nan")  # share malignant among the similar_k nearest; nan when none
+    similar_dx: str = ""  # the similar_k nearest's most common diagnosis
+    similar_k: int = 0  # how many nearest voted; 0 when none
+    # p_malignant = (1 - vote_weight) * p_network + vote_weight * similar_malignant when the checkpoint
+    # weighs the vote in (lesion.similar.blended); else vote_weight is 0 and p_malignant = p_network.
+    p_network: float = float("nan")  # the network's own calibrated P(malignant)
+    vote_weight: float = 0.0
     # The conformal set (lesion.conformal): diagnoses, or benign/malignant for a binary head; [] when rejected.
     dx_set: list[str] = field(default_factory=list)
     set_coverage: float = float("nan")  # the coverage the set was asked for
@@ -82,7 +87,9 @@ class Settings:
 class Outcome:
     """What the pass says about one image, before the verdict."""
 
-    p_malignant: float
+    p_malignant: float  # the verdict's: the network's, or its blend with the similar cases' vote
+    p_network: float  # the network's own
+    vote_weight: float  # the vote's share of p_malignant
     probabilities: dict[str, float]  # per class name
     dx_probabilities: dict[str, float]  # per dx of a dx head
     ood_scores: dict[str, float]  # per fitted detector
@@ -128,6 +135,9 @@ def make_prediction(
         similar=[neighbour.to_dict() for neighbour in similar.neighbours] if similar else [],
         similar_malignant=similar.malignant_share if similar else float("nan"),
         similar_dx=similar.dx_vote if similar else "",
+        similar_k=similar.k if similar else 0,
+        p_network=outcome.p_network,
+        vote_weight=outcome.vote_weight,
         dx_set=list(outcome.output_set) if accepted else [],
         set_coverage=settings.coverage if accepted and outcome.output_set else float("nan"),
     )

@@ -28,7 +28,7 @@ from PIL import Image
 
 from lesion.conformal import set_in_words
 from lesion.labels import DX_NAMES
-from lesion.similar import vote_in_words
+from lesion.similar import blend_in_words, vote_in_words
 from lesion.verdict import DISCLAIMER, VERDICT_DETAIL, VERDICT_TEXT
 
 A4 = (8.27, 11.69)  # inches, portrait
@@ -142,7 +142,18 @@ def render_report(
         coverage = float(getattr(prediction, "set_coverage", float("nan")))
         if prediction.dx_set and math.isfinite(coverage):
             lines.append(set_in_words(prediction.dx_set, coverage))
-        vote = vote_in_words(float(getattr(prediction, "similar_malignant", float("nan"))), 16)
+        share = float(getattr(prediction, "similar_malignant", float("nan")))
+        k = int(getattr(prediction, "similar_k", 0) or 0)
+        formed = blend_in_words(
+            float(prediction.p_malignant),
+            float(getattr(prediction, "p_network", float("nan"))),
+            share,
+            k,
+            float(getattr(prediction, "vote_weight", 0.0) or 0.0),
+        )
+        if formed:
+            lines.append("How it was formed: " + formed)
+        vote = vote_in_words(share, k)
         if vote:
             lines.append(vote)
     lines.append(_ood_words(prediction))

@@ -6,9 +6,13 @@ float16) with its image id, benign/malignant label and diagnosis. For a photo th
 the nearest by cosine similarity (one matrix product against the whole index):
 
 - the :data:`SHOWN` nearest are shown, with their confirmed diagnosis;
-- the :data:`VOTE_K` nearest vote: the share that is malignant, and their most common diagnosis.
-  Tschandl et al. (Br J Dermatol 2019) found such a 16-neighbour vote predicts malignancy about as
-  well as the softmax.
+- the ``k`` nearest vote (the entry's ``k``, :data:`VOTE_K` in files written before it): the share
+  that is malignant, and their most common diagnosis. Tschandl et al. (Br J Dermatol 2019) found such
+  a 16-neighbour vote predicts malignancy about as well as the softmax.
+- with a ``weight`` above 0 the vote also enters the verdict: P(malignant) is
+  ``(1 - weight) * network + weight * vote`` (:func:`blended`). The bundled recipe weighs them
+  equally over 32 neighbours: on validation that beat the network alone on 12 of 13 runs
+  (docs/experiments.md).
 
 A run trained on a very large set keeps a stratified sample of at most :data:`MAX_IMAGES` images,
 and says so (``sampled_from``).
@@ -51,7 +55,7 @@ class Similar:
     neighbours: tuple[Neighbour, ...]  # the SHOWN nearest, nearest first
     malignant_share: float  # share malignant among the VOTE_K nearest
     dx_vote: str  # their most common diagnosis ("" when the index has none)
-    k: int  # how many voted (VOTE_K, or the whole index when smaller)
+    k: int  # how many voted (the index's k, or the whole index when smaller)
 
 
 def normalised(features: torch.Tensor) -> torch.Tensor:
@@ -67,8 +71,16 @@ def build_index(
     dx: Sequence[str],
     max_images: int = MAX_IMAGES,
     seed: int = 0,
+    k: int = VOTE_K,
+    weight: float = 0.0,
 ) -> dict[str, Any]:
-    """The checkpoint's ``similar`` entry from the training split's pooled features (labels 0 benign, 1 malignant)."""
+    """The checkpoint's ``similar`` entry from the training split's pooled features (labels 0 benign, 1 malignant).
+
+    ``k`` neighbours vote; ``weight`` is their vote's share of P(malignant) (0: shown beside it only).
+    """
+    problem = _check_vote(k, weight)
+    if problem:
+        raise ValueError(problem)
     n = int(features.shape[0])
     if not (n == len(image_ids) == len(labels) == len(dx)):
         raise ValueError(f"{n} feature rows for {len(image_ids)} ids, {len(labels)} labels and {len(dx)} diagnoses")
@@ -91,7 +103,18 @@ def build_index(
         "feature": FEATURE,
         "split": "train",
         "sampled_from": n,
+        "k": int(k),
+        "weight": float(weight),
     }
+
+
+def _check_vote(k: Any, weight: Any) -> str:
+    """What is wrong with a vote's size and weight ('' when usable)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        return f"its similar-cases vote size {k!r} is not a positive whole number"
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < 1:
+        return f"its similar-cases vote weight {weight!r} does not lie in [0, 1)"
+    return ""
 
 
 def check_index(entry: Any, feature_dim: int) -> str:
@@ -114,7 +137,7 @@ def check_index(entry: Any, feature_dim: int) -> str:
         return "its similar-cases labels are not 0 (benign) or 1 (malignant)"
     if not bool(torch.isfinite(embeddings).all()):
         return "its similar-cases embeddings are not finite"
-    return ""
+    return _check_vote(entry.get("k", VOTE_K), entry.get("weight", 0.0))
 
 
 class SimilarIndex:
@@ -125,6 +148,8 @@ class SimilarIndex:
         self.image_ids: list[str] = list(entry["image_ids"])
         self.labels = np.asarray(entry["labels"], dtype=np.int64)
         self.dx: list[str] = list(entry["dx"])
+        self.k = int(entry.get("k", VOTE_K))  # files written before the entry held k voted with VOTE_K
+        self.weight = float(entry.get("weight", 0.0))  # the vote's share of P(malignant)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -138,10 +163,10 @@ class SimilarIndex:
 
     def search(self, features: torch.Tensor) -> list[Similar]:
         """What the nearest training lesions say about each row of ``features``."""
-        indices, values = self.nearest(features, max(VOTE_K, SHOWN))
+        indices, values = self.nearest(features, max(self.k, SHOWN))
         results = []
         for row_indices, row_values in zip(indices, values, strict=True):
-            voters = row_indices[:VOTE_K]
+            voters = row_indices[: self.k]
             shown = tuple(
                 Neighbour(
                     self.image_ids[i],
@@ -162,6 +187,18 @@ class SimilarIndex:
         return results
 
 
+def blended(p_network: Any, malignant_share: Any, weight: float) -> Any:
+    """P(malignant) from the network's probability and the similar cases' malignant share.
+
+    ``(1 - weight) * p_network + weight * malignant_share``; the network's alone at weight 0 (and where
+    there is no vote: a nan share).
+    """
+    p = np.asarray(p_network, dtype=np.float64)
+    share = np.asarray(malignant_share, dtype=np.float64)
+    mixed = np.where(np.isfinite(share), (1.0 - weight) * p + weight * share, p) if weight > 0 else p
+    return float(mixed) if mixed.ndim == 0 else mixed
+
+
 def _most_common(values: Sequence[str]) -> str:
     """The most frequent value; a tie goes to the one met first (the nearer neighbour)."""
     values = [value for value in values if value]
@@ -178,15 +215,17 @@ def vote_metrics(
     labels: Sequence[int],
     dx_vote: Sequence[str],
     dx_true: Sequence[str],
+    k: int = VOTE_K,
 ) -> dict[str, Any]:
-    """The vote against the softmax on one split: both ROC-AUCs, and the majority diagnosis's accuracy."""
+    """The vote against the network's softmax on one split: both ROC-AUCs, and the majority diagnosis's
+    accuracy (``p_malignant``: the network's own probability, before any blend with the vote)."""
     from sklearn.metrics import roc_auc_score
 
     y = np.asarray(labels, dtype=np.int64)
     both = len(set(y.tolist())) == 2
     pairs = [(vote, true) for vote, true in zip(dx_vote, dx_true, strict=True) if vote]
     return {
-        "k": VOTE_K,
+        "k": int(k),
         "n": len(y),
         "vote_roc_auc": float(roc_auc_score(y, malignant_share)) if both else None,
         "softmax_roc_auc": float(roc_auc_score(y, p_malignant)) if both else None,
@@ -201,6 +240,19 @@ def vote_in_words(malignant_share: float, k: int) -> str:
     malignant = round(malignant_share * k)
     verb = "was" if malignant == 1 else "were"
     return f"{malignant} of the {k} most similar confirmed cases {verb} malignant."
+
+
+def blend_in_words(p_malignant: float, p_network: float, malignant_share: float, k: int, weight: float) -> str:
+    """How P(malignant) was formed, in plain words; '' when the vote is not part of it.
+
+    "62 % = 50 % of the network's 70 % and 50 % of the 32 most similar confirmed cases' 53 % malignant."
+    """
+    if weight <= 0 or k <= 0 or not all(np.isfinite(v) for v in (p_malignant, p_network, malignant_share)):
+        return ""
+    return (
+        f"{p_malignant:.0%} = {1 - weight:.0%} of the network's {p_network:.0%} and {weight:.0%} of the "
+        f"{k} most similar confirmed cases' {malignant_share:.0%} malignant."
+    )
 
 
 def case_images(checkpoint: dict[str, Any]) -> dict[str, Path]:

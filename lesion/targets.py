@@ -160,9 +160,10 @@ def explained_scores(
 
 
 def class_probabilities(
-    outputs: torch.Tensor, p: float, target: Target, class_names: Sequence[str]
+    outputs: torch.Tensor, p: float, target: Target, class_names: Sequence[str], from_p: bool = False
 ) -> dict[str, float]:
-    """Calibrated probability per class name (benign, malignant) of one image, whatever the head."""
-    if target.kind != "dx":
+    """Calibrated probability per class name (benign, malignant) of one image, whatever the head
+    (``from_p``: from ``p`` alone, as when the similar cases' vote is weighed into it)."""
+    if target.kind != "dx" and not from_p:
         return {name: float(outputs[j]) for j, name in enumerate(class_names)}
     return {name: (p if name == "malignant" else 1.0 - p) for name in class_names}

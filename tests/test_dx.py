@@ -173,8 +173,9 @@ def test_predict_csv_has_dx_columns_and_rejected_rows_have_none(
         "path", "verdict", "p_malignant", "decision_threshold", "ood_method", "ood_score", "ood_threshold",
         "accepted", "cam_method", "image_width", "image_height", "error",
     ]  # fmt: skip
-    assert header[-13:-4] == ["dx_top", *(f"p_{dx}" for dx in DX_CODES)]
-    assert header[-4:] == ["similar_malignant", "similar_ids", "dx_set", "report"]  # columns only grow, at the end
+    assert header[-14:-5] == ["dx_top", *(f"p_{dx}" for dx in DX_CODES)]
+    # columns only grow, at the end
+    assert header[-5:] == ["similar_malignant", "similar_ids", "dx_set", "report", "p_network"]
     for row, path in zip(rows, (lesion, CAR), strict=True):
         prediction = dx_predictor.predict(path, with_heatmap=False)
         if row["accepted"] == "True":
@@ -183,13 +184,13 @@ def test_predict_csv_has_dx_columns_and_rejected_rows_have_none(
             assert row["dx_top"] == prediction.dx_top == max(values, key=values.get)
             assert all(row[f"p_{dx}"] == "" for dx in DX_CODES if dx not in dx_predictor.dx_names)
         else:
-            assert all(row[column] == "" for column in header[-9:])
+            assert all(row[column] == "" for column in header[-10:-1])  # p_network aside
 
     # A rejected photo, whatever this tiny model's detector says about the car: no diagnosis.
     rejected = dx_predictor.predict(CAR, with_heatmap=False, ood_threshold=-1e9)
     assert rejected.verdict == "unknown" and rejected.dx_top == "" and rejected.dx_probabilities
     row = result_row(CAR, rejected, list(dx_predictor.detectors))
-    assert not any(key == "dx_top" or key.startswith("p_") and key != "p_malignant" for key in row)
+    assert not any(key == "dx_top" or key.startswith("p_") and key not in ("p_malignant", "p_network") for key in row)
 
 
 # ---------------------------------------------------------------- today's binary checkpoints

@@ -50,12 +50,15 @@ DX_COLUMNS = ("dx_top", *(f"p_{dx}" for dx in DX_CODES))
 #: The explanations: the similar-case vote and the 6 nearest ids, the conformal set, the report's file.
 #: Empty for a rejected photo (and for a model that stores no index or calibration).
 EXPLANATION_COLUMNS = ("similar_malignant", "similar_ids", "dx_set", "report")
+#: Added later, so at the end: the network's own P(malignant), which p_malignant blends with the
+#: similar cases' vote when the model weighs it in (equal to p_malignant otherwise).
+LATER_COLUMNS = ("p_network",)
 
 
 def csv_columns(detector_names: Sequence[str]) -> list[str]:
     """Every column of the CSV: the results, one ``ood_<detector>`` per fitted detector, the heatmap, the
     diagnoses, the explanations."""
-    return [*RESULT_COLUMNS, *(f"ood_{name}" for name in detector_names), "heatmap", *DX_COLUMNS, *EXPLANATION_COLUMNS]
+    return [*RESULT_COLUMNS, *(f"ood_{name}" for name in detector_names), "heatmap", *DX_COLUMNS, *EXPLANATION_COLUMNS, *LATER_COLUMNS]
 
 
 def find_images(paths: Iterable[str | Path]) -> list[Path]:
@@ -133,6 +136,7 @@ def result_row(path: Path, result: Prediction | InvalidImage, detector_names: li
     row.update(
         verdict=result.verdict,
         p_malignant=f"{result.p_malignant:.6f}",
+        p_network=f"{result.p_network:.6f}",
         decision_threshold=f"{result.decision_threshold:.6f}",
         ood_method=result.ood_method,
         ood_score=f"{result.ood_score:.6f}",

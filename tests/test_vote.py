@@ -1,0 +1,157 @@
+"""The similar cases' vote weighed into P(malignant): the blend, its checks, training, export and the CLI.
+
+``voting_run`` is a tiny run trained by ``python -m train`` with ``--vote-k`` and ``--vote-weight``, so
+the threshold, the metrics and the index are the ones finalize writes for such a recipe.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from lesion import similar
+from lesion.checkpoint import load_checkpoint, save_checkpoint
+from lesion.errors import InvalidCheckpoint
+from lesion.export import RESCORE_TOLERANCE, export_run, rescore
+from lesion.metrics import choose_threshold
+from lesion.predict import Predictor
+from tests.conftest import DEMO, TINY_TRAINING, run_cli
+
+VOTE_K, VOTE_WEIGHT = 8, 0.5
+
+
+@pytest.fixture(scope="module")
+def voting_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "voting"
+    args = [f"--data={DEMO}", f"--out={run_dir}", f"--cache-dir={cache_dir}", *TINY_TRAINING]
+    result = run_cli([*args, f"--vote-k={VOTE_K}", f"--vote-weight={VOTE_WEIGHT}"])
+    assert result.returncode == 0, f"training failed:\n{result.stdout}\n{result.stderr}"
+    return run_dir
+
+
+def fold_paths(run_dir: Path, fold: str) -> tuple[list[Path], np.ndarray]:
+    split = pd.read_csv(run_dir / "split.csv")
+    part = split[split["fold"] == fold]
+    return [DEMO / "images" / f"{i}.jpg" for i in part["image_id"]], (part["label"] == "malignant").to_numpy(int)
+
+
+# --- the blend ----------------------------------------------------------------------------------
+
+
+def test_the_blend_weighs_the_network_and_the_vote() -> None:
+    assert similar.blended(0.8, 0.2, 0.5) == pytest.approx(0.5)
+    assert similar.blended(0.8, 0.2, 0.25) == pytest.approx(0.65)
+    assert similar.blended(0.8, 0.2, 0.0) == pytest.approx(0.8)  # the network alone
+    assert similar.blended(0.8, float("nan"), 0.5) == pytest.approx(0.8)  # no vote: the network alone
+    mixed = similar.blended([0.1, 0.9], [1.0, float("nan")], 0.5)
+    assert mixed.tolist() == pytest.approx([0.55, 0.9])
+
+
+def test_the_blend_in_words_adds_up() -> None:
+    words = similar.blend_in_words(0.615, 0.7, 0.53125, 32, 0.5)
+    assert words == "62% = 50% of the network's 70% and 50% of the 32 most similar confirmed cases' 53% malignant."
+    assert similar.blend_in_words(0.7, 0.7, 0.5, 16, 0.0) == ""  # the vote is shown beside, not in, the figure
+    assert similar.blend_in_words(0.7, 0.7, float("nan"), 16, 0.5) == ""
+
+
+@pytest.mark.parametrize("k, weight", [(0, 0.5), (8, 1.0), (8, -0.1), (2.5, 0.5), (True, 0.5)])
+def test_an_impossible_vote_is_refused(k, weight) -> None:
+    features = torch.randn(10, 4)
+    with pytest.raises(ValueError, match="vote"):
+        similar.build_index(features, [str(i) for i in range(10)], [i % 2 for i in range(10)], ["nv"] * 10, k=k, weight=weight)
+
+
+@pytest.mark.parametrize("option, value", [("--vote-weight", "1"), ("--vote-k", "0")])
+def test_the_cli_refuses_an_impossible_vote(option: str, value: str, tmp_path: Path) -> None:
+    result = run_cli([f"--data={DEMO}", f"--out={tmp_path / 'run'}", *TINY_TRAINING, f"{option}={value}"])
+    assert result.returncode != 0
+    assert option.removeprefix("--").replace("-", "_") in result.stderr
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
+# --- a run that weighs the vote in --------------------------------------------------------------
+
+
+def test_training_writes_the_vote_into_the_checkpoint(voting_run: Path) -> None:
+    checkpoint = load_checkpoint(voting_run / "model.pt")
+    assert checkpoint["similar"]["k"] == VOTE_K and checkpoint["similar"]["weight"] == VOTE_WEIGHT
+    metrics = checkpoint["metrics"]
+    assert metrics["vote"] == {"k": VOTE_K, "weight": VOTE_WEIGHT}
+    assert metrics["test"]["similar"]["k"] == VOTE_K
+
+
+def test_the_predictor_blends_as_training_measured(voting_run: Path) -> None:
+    """P(malignant) is the blend, its verdict follows the threshold chosen on the blend, and the test
+    ROC-AUC training stored is the one the predictor's blend gives."""
+    checkpoint = load_checkpoint(voting_run / "model.pt")
+    predictor = Predictor(checkpoint)
+    alone = Predictor({key: value for key, value in checkpoint.items() if key != "similar"})
+    paths, labels = fold_paths(voting_run, "test")
+    results = predictor.predict_batch(paths, with_heatmap=False, ood_threshold=math.inf)
+    network = alone.predict_batch(paths, with_heatmap=False, ood_threshold=math.inf)
+    for result, own in zip(results, network, strict=True):
+        assert result.similar_k == VOTE_K and result.vote_weight == VOTE_WEIGHT
+        assert result.p_network == pytest.approx(own.p_malignant, abs=1e-6)
+        assert result.p_malignant == pytest.approx(0.5 * own.p_malignant + 0.5 * result.similar_malignant, abs=1e-6)
+        assert result.verdict == ("malignant" if result.p_malignant >= predictor.decision_threshold else "benign")
+        assert result.probabilities["malignant"] == pytest.approx(result.p_malignant)
+        assert own.vote_weight == 0.0 and own.p_network == own.p_malignant
+    blended = roc_auc_score(labels, [r.p_malignant for r in results])
+    assert blended == pytest.approx(checkpoint["metrics"]["test"]["roc_auc"], abs=RESCORE_TOLERANCE)
+    softmax = checkpoint["metrics"]["test"]["similar"]["softmax_roc_auc"]
+    assert roc_auc_score(labels, [r.p_network for r in results]) == pytest.approx(softmax, abs=RESCORE_TOLERANCE)
+    val_paths, val_labels = fold_paths(voting_run, "val")
+    val_p = predictor.p_malignant(val_paths)
+    assert predictor.decision_threshold == pytest.approx(choose_threshold(val_labels, val_p), abs=0.02)
+
+
+def test_a_tampered_vote_is_refused_at_load(voting_run: Path, tmp_path: Path) -> None:
+    for key, value, words in (("weight", 1.5, "vote weight"), ("k", 0, "vote size"), ("k", "32", "vote size")):
+        checkpoint = load_checkpoint(voting_run / "model.pt")
+        checkpoint["similar"][key] = value
+        path = save_checkpoint(checkpoint, tmp_path / f"tampered-{key}.pt")
+        with pytest.raises(InvalidCheckpoint, match=words):
+            Predictor.from_checkpoint(path)
+
+
+def test_the_export_chooses_the_threshold_on_the_blend_and_remeasures_it(voting_run: Path, tmp_path: Path) -> None:
+    exported = export_run(voting_run, tmp_path / "voting.pt")
+    assert exported["similar"]["k"] == VOTE_K and exported["similar"]["weight"] == VOTE_WEIGHT
+    predictor = Predictor(exported)
+    val_paths, val_labels = fold_paths(voting_run, "val")
+    # The halved weights' own blend on validation chose the threshold, by the recipe's rule.
+    assert exported["decision_threshold"] == pytest.approx(
+        choose_threshold(val_labels, predictor.p_malignant(val_paths)), abs=1e-6
+    )
+    assert exported["metrics"]["decision_threshold"] == exported["decision_threshold"]
+    again = rescore(exported)
+    assert again["test"]["roc_auc"] == pytest.approx(exported["metrics"]["test"]["roc_auc"], abs=1e-9)
+    assert "50% of the network" in (tmp_path / "model_card.md").read_text()
+
+
+def test_the_cli_csv_gives_the_network_beside_the_blend(voting_run: Path, tmp_path: Path) -> None:
+    paths = fold_paths(voting_run, "train")[0][:6]  # training lesions: the OOD check accepts them
+    out = tmp_path / "predictions.csv"
+    result = run_cli(
+        ["--checkpoint", str(voting_run / "model.pt"), "--out", str(out), *map(str, paths)], module="train.predict"
+    )
+    assert result.returncode == 0, result.stderr
+    rows = {Path(row["path"]).name: row for row in csv.DictReader(out.open())}
+    predictor = Predictor.from_checkpoint(voting_run / "model.pt")
+    accepted = 0
+    for path in paths:
+        row, expected = rows[path.name], predictor.predict(path, with_heatmap=False)
+        assert float(row["p_network"]) == pytest.approx(expected.p_network, abs=1e-5)
+        assert float(row["p_malignant"]) == pytest.approx(expected.p_malignant, abs=1e-5)
+        if row["similar_malignant"]:
+            accepted += 1
+            share = float(row["similar_malignant"])
+            assert float(row["p_malignant"]) == pytest.approx(0.5 * float(row["p_network"]) + 0.5 * share, abs=1e-5)
+    assert accepted >= 4

@@ -260,7 +260,10 @@ def exported_checkpoint(run_dir: Path) -> dict[str, Any]:
 
 def remeasure(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """Replace the stored figures with those the (halved) checkpoint gives through the Predictor."""
+    from lesion.similar import VOTE_K
+
     measured = rescore(checkpoint)
+    vote_defaults = (("k", VOTE_K), ("weight", 0.0))  # the similar cases' vote, and its share of P(malignant)
     metrics = dict(checkpoint.get("metrics") or {})
     headline = metrics.get("headline") or {}
     metrics.update(
@@ -270,6 +273,7 @@ def remeasure(checkpoint: dict[str, Any]) -> dict[str, Any]:
         headline={key: measured["test"].get(key) for key in headline or measured["test"]},
         ood_test_lesions_accepted=measured["test"]["ood_accepted"],
         decision_threshold=float(checkpoint["decision_threshold"]),
+        vote={key: (checkpoint.get("similar") or {}).get(key, default) for key, default in vote_defaults},
         measured_by="lesion.predict.Predictor on CPU, float16 weights (python -m train.export)",
     )
     if "dx" in measured["test"]:

@@ -175,7 +175,7 @@ def test_similar_cases_the_diagnosis_set_and_the_report(
     sets = [m.value for m in at.markdown if m.value.startswith("**With ")]
     assert sets == [f"**{set_in_words(expected.dx_set, 0.9, len(predictor.dx_names))}**"]
     headers = [m.value for m in at.markdown if m.value.startswith("**Similar confirmed cases**")]
-    assert len(headers) == 1 and vote_in_words(expected.similar_malignant, 16) in headers[0]
+    assert len(headers) == 1 and vote_in_words(expected.similar_malignant, expected.similar_k) in headers[0]
     thumbnails = [image for image in at.image if len(image.captions) == 6]
     assert len(thumbnails) == 1
     assert thumbnails[0].captions == [f"{DX_NAMES[case['dx']]} ({case['label']})" for case in expected.similar]

@@ -69,6 +69,13 @@ def test_shipped_model_is_small_half_precision_and_current() -> None:
     assert checkpoint["similar"]["embeddings"].dtype == torch.float16
     assert len(checkpoint["conformal"]["scores"]) == sum(line.endswith(",val") for line in split)
     assert "## Explanations" in (BUNDLED_MODEL.parent / "model_card.md").read_text()
+    # The bundled recipe unchanged, so the two documented commands rebuild it: its vote and its OOD keep too.
+    from lesion.config import build_config
+
+    recipe = build_config("bundled")
+    assert checkpoint["export"]["recipe"] == "bundled"
+    assert (checkpoint["similar"]["k"], checkpoint["similar"]["weight"]) == (recipe.vote_k, recipe.vote_weight)
+    assert checkpoint["ood"]["keep"] == recipe.ood_keep
 
 
 def test_shipped_model_still_scores_what_it_stores() -> None:

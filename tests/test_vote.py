@@ -7,6 +7,7 @@ the threshold, the metrics and the index are the ones finalize writes for such a
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -131,6 +132,7 @@ def test_the_export_chooses_the_threshold_on_the_blend_and_remeasures_it(voting_
         choose_threshold(val_labels, predictor.p_malignant(val_paths)), abs=1e-6
     )
     assert exported["metrics"]["decision_threshold"] == exported["decision_threshold"]
+    assert exported["metrics"]["vote"] == {"k": VOTE_K, "weight": VOTE_WEIGHT}
     again = rescore(exported)
     assert again["test"]["roc_auc"] == pytest.approx(exported["metrics"]["test"]["roc_auc"], abs=1e-9)
     assert "50% of the network" in (tmp_path / "model_card.md").read_text()
@@ -155,3 +157,59 @@ def test_the_cli_csv_gives_the_network_beside_the_blend(voting_run: Path, tmp_pa
             share = float(row["similar_malignant"])
             assert float(row["p_malignant"]) == pytest.approx(0.5 * float(row["p_network"]) + 0.5 * share, abs=1e-5)
     assert accepted >= 4
+
+
+def test_the_blend_experiment_reproduces_the_run(voting_run: Path, tmp_path: Path) -> None:
+    """``bench.experiments.vote_blend`` scores the network alone and each blend; the run's own figures agree."""
+    out = tmp_path / "blend.json"
+    result = run_cli(
+        [str(voting_run), "--data", str(DEMO), "--k", str(VOTE_K), "--w", str(VOTE_WEIGHT), "--json", str(out)],
+        module="bench.experiments.vote_blend",
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"k{VOTE_K}_w{VOTE_WEIGHT:g}" in result.stdout and "up on" in result.stdout
+    (found,) = json.loads(out.read_text()).values()
+    test = load_checkpoint(voting_run / "model.pt")["metrics"]["test"]
+    assert found["test"]["network"] == pytest.approx(test["similar"]["softmax_roc_auc"], abs=RESCORE_TOLERANCE)
+    assert found["test"][f"vote{VOTE_K}"] == pytest.approx(test["similar"]["vote_roc_auc"], abs=0.01)
+    assert found["test"][f"k{VOTE_K}_w{VOTE_WEIGHT:g}"] == pytest.approx(test["roc_auc"], abs=0.01)
+
+
+def test_the_predict_page_and_the_report_say_how_the_figure_was_formed(
+    voting_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    from lesion.images import load_image
+    from lesion.report import ModelFacts, render_report
+    from lesion_app.session_cache import SHARED
+
+    monkeypatch.setenv("LESION_RUNS_DIR", str(voting_run.parent))
+    monkeypatch.delenv("LESION_CHECKPOINT", raising=False)
+    SHARED.clear()
+    predictor = Predictor.from_checkpoint(voting_run / "model.pt")
+    path = next(p for p in fold_paths(voting_run, "val")[0] if predictor.predict(p, with_heatmap=False).accepted)
+    expected = predictor.predict(path, with_heatmap=False)
+    formed = similar.blend_in_words(
+        expected.p_malignant, expected.p_network, expected.similar_malignant, VOTE_K, VOTE_WEIGHT
+    )
+    assert formed.startswith(f"{expected.p_malignant:.0%} = 50% of the network's")
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "streamlit_app.py"), default_timeout=120).run()
+    at.file_uploader[0].upload(path.name, path.read_bytes(), "image/jpeg")
+    at.run()
+    assert not at.exception
+    assert formed in [caption.value for caption in at.caption]
+    headers = [m.value for m in at.markdown if m.value.startswith("**Similar confirmed cases**")]
+    assert len(headers) == 1 and similar.vote_in_words(expected.similar_malignant, VOTE_K) in headers[0]
+    assert "most similar confirmed cases" in headers[0] and f"of the {VOTE_K} " in headers[0]
+
+    facts = ModelFacts.from_checkpoint(predictor.checkpoint, "voting")
+    text = " ".join(pdf_text_of(render_report(expected, load_image(path), facts, name=path.name)).split())
+    assert "How it was formed: " + formed in text
+
+
+def pdf_text_of(data: bytes) -> str:
+    import io
+
+    pypdf = pytest.importorskip("pypdf")
+    return "".join(page.extract_text() for page in pypdf.PdfReader(io.BytesIO(data)).pages)

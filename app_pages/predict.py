@@ -181,7 +181,7 @@ def show_results(items: list[tuple[str, bytes]]) -> None:
             else:
                 picture.image(blended, caption=f"{name}: {heatmap_caption}", width="stretch")
             facts.metric(
-                "P(malignant), calibrated",
+                "P(malignant)" if prediction.vote_weight > 0 else "P(malignant), calibrated",
                 f"{prediction.p_malignant:.1%}",
                 help="Above the decision threshold the verdict is malignant.",
             )

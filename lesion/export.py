@@ -165,7 +165,7 @@ def explanation_metrics(predictor: Any, predictions: list[Any], part) -> dict[st
             part["label"].tolist(),
             [p.similar_dx for p in predictions],
             part["dx"].tolist(),
-            k=predictor.similar.k,
+            k=min(predictor.similar.k, len(predictor.similar)),  # fewer when the index holds fewer images
         )
     if predictor.conformal is not None:
         truth = conformal.true_classes(part["dx"], part["label"], bool(predictor.dx_names))

@@ -63,7 +63,8 @@ def _split_metrics(
     labels = out["binary"].numpy()
     metrics = binary_metrics(labels, probabilities, threshold, frame["dx"].tolist())
     metrics["ece_before_scaling"] = expected_calibration_error(labels, _p_malignant(out["logits"], target))
-    metrics["ece_after_scaling"] = expected_calibration_error(labels, probabilities)
+    # Temperature scaling's own effect, on the network's probability (``ece`` above is the verdict's).
+    metrics["ece_after_scaling"] = expected_calibration_error(labels, _p_malignant(out["logits"], target, temperature))
     if target.kind == "dx":
         dx_probabilities = output_probabilities(out["logits"], temperature).numpy()
         metrics["dx"] = dx_metrics(frame["dx"].tolist(), dx_probabilities, target.names)
@@ -110,7 +111,7 @@ def _explanations(
         test["label"].tolist(),
         [f.dx_vote for f in found],
         test["dx"].tolist(),
-        k=k,
+        k=found[0].k if found else k,  # fewer when the index holds fewer images
     )
     names = list(target.names)
     val_labels = outs["val"]["labels"].numpy()  # the head's output per image (IGNORE_INDEX: none)

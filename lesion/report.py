@@ -136,7 +136,8 @@ def render_report(
     lines: list[str] = []
     if accepted:
         lines.append(
-            f"Calibrated probability of malignancy: {prediction.p_malignant:.0%} "
+            f"{'Probability' if getattr(prediction, 'vote_weight', 0.0) else 'Calibrated probability'} of malignancy: "
+            f"{prediction.p_malignant:.0%} "
             f"(called malignant from {prediction.decision_threshold:.0%})."
         )
         coverage = float(getattr(prediction, "set_coverage", float("nan")))

@@ -11,7 +11,7 @@ the nearest by cosine similarity (one matrix product against the whole index):
   a 16-neighbour vote predicts malignancy about as well as the softmax.
 - with a ``weight`` above 0 the vote also enters the verdict: P(malignant) is
   ``(1 - weight) * network + weight * vote`` (:func:`blended`). The bundled recipe weighs them
-  equally over 32 neighbours: on validation that beat the network alone on 12 of 13 runs
+  equally over 32 neighbours: on validation that beat the network alone on 12 of 14 runs
   (docs/experiments.md).
 
 A run trained on a very large set keeps a stratified sample of at most :data:`MAX_IMAGES` images,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -190,6 +191,10 @@ def output_row(predictor: Any, prediction: Any) -> list[float]:
     """The prediction's calibrated outputs in the head's order (diagnoses, or benign / malignant)."""
     if predictor.dx_names:
         return [float(prediction.dx_probabilities.get(name, 0.0)) for name in predictor.dx_names]
+    network = float(getattr(prediction, "p_network", float("nan")))
+    if getattr(prediction, "vote_weight", 0.0) > 0 and math.isfinite(network):
+        # probabilities hold the blend with the similar cases' vote; the sets were calibrated on the network's
+        return [network if name == "malignant" else 1.0 - network for name in predictor.class_names]
     return [float(prediction.probabilities.get(name, 0.0)) for name in predictor.class_names]
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from bench.load import CHROMIUM_ARGS, free_port  # the same browser flags and port helper as the load test
+from lesion import similar
 from lesion.labels import DX_NAMES
 from lesion.predict import Predictor
 from lesion.runs import BUNDLED_MODEL
@@ -146,13 +147,19 @@ def test_upload_lesion_and_photo_in_a_real_browser(app_run: tuple[Path, Path, Pa
             assert heatmap_widths(block), "no heatmap image rendered"
         # The accepted lesion shows its six most similar training cases as small pictures with their
         # confirmed diagnosis; the rejected photo shows none.
-        lesion_block.get_by_text("Similar confirmed cases").wait_for(timeout=30_000)
+        lesion_block.get_by_text("Similar confirmed cases", exact=True).wait_for(timeout=30_000)
+        # The bundled model weighs their vote into P(malignant), and says so under the figure.
+        formed = similar.blend_in_words(
+            expected.p_malignant, expected.p_network, expected.similar_malignant, expected.similar_k, expected.vote_weight
+        )
+        assert formed and lesion_block.get_by_text(formed, exact=True).count() == 1
         widths = heatmap_widths(lesion_block)
         assert len(widths) == 1 + len(expected.similar) == 7, widths
         assert all(width <= 200 for width in sorted(widths)[:6]), widths  # thumbnails, not full photos
         for case in expected.similar:
             assert lesion_block.get_by_text(f"{DX_NAMES[case['dx']]} ({case['label']})").count() >= 1
-        assert photo_block.get_by_text("Similar confirmed cases").count() == 0
+        assert photo_block.get_by_text("Similar confirmed cases", exact=True).count() == 0
+        assert photo_block.get_by_text("of the network's").count() == 0
         assert len(heatmap_widths(photo_block)) == 1
         assert lesion_block.get_by_text("With 90% confidence:").count() == 1
         page.locator('[data-testid="stDataFrame"]').first.wait_for(timeout=30_000)

@@ -20,7 +20,7 @@ from sklearn.metrics import roc_auc_score
 from lesion import similar
 from lesion.checkpoint import load_checkpoint, save_checkpoint
 from lesion.errors import InvalidCheckpoint
-from lesion.export import RESCORE_TOLERANCE, export_run, rescore
+from lesion.export import RESCORE_TOLERANCE, export_run
 from lesion.metrics import choose_threshold
 from lesion.predict import Predictor
 from tests.conftest import DEMO, TINY_TRAINING, run_cli
@@ -110,7 +110,11 @@ def test_the_predictor_blends_as_training_measured(voting_run: Path) -> None:
     assert roc_auc_score(labels, [r.p_network for r in results]) == pytest.approx(softmax, abs=RESCORE_TOLERANCE)
     val_paths, val_labels = fold_paths(voting_run, "val")
     val_p = predictor.p_malignant(val_paths)
-    assert predictor.decision_threshold == pytest.approx(choose_threshold(val_labels, val_p), abs=0.02)
+    assert predictor.decision_threshold == pytest.approx(choose_threshold(val_labels, val_p), abs=1e-3)
+    called = np.array([r.p_malignant for r in results]) >= predictor.decision_threshold
+    stored = checkpoint["metrics"]["test"]
+    assert stored["sensitivity"] == pytest.approx(called[labels == 1].mean(), abs=RESCORE_TOLERANCE)
+    assert stored["specificity"] == pytest.approx(1 - called[labels == 0].mean(), abs=RESCORE_TOLERANCE)
 
 
 def test_a_tampered_vote_is_refused_at_load(voting_run: Path, tmp_path: Path) -> None:
@@ -133,8 +137,16 @@ def test_the_export_chooses_the_threshold_on_the_blend_and_remeasures_it(voting_
     )
     assert exported["metrics"]["decision_threshold"] == exported["decision_threshold"]
     assert exported["metrics"]["vote"] == {"k": VOTE_K, "weight": VOTE_WEIGHT}
-    again = rescore(exported)
-    assert again["test"]["roc_auc"] == pytest.approx(exported["metrics"]["test"]["roc_auc"], abs=1e-9)
+    # The stored figures are the blend's, measured independently here from the file's own predictions.
+    test_paths, test_labels = fold_paths(voting_run, "test")
+    blend = predictor.p_malignant(test_paths)
+    network = Predictor({k: v for k, v in exported.items() if k != "similar"}).p_malignant(test_paths)
+    assert exported["metrics"]["test"]["roc_auc"] == pytest.approx(roc_auc_score(test_labels, blend), abs=1e-9)
+    assert exported["metrics"]["test"]["similar"]["softmax_roc_auc"] == pytest.approx(
+        roc_auc_score(test_labels, network), abs=1e-9
+    )
+    called = blend >= exported["decision_threshold"]
+    assert exported["metrics"]["test"]["sensitivity"] == pytest.approx(called[test_labels == 1].mean(), abs=1e-9)
     assert "50% of the network" in (tmp_path / "model_card.md").read_text()
 
 
@@ -213,3 +225,42 @@ def pdf_text_of(data: bytes) -> str:
 
     pypdf = pytest.importorskip("pypdf")
     return "".join(page.extract_text() for page in pypdf.PdfReader(io.BytesIO(data)).pages)
+
+
+def test_an_index_written_before_the_vote_votes_with_16_and_weighs_nothing(voting_run: Path) -> None:
+    checkpoint = load_checkpoint(voting_run / "model.pt")
+    for key in ("k", "weight"):
+        checkpoint["similar"].pop(key)
+    predictor = Predictor(checkpoint)
+    assert predictor.similar.k == similar.VOTE_K and predictor.similar.weight == 0.0
+    path = fold_paths(voting_run, "train")[0][0]
+    result = predictor.predict(path, with_heatmap=False, ood_threshold=math.inf)
+    assert result.similar_k == similar.VOTE_K and result.vote_weight == 0.0
+    assert result.p_malignant == result.p_network
+
+
+def test_a_binary_head_blends_its_verdict_but_draws_its_sets_from_the_network(
+    tmp_path_factory: pytest.TempPathFactory, cache_dir: Path
+) -> None:
+    """A benign / malignant head: probabilities follow the blend, the conformal set (calibrated on the
+    network's outputs) is drawn from the network's, in the pass and when the page redraws it."""
+    from lesion import conformal
+    from lesion_app.predict_view import output_row, with_coverage
+
+    run_dir = tmp_path_factory.mktemp("runs") / "binary-voting"
+    args = [f"--data={DEMO}", f"--out={run_dir}", f"--cache-dir={cache_dir}", *TINY_TRAINING, "--target=binary"]
+    result = run_cli([*args, f"--vote-k={VOTE_K}", f"--vote-weight={VOTE_WEIGHT}"])
+    assert result.returncode == 0, f"training failed:\n{result.stdout}\n{result.stderr}"
+    predictor = Predictor.from_checkpoint(run_dir / "model.pt")
+    assert not predictor.dx_names and predictor.similar.weight == VOTE_WEIGHT
+    for path in fold_paths(run_dir, "test")[0][:8]:
+        found = predictor.predict(path, with_heatmap=False, ood_threshold=math.inf, coverage=0.9)
+        assert found.probabilities["malignant"] == pytest.approx(found.p_malignant)
+        assert found.p_malignant == pytest.approx(0.5 * found.p_network + 0.5 * found.similar_malignant, abs=1e-6)
+        row = output_row(predictor, found)
+        assert row[predictor.class_names.index("malignant")] == pytest.approx(found.p_network)
+        assert found.dx_set == conformal.prediction_set(predictor.conformal, row, 0.9)
+        for coverage in (0.5, 0.99):
+            redrawn = with_coverage(predictor, found, coverage)
+            again = predictor.predict(path, with_heatmap=False, ood_threshold=math.inf, coverage=coverage)
+            assert redrawn.dx_set == again.dx_set

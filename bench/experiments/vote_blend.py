@@ -10,7 +10,10 @@ on how many runs it went up, and the test figures beside them (to be read only a
     python -m bench.experiments.vote_blend runs/lite0-s0 runs/lite0-s1 runs/lite0-s2 --k 8,16,32,64 --w 0.25,0.5,0.75
 
 Each run's own split pairs the candidates. The runs' own scoring path is used (the Predictor, with
-the checkpoint's temperature), so ``w = 0`` reproduces each run's recorded ROC-AUC.
+the checkpoint's temperature, its own similar-cases index set aside), so "network" reproduces each
+run's recorded network ROC-AUC (``roc_auc`` for a run without a vote, ``similar.softmax_roc_auc``
+for one with). The vote is over every training image, where a checkpoint's index keeps at most
+``lesion.similar.MAX_IMAGES``.
 """
 
 from __future__ import annotations

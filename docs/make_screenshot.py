@@ -74,7 +74,7 @@ def screenshot(out: Path) -> None:
             box.click()
             page.get_by_text("Result JSON").wait_for(timeout=180_000)
             page.get_by_text("…or pick bundled samples").click()  # fold the gallery: the result moves up
-            page.get_by_text("Similar confirmed cases").wait_for(timeout=60_000)
+            page.get_by_text("Similar confirmed cases", exact=True).wait_for(timeout=60_000)
             page.locator('[data-testid="stImage"] img').first.wait_for(timeout=60_000)  # results sit above the gallery
             page.wait_for_timeout(2000)  # let the heatmap and the chart paint
             if name not in page.content():

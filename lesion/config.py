@@ -86,8 +86,8 @@ class TrainConfig:
     ood_method: str = DEFAULT_OOD_METHOD  # default OOD detector stored in the checkpoint (see lesion.ood)
     ood_keep: float = 0.95  # share of validation lesions the OOD threshold accepts
     knn_k: int = 10  # k of the knn OOD detector
-    vote_k: int = 16  # similar confirmed cases (nearest training images in feature space) that vote beside each verdict
-    vote_weight: float = 0.0  # weight of their malignant share in P(malignant): (1 - w) network + w vote; 0 = network alone
+    vote_k: int = 16  # similar confirmed cases (nearest training images) that vote beside each verdict
+    vote_weight: float = 0.0  # their vote's share of P(malignant): (1 - w) network + w vote; 0 = network alone
     num_workers: int = 2  # data loader worker processes
     cache_dir: str = ""  # decoded-image cache; empty = $LESION_CACHE_DIR or ~/.cache/lesion
     skip_bad_images: bool = False  # skip missing or unreadable images instead of failing

@@ -21,7 +21,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from lesion.card import render_model_card
@@ -99,13 +98,6 @@ def _fold(frame, fold: str):
     return part
 
 
-def output_table(predictor: Any, predictions: list[Any]) -> np.ndarray:
-    """(n, K) calibrated outputs of the head in its order: diagnoses, or benign / malignant."""
-    if predictor.dx_names:
-        return np.array([[p.dx_probabilities[name] for name in predictor.dx_names] for p in predictions])
-    return np.array([[p.probabilities[name] for name in predictor.class_names] for p in predictions])
-
-
 def explanations(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint with its ``similar`` index (training split) and ``conformal`` calibration (validation
     split) rebuilt by the Predictor from the file's own (halved) weights.
@@ -116,6 +108,7 @@ def explanations(checkpoint: dict[str, Any]) -> dict[str, Any]:
     from lesion import conformal, similar
     from lesion.metrics import choose_threshold
     from lesion.predict import Predictor
+    from lesion.prediction import output_rows
 
     config = checkpoint.get("config") or {}
     predictor = Predictor({k: v for k, v in checkpoint.items() if k not in ("similar", "conformal")}, device="cpu")
@@ -133,22 +126,27 @@ def explanations(checkpoint: dict[str, Any]) -> dict[str, Any]:
         k=int(config.get("vote_k", similar.VOTE_K)),
         weight=weight,
     )
+    # One pass over validation, with the new index: the outputs to calibrate the sets, and the blend.
+    voting = Predictor({**{k: v for k, v in checkpoint.items() if k != "conformal"}, "similar": index}, device="cpu")
     val = _fold(frame, "val")
-    predictions = predictor.predict_batch(val["path"].tolist(), batch_size=32, ood_threshold=float("inf"))
+    predictions = voting.predict_batch(
+        val["path"].tolist(), batch_size=32, with_heatmap=False, ood_threshold=float("inf")
+    )
     bad = [str(p) for p in predictions if not hasattr(p, "p_malignant")]
     if bad:
         raise LesionError(f"{len(bad)} val image(s) could not be read: {bad[0]}")
-    names = predictor.dx_names or predictor.class_names
-    truth = conformal.true_classes(val["dx"], val["label"], bool(predictor.dx_names))
+    names = voting.dx_names or voting.class_names
+    truth = conformal.true_classes(val["dx"], val["label"], bool(voting.dx_names))
     labels = [names.index(t) if t in names else -1 for t in truth]
-    sets = conformal.calibrate(output_table(predictor, predictions), labels, names, seed=seed)
-    result = {**checkpoint, "similar": index, "conformal": sets}
+    outputs = output_rows(predictions, voting.dx_names, voting.class_names)
+    result = {**checkpoint, "similar": index, "conformal": conformal.calibrate(outputs, labels, names, seed=seed)}
     if weight > 0:
-        found = similar.SimilarIndex(index).search(predictor.features(val["path"].tolist()))
-        p = similar.blended([q.p_malignant for q in predictions], [f.malignant_share for f in found], weight)
         rule = str(config.get("threshold_rule", "youden"))
         result["decision_threshold"] = choose_threshold(
-            val["label"].to_numpy(), p, rule, float(config.get("target_sensitivity", 0.9))
+            val["label"].to_numpy(),
+            [p.p_malignant for p in predictions],
+            rule,
+            float(config.get("target_sensitivity", 0.9)),
         )
     return result
 
@@ -263,7 +261,7 @@ def remeasure(checkpoint: dict[str, Any]) -> dict[str, Any]:
     from lesion.similar import VOTE_K
 
     measured = rescore(checkpoint)
-    vote_defaults = (("k", VOTE_K), ("weight", 0.0))  # the similar cases' vote, and its share of P(malignant)
+    index = checkpoint.get("similar") or {}
     metrics = dict(checkpoint.get("metrics") or {})
     headline = metrics.get("headline") or {}
     metrics.update(
@@ -273,7 +271,7 @@ def remeasure(checkpoint: dict[str, Any]) -> dict[str, Any]:
         headline={key: measured["test"].get(key) for key in headline or measured["test"]},
         ood_test_lesions_accepted=measured["test"]["ood_accepted"],
         decision_threshold=float(checkpoint["decision_threshold"]),
-        vote={key: (checkpoint.get("similar") or {}).get(key, default) for key, default in vote_defaults},
+        vote={"k": index.get("k", VOTE_K), "weight": index.get("weight", 0.0)},  # its share of P(malignant)
         measured_by="lesion.predict.Predictor on CPU, float16 weights (python -m train.export)",
     )
     if "dx" in measured["test"]:

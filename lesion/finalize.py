@@ -193,9 +193,7 @@ def finalize(
         name: float((test_scores[name] <= detectors[name]["threshold"]).float().mean()) for name in detectors
     }
     metrics["ood_rejection_spread"] = {name: stats["rejection_spread"] for name, stats in detectors.items()}
-    sets = _explanations(
-        outs, frames, temperature, target, metrics["test"], config.seed, found["test"], config.vote_k
-    )
+    sets = _explanations(outs, frames, temperature, target, metrics["test"], config.seed, found["test"], config.vote_k)
     best_epoch = max(history, key=lambda r: r["val_roc_auc"] if r["val_roc_auc"] is not None else -1)["epoch"]
     report = {
         "headline_split": "test",

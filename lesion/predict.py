@@ -38,7 +38,7 @@ from lesion.checkpoint import (
 from lesion.errors import InvalidCheckpoint, InvalidImage
 from lesion.images import ImageSource
 from lesion.model import LayerStatistics, classifier, feature_dim, forward_parts
-from lesion.prediction import Outcome, Prediction, Settings, make_prediction
+from lesion.prediction import Outcome, Prediction, Settings, make_prediction, set_inputs
 from lesion.preprocess import Prepared, Preprocessor
 from lesion.regularize import flip_logits
 from lesion.similar import SimilarIndex, blended
@@ -188,7 +188,11 @@ class Predictor:
         scores = _rows_on_host(self._ood_scores(features, logits, layers), len(prepared))
         timer.lap("ood")
         sets = (
-            conformal.prediction_sets(self.conformal, self._set_inputs(outputs, network, weight), settings.coverage)
+            conformal.prediction_sets(
+                self.conformal,
+                set_inputs(outputs.numpy(), network, weight, self.class_names, self.dx_names),
+                settings.coverage,
+            )
             if self.conformal is not None
             else [[] for _ in prepared]
         )
@@ -218,18 +222,6 @@ class Predictor:
             )
             results.append(make_prediction(item, settings, outcome, heatmap, timings))
         return results
-
-    def _set_inputs(self, outputs: torch.Tensor, network: list[float], weight: float) -> np.ndarray:
-        """The network's outputs the conformal sets are drawn from (they were calibrated on them).
-
-        A benign / malignant head whose probabilities hold the vote's blend gives them as
-        (1 - p_network, p_network), the same numbers the page redraws its sets from
-        (``lesion_app.predict_view.output_row``), so both draw the same set.
-        """
-        if weight <= 0 or self.dx_names:
-            return outputs.numpy()
-        p = np.asarray(network, dtype=np.float64)
-        return np.stack([p if name == "malignant" else 1.0 - p for name in self.class_names], axis=1)
 
     def _low_resolution_cams(self, activations: torch.Tensor, names: list[str], cam_method: str) -> torch.Tensor:
         """CAMs at the last stage's resolution from the pass's own activations; only the head is differentiated."""

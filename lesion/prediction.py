@@ -4,6 +4,7 @@ and how :class:`lesion.predict.Predictor` assembles one from a call's settings a
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
@@ -140,4 +141,35 @@ def make_prediction(
         vote_weight=outcome.vote_weight,
         dx_set=list(outcome.output_set) if accepted else [],
         set_coverage=settings.coverage if accepted and outcome.output_set else float("nan"),
+    )
+
+
+def set_inputs(
+    outputs: Any, p_network: Sequence[float], vote_weight: float, class_names: Sequence[str], dx_names: Sequence[str]
+) -> np.ndarray:
+    """(N, K) what the conformal sets are drawn from: the head's calibrated outputs, the ones they were
+    calibrated on (diagnoses, or benign / malignant). A benign / malignant head whose probabilities hold
+    the similar cases' vote gives the network's own, (1 - p_network, p_network)."""
+    if vote_weight <= 0 or dx_names:
+        return np.asarray(outputs)
+    p = np.asarray(p_network, dtype=np.float64)
+    return np.stack([p if name == "malignant" else 1.0 - p for name in class_names], axis=1)
+
+
+def output_rows(predictions: Sequence[Prediction], dx_names: Sequence[str], class_names: Sequence[str]) -> np.ndarray:
+    """:func:`set_inputs` of predictions already made (the page redrawing a set, the export calibrating)."""
+    return np.array(
+        [
+            set_inputs(
+                [
+                    [p.dx_probabilities.get(n, 0.0) for n in dx_names]
+                    or [p.probabilities.get(n, 0.0) for n in class_names]
+                ],
+                [p.p_network],
+                p.vote_weight,
+                class_names,
+                dx_names,
+            )[0]
+            for p in predictions
+        ]
     )

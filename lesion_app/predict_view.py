@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -187,17 +186,6 @@ def result_json(name: str, prediction: Any, model: ModelEntry) -> bytes:
     return json.dumps(payload, indent=2, default=json_default).encode("utf-8")
 
 
-def output_row(predictor: Any, prediction: Any) -> list[float]:
-    """The prediction's calibrated outputs in the head's order (diagnoses, or benign / malignant)."""
-    if predictor.dx_names:
-        return [float(prediction.dx_probabilities.get(name, 0.0)) for name in predictor.dx_names]
-    network = float(getattr(prediction, "p_network", float("nan")))
-    if getattr(prediction, "vote_weight", 0.0) > 0 and math.isfinite(network):
-        # probabilities hold the blend with the similar cases' vote; the sets were calibrated on the network's
-        return [network if name == "malignant" else 1.0 - network for name in predictor.class_names]
-    return [float(prediction.probabilities.get(name, 0.0)) for name in predictor.class_names]
-
-
 def with_coverage(predictor: Any, prediction: Any, coverage: float) -> Any:
     """The prediction with its diagnosis set at ``coverage``, from its own probabilities (no new pass).
 
@@ -206,12 +194,14 @@ def with_coverage(predictor: Any, prediction: Any, coverage: float) -> Any:
     from dataclasses import replace
 
     from lesion.conformal import prediction_set
+    from lesion.prediction import output_rows
 
     if not getattr(prediction, "accepted", False) or getattr(predictor, "conformal", None) is None:
         return prediction
     if coverage == prediction.set_coverage:
         return prediction
-    names = prediction_set(predictor.conformal, output_row(predictor, prediction), coverage)
+    row = output_rows([prediction], predictor.dx_names, predictor.class_names)[0]
+    names = prediction_set(predictor.conformal, row, coverage)
     return replace(prediction, dx_set=names, set_coverage=float(coverage))
 
 

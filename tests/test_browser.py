@@ -150,7 +150,11 @@ def test_upload_lesion_and_photo_in_a_real_browser(app_run: tuple[Path, Path, Pa
         lesion_block.get_by_text("Similar confirmed cases", exact=True).wait_for(timeout=30_000)
         # The bundled model weighs their vote into P(malignant), and says so under the figure.
         formed = similar.blend_in_words(
-            expected.p_malignant, expected.p_network, expected.similar_malignant, expected.similar_k, expected.vote_weight
+            expected.p_malignant,
+            expected.p_network,
+            expected.similar_malignant,
+            expected.similar_k,
+            expected.vote_weight,
         )
         assert formed and lesion_block.get_by_text(formed, exact=True).count() == 1
         widths = heatmap_widths(lesion_block)

@@ -66,7 +66,9 @@ def test_the_blend_in_words_adds_up() -> None:
 def test_an_impossible_vote_is_refused(k, weight) -> None:
     features = torch.randn(10, 4)
     with pytest.raises(ValueError, match="vote"):
-        similar.build_index(features, [str(i) for i in range(10)], [i % 2 for i in range(10)], ["nv"] * 10, k=k, weight=weight)
+        similar.build_index(
+            features, [str(i) for i in range(10)], [i % 2 for i in range(10)], ["nv"] * 10, k=k, weight=weight
+        )
 
 
 @pytest.mark.parametrize("option, value", [("--vote-weight", "1"), ("--vote-k", "0")])
@@ -245,7 +247,8 @@ def test_a_binary_head_blends_its_verdict_but_draws_its_sets_from_the_network(
     """A benign / malignant head: probabilities follow the blend, the conformal set (calibrated on the
     network's outputs) is drawn from the network's, in the pass and when the page redraws it."""
     from lesion import conformal
-    from lesion_app.predict_view import output_row, with_coverage
+    from lesion.prediction import output_rows
+    from lesion_app.predict_view import with_coverage
 
     run_dir = tmp_path_factory.mktemp("runs") / "binary-voting"
     args = [f"--data={DEMO}", f"--out={run_dir}", f"--cache-dir={cache_dir}", *TINY_TRAINING, "--target=binary"]
@@ -257,7 +260,7 @@ def test_a_binary_head_blends_its_verdict_but_draws_its_sets_from_the_network(
         found = predictor.predict(path, with_heatmap=False, ood_threshold=math.inf, coverage=0.9)
         assert found.probabilities["malignant"] == pytest.approx(found.p_malignant)
         assert found.p_malignant == pytest.approx(0.5 * found.p_network + 0.5 * found.similar_malignant, abs=1e-6)
-        row = output_row(predictor, found)
+        row = output_rows([found], predictor.dx_names, predictor.class_names)[0]
         assert row[predictor.class_names.index("malignant")] == pytest.approx(found.p_network)
         assert found.dx_set == conformal.prediction_set(predictor.conformal, row, 0.9)
         for coverage in (0.5, 0.99):
